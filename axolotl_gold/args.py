@@ -1,0 +1,204 @@
+"""The GOLD keys of an Axolotl YAML, validated before any model loads.
+
+Every key is top level and named after the reference's ``GOLDConfig`` where one
+exists. None of them exists in Axolotl's core schema (checked by a test against
+``AxolotlInputConfig``). GOLD is switched on by ``teacher_model``; without it the
+keys are ignored and the validators do nothing, so the plugin stays inert when it
+is loaded through the ``axolotl.plugins`` entry point.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+GOLD_DATASET_TYPE = "axolotl_gold.chat_template"
+
+
+class GoldConfigError(ValueError):
+    """A GOLD configuration error; the message names the key to change."""
+
+
+class GoldArgs(BaseModel):
+    """GOLD settings (see the README's table for defaults and meaning)."""
+
+    # --- teacher ---------------------------------------------------------
+    teacher_model: str | None = Field(
+        default=None,
+        json_schema_extra={"description": "Teacher path or hub id; switches GOLD on."},
+    )
+    teacher_model_revision: str | None = None
+    teacher_model_init_kwargs: dict[str, Any] | None = None
+    teacher_tokenizer: str | None = Field(
+        default=None,
+        json_schema_extra={"description": "Teacher tokenizer (ULD); default: teacher_model."},
+    )
+
+    # --- on-policy mixture and divergence ----------------------------------
+    lmbda: float = 0.5
+    beta: float = 0.5
+    loss_temperature: float = 1.0
+    seq_kd: bool = False
+
+    # --- rollouts ----------------------------------------------------------
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_completion_length: int = 128
+    num_generations: int = 1
+    generation_batch_size: int | None = None
+    gold_seed: int | None = None
+
+    # --- cross-tokenizer (ULD) ---------------------------------------------
+    use_uld_loss: bool = False
+    uld_token_merge_strategy: Literal["bayesian", "observed"] = "bayesian"
+    uld_use_hybrid_loss: bool = False
+    uld_hybrid_matched_weight: float | None = None
+    uld_hybrid_unmatched_weight: float | None = None
+    uld_crossentropy_weight: float = 0.0
+    uld_distillation_weight: float = 1.0
+    uld_student_temperature: float = 1.0
+    uld_teacher_temperature: float = 1.0
+    uld_skip_student_eos: bool = True
+    uld_skip_teacher_eos: bool = True
+    uld_teacher_prompt: Literal["teacher_template", "student_text"] = "teacher_template"
+
+    # --- loss implementation -----------------------------------------------
+    gold_fused_loss: bool = True
+    gold_loss_chunk_size: int = 1024
+
+    # --- rollout engine ----------------------------------------------------
+    use_vllm: bool = False
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_gold(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("teacher_model"):
+            if isinstance(data, dict) and _gold_keys_without_teacher(data):
+                raise GoldConfigError(
+                    "GOLD keys "
+                    + ", ".join(f"`{k}`" for k in _gold_keys_without_teacher(data))
+                    + " are set but `teacher_model` is not: set `teacher_model` to the "
+                    "teacher's path or hub id (GOLD is off without it)."
+                )
+            return data
+        validate_gold_settings(data)
+        return route_chat_datasets(data)
+
+
+# keys whose presence only makes sense with a teacher: a GOLD YAML that forgot the teacher
+_TEACHER_ONLY_KEYS = (
+    "lmbda",
+    "seq_kd",
+    "num_generations",
+    "generation_batch_size",
+    "use_uld_loss",
+    "teacher_model_revision",
+    "teacher_tokenizer",
+    "loss_temperature",
+)
+
+
+def _gold_keys_without_teacher(data: dict) -> list[str]:
+    uses_gold_plugin = any(
+        "axolotl_gold" in str(p) for p in (data.get("plugins") or [])
+    )
+    if not uses_gold_plugin:
+        return []  # entry-point load: stay inert whatever the YAML holds
+    return [k for k in _TEACHER_ONLY_KEYS if data.get(k) is not None]
+
+
+def _get(data: dict, key: str, default: Any) -> Any:
+    value = data.get(key)
+    return default if value is None else value
+
+
+def validate_gold_settings(data: dict) -> None:
+    """Raise `GoldConfigError` for a GOLD setting that cannot train.
+
+    Works on the raw YAML dict, so it runs before any model or tokenizer loads.
+    Fills in ``generation_batch_size`` when it is omitted.
+    """
+    for key in ("lmbda", "beta"):
+        value = _get(data, key, 0.5)
+        if not 0.0 <= float(value) <= 1.0:
+            raise GoldConfigError(f"`{key}` must be in [0, 1], got {value}.")
+    for key in ("temperature", "loss_temperature"):
+        value = _get(data, key, 1.0)
+        if float(value) <= 0:
+            raise GoldConfigError(f"`{key}` must be > 0, got {value}.")
+    top_p = _get(data, "top_p", 1.0)
+    if not 0.0 < float(top_p) <= 1.0:
+        raise GoldConfigError(f"`top_p` must be in (0, 1], got {top_p}.")
+
+    if data.get("rl"):
+        raise GoldConfigError(
+            f"`rl: {data['rl']}` cannot be combined with GOLD (`teacher_model` is set): "
+            "remove `rl` (GOLD is its own trainer) or remove `teacher_model`."
+        )
+    if data.get("sample_packing"):
+        raise GoldConfigError(
+            "`sample_packing: true` cannot be used with GOLD: rollouts are generated per "
+            "prompt and scored per sequence. Set `sample_packing: false`."
+        )
+
+    max_completion = int(_get(data, "max_completion_length", 128))
+    if max_completion < 1:
+        raise GoldConfigError(f"`max_completion_length` must be >= 1, got {max_completion}.")
+    sequence_len = data.get("sequence_len")
+    if sequence_len is not None and max_completion >= int(sequence_len):
+        raise GoldConfigError(
+            f"`max_completion_length` ({max_completion}) must be below `sequence_len` "
+            f"({sequence_len}) so that some of the prompt fits: lower "
+            "`max_completion_length` or raise `sequence_len`."
+        )
+
+    num_generations = int(_get(data, "num_generations", 1))
+    if num_generations < 1:
+        raise GoldConfigError(f"`num_generations` must be >= 1, got {num_generations}.")
+    micro = int(_get(data, "micro_batch_size", 1))
+    accum = int(_get(data, "gradient_accumulation_steps", 1))
+    window = micro * accum
+    gen_batch = data.get("generation_batch_size")
+    if gen_batch is None:
+        if window % num_generations:
+            raise GoldConfigError(
+                f"the optimizer window `micro_batch_size` x `gradient_accumulation_steps` = "
+                f"{micro} x {accum} = {window} is not a multiple of `num_generations` "
+                f"({num_generations}): change one of them so that "
+                "`generation_batch_size` * `num_generations` equals the window."
+            )
+        data["generation_batch_size"] = window // num_generations
+    elif int(gen_batch) * num_generations != window:
+        raise GoldConfigError(
+            f"`generation_batch_size` * `num_generations` = {gen_batch} x {num_generations} "
+            f"= {int(gen_batch) * num_generations} must equal `micro_batch_size` x "
+            f"`gradient_accumulation_steps` = {micro} x {accum} = {window}: change "
+            "`generation_batch_size` (or omit it to derive it) or the batch keys."
+        )
+
+    if data.get("use_vllm"):
+        raise GoldConfigError(
+            "`use_vllm: true` is not available in this version of axolotl-gold: "
+            "set `use_vllm: false` (rollouts use HF generate)."
+        )
+    if data.get("use_uld_loss") and data.get("gold_fused_loss") and data.get("liger_fused_linear_jsd"):
+        raise GoldConfigError(
+            "`use_uld_loss: true` cannot use a fused JSD kernel: remove `liger_fused_linear_jsd`."
+        )
+
+
+def route_chat_datasets(data: dict) -> dict:
+    """Read ``type: chat_template`` datasets as GOLD prompt/completion rows.
+
+    The YAML's dataset keys (path, split, field_messages, property mappings) are kept;
+    only the strategy that turns rows into prompt and completion changes.
+    """
+    for section in ("datasets", "test_datasets"):
+        datasets = data.get(section) or []
+        for ds in datasets:
+            if isinstance(ds, dict) and ds.get("type") in (None, "chat_template"):
+                ds["type"] = GOLD_DATASET_TYPE
+    return data

@@ -1,0 +1,89 @@
+"""Rows to tensors: the collator and the scoring batch of one micro-step.
+
+A scoring batch puts each row's prompt left-padded to the widest prompt ``P`` and
+its completion right-padded to the longest completion ``C``::
+
+    [pad pad p0 p1 p2 | c0 c1 c2 pad]
+
+so the completion region is the same column range for every row, and the hidden
+state at column ``P - 1 + k`` predicts completion token ``k``. Masks come from each
+row's own lengths, never from the padded width.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """One row of a window: token ids plus the text a foreign tokenizer needs."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    prompt_messages: list[dict] = field(default_factory=list)
+    completion_text: str = ""
+
+
+class GoldCollator:
+    """Keeps rows as Python lists: completions are replaced once rollouts exist."""
+
+    def __call__(self, rows: list[dict]) -> dict:
+        rollouts = []
+        for row in rows:
+            n = int(row["gold_prompt_length"])
+            ids = list(row["input_ids"])
+            messages = row.get("gold_prompt_messages")
+            rollouts.append(
+                Rollout(
+                    prompt_ids=ids[:n],
+                    completion_ids=ids[n:],
+                    prompt_messages=json.loads(messages) if messages else [],
+                    completion_text=row.get("gold_completion_text") or "",
+                )
+            )
+        return {"gold_rollouts": rollouts}
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, max_len]`` ids and attention mask, padding on the left."""
+    width = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def build_scoring_batch(
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Tensors for one forward pass of student and teacher.
+
+    Returns ``input_ids``, ``attention_mask``, ``position_ids`` of shape ``[B, P + C]``
+    and ``completion_labels`` ``[B, C]`` (completion token ids, -100 on padding).
+    """
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    width = max((len(c) for c in completions), default=0)
+    comp_ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(completions), width), -100, dtype=torch.long)
+    comp_mask = torch.zeros((len(completions), width), dtype=torch.long)
+    for row, seq in enumerate(completions):
+        if seq:
+            comp_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            labels[row, : len(seq)] = comp_ids[row, : len(seq)]
+            comp_mask[row, : len(seq)] = 1
+    attention_mask = torch.cat([prompt_mask, comp_mask], dim=1)
+    # positions count real tokens only, as generate() saw them with left padding
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {
+        "input_ids": torch.cat([prompt_ids, comp_ids], dim=1),
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "completion_labels": labels,
+    }

@@ -1,0 +1,167 @@
+"""Dataset strategy: chat conversations as GOLD prompt / completion rows.
+
+Selected with ``type: axolotl_gold.chat_template`` (GOLD also routes plain
+``type: chat_template`` datasets here). The prompt is every message before the last
+assistant turn, rendered with the student's chat template and a generation prompt;
+the off-policy completion is that last assistant turn. A conversation that ends on
+a user turn is a prompt-only row, allowed when ``lmbda`` is 1 (every slice samples).
+
+Each row becomes:
+
+- ``input_ids``: prompt ids + completion ids (what Axolotl's length filters see),
+- ``gold_prompt_length``: how many of those ids are prompt,
+- ``gold_prompt_messages`` (JSON) and ``gold_completion_text``: the text, so a
+  teacher with another tokenizer can render its own prompt (ULD),
+- ``labels``/``attention_mask``: placeholders Axolotl's pipeline expects (rows whose
+  labels are all -100 are dropped by it); GOLD builds its own masks per window.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from axolotl.prompt_tokenizers import DatasetWrappingStrategy
+
+from axolotl_gold.args import GoldConfigError
+
+_ROLE_ALIASES = {
+    "human": "user",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "user": "user",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
+}
+
+
+def normalize_messages(row: dict, ds_cfg: dict | None = None) -> list[dict]:
+    """Messages of one row as ``[{"role", "content"}]`` with standard role names."""
+    ds_cfg = ds_cfg or {}
+    field = ds_cfg.get("field_messages") or (
+        "messages" if "messages" in row else "conversations"
+    )
+    raw = row.get(field)
+    if raw is None:
+        raise KeyError(field)
+    mappings = ds_cfg.get("message_property_mappings") or {}
+    role_key = mappings.get("role") or ("role" if raw and "role" in raw[0] else "from")
+    content_key = mappings.get("content") or (
+        "content" if raw and "content" in raw[0] else "value"
+    )
+    roles = {}
+    for target, sources in (ds_cfg.get("roles") or {}).items():
+        for source in sources:
+            roles[source] = target
+    messages = []
+    for message in raw:
+        role = message.get(role_key)
+        role = roles.get(role, _ROLE_ALIASES.get(role, role))
+        messages.append({"role": role, "content": message.get(content_key)})
+    return messages
+
+
+def split_prompt_completion(messages: list[dict]) -> tuple[list[dict], str | None]:
+    """(prompt messages, completion text or None for a prompt-only row)."""
+    if messages and messages[-1]["role"] == "assistant":
+        return messages[:-1], messages[-1]["content"]
+    return messages, None
+
+
+def render_prompt_ids(tokenizer, prompt_messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        prompt_messages, add_generation_prompt=True, tokenize=False
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def completion_ids_for(tokenizer, prompt_messages, completion: str) -> list[int]:
+    """Token ids of the completion as the chat template renders it, ending on EOS.
+
+    The template's own end-of-turn marker is kept when rendering the full
+    conversation extends the rendered prompt; otherwise the plain text plus EOS.
+    """
+    eos = tokenizer.eos_token_id
+    prompt_text = tokenizer.apply_chat_template(
+        prompt_messages, add_generation_prompt=True, tokenize=False
+    )
+    full_text = tokenizer.apply_chat_template(
+        prompt_messages + [{"role": "assistant", "content": completion}], tokenize=False
+    )
+    if full_text.startswith(prompt_text):
+        ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+        if eos in ids:
+            return ids[: ids.index(eos) + 1]
+    ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return ids + ([eos] if eos is not None else [])
+
+
+class GoldChatStrategy(DatasetWrappingStrategy):
+    """Turns conversation rows into GOLD prompt/completion rows (see module doc)."""
+
+    def __init__(self, tokenizer, cfg, ds_cfg: dict | None = None):
+        self.tokenizer = tokenizer
+        self.ds_cfg = dict(ds_cfg or {})
+        self.lmbda = float(cfg.get("lmbda") if cfg.get("lmbda") is not None else 0.5)
+        self.max_completion = int(cfg.get("max_completion_length") or 128)
+        sequence_len = int(cfg.get("sequence_len") or 2048)
+        self.max_prompt = sequence_len - self.max_completion
+        if tokenizer.chat_template is None:
+            raise GoldConfigError(
+                "the student tokenizer has no chat template: set `chat_template` "
+                "(for example `chat_template: chatml`) or use a tokenizer that has one."
+            )
+
+    def process_row(self, row: dict, index: int) -> dict[str, Any]:
+        try:
+            messages = normalize_messages(row, self.ds_cfg)
+        except KeyError as err:
+            raise GoldConfigError(
+                f"dataset row {index} has no messages field {err}: set `field_messages` "
+                "in the dataset section to the column that holds the conversation."
+            ) from err
+        prompt_messages, completion = split_prompt_completion(messages)
+        if not any(m["role"] == "user" for m in prompt_messages):
+            raise GoldConfigError(
+                f"dataset row {index} has no user message before the last assistant "
+                "turn, so there is no prompt to generate from: fix the row or the "
+                "dataset's `field_messages` / `message_property_mappings`."
+            )
+        if completion is None and self.lmbda < 1.0:
+            raise GoldConfigError(
+                f"dataset row {index} has no assistant turn (prompt-only), which needs "
+                f"`lmbda: 1.0` (every slice sampled on-policy); `lmbda` is {self.lmbda}."
+            )
+        prompt_ids = render_prompt_ids(self.tokenizer, prompt_messages)
+        # keep the prompt's end: the last turns are what the completion answers
+        prompt_ids = prompt_ids[-self.max_prompt:]
+        completion_ids = (
+            completion_ids_for(self.tokenizer, prompt_messages, completion)[: self.max_completion]
+            if completion is not None
+            else []
+        )
+        input_ids = prompt_ids + completion_ids
+        return {
+            "input_ids": input_ids,
+            "attention_mask": [1] * len(input_ids),
+            "labels": list(input_ids),
+            "gold_prompt_length": len(prompt_ids),
+            "gold_prompt_messages": json.dumps(prompt_messages),
+            "gold_completion_text": completion if completion is not None else "",
+        }
+
+    def wrap_dataset(self, dataset, process_count=None, keep_in_memory=False, **kwargs):
+        return dataset.map(
+            self.process_row,
+            with_indices=True,
+            remove_columns=list(dataset.column_names),
+            num_proc=process_count,
+            keep_in_memory=keep_in_memory,
+            desc="GOLD prompts",
+        )
+
+
+def load(tokenizer, cfg, ds_cfg=None, processor=None):  # noqa: ARG001 - axolotl's signature
+    return GoldChatStrategy(tokenizer, cfg, ds_cfg)

@@ -1,0 +1,5 @@
+"""Rollout engines: where a window's completions come from."""
+
+from axolotl_gold.engines.base import RolloutEngine, SamplingSettings, trim_completion
+
+__all__ = ["RolloutEngine", "SamplingSettings", "trim_completion"]

@@ -1,0 +1,42 @@
+"""The interface every rollout engine implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How completions are sampled. ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+class RolloutEngine(Protocol):
+    """Samples one completion per prompt, in one call for the whole window.
+
+    ``calls`` counts ``generate`` calls (one per optimizer window is the contract).
+    """
+
+    calls: int
+
+    def generate(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        """Completion token ids for each prompt, ending on EOS if EOS was sampled."""
+        ...
+
+
+def trim_completion(ids: list[int], eos_ids: set[int], pad_id: int | None) -> list[int]:
+    """Cut after the first EOS (kept, so the student learns to stop); drop padding."""
+    out = []
+    for token in ids:
+        if token in eos_ids:
+            out.append(token)
+            break
+        if pad_id is not None and token == pad_id and pad_id not in eos_ids:
+            break
+        out.append(token)
+    return out

@@ -1,0 +1,93 @@
+"""HF ``generate`` on the unwrapped student (or teacher, for ``seq_kd``)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+from axolotl_gold.batching import left_pad
+from axolotl_gold.engines.base import SamplingSettings, trim_completion
+
+
+@contextlib.contextmanager
+def generation_mode(model):
+    """Eval mode with the KV cache on and gradient checkpointing off, then restore."""
+    was_training = model.training
+    checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if checkpointing:
+        model.gradient_checkpointing_disable()
+    if config is not None:
+        config.use_cache = True
+    model.eval()
+    try:
+        yield model
+    finally:
+        if config is not None and use_cache is not None:
+            config.use_cache = use_cache
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        model.train(was_training)
+
+
+class HFGenerateEngine:
+    """Batched ``model.generate`` over all of a window's on-policy prompts.
+
+    ``get_model`` returns the model to sample from at call time (the unwrapped
+    student, whose weights are the ones being trained).
+    """
+
+    def __init__(
+        self,
+        get_model: Callable[[], torch.nn.Module],
+        sampling: SamplingSettings,
+        pad_id: int,
+        eos_ids: set[int],
+        batch_size: int | None = None,
+    ):
+        self.get_model = get_model
+        self.sampling = sampling
+        self.pad_id = pad_id
+        self.eos_ids = set(eos_ids)
+        self.batch_size = batch_size
+        self.calls = 0
+
+    def _kwargs(self) -> dict:
+        s = self.sampling
+        kwargs = {
+            "max_new_tokens": s.max_new_tokens,
+            "pad_token_id": self.pad_id,
+            "eos_token_id": sorted(self.eos_ids),
+        }
+        if s.temperature > 0:
+            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        self.calls += 1
+        if not prompts:
+            return []
+        model = self.get_model()
+        device = next(model.parameters()).device
+        step = self.batch_size or len(prompts)
+        out: list[list[int]] = []
+        devices = [device] if device.type == "cuda" else []
+        with generation_mode(model), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for start in range(0, len(prompts), step):
+                chunk = prompts[start : start + step]
+                ids, mask = left_pad(chunk, self.pad_id)
+                sequences = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), **self._kwargs()
+                )
+                new_tokens = sequences[:, ids.shape[1]:].tolist()
+                out.extend(trim_completion(t, self.eos_ids, self.pad_id) for t in new_tokens)
+        return out

@@ -1,0 +1,74 @@
+"""Forward passes that return only what the loss needs: the completion region.
+
+With ``logits_to_keep = C + 1`` a causal LM computes its head only on the last
+``C + 1`` columns; dropping the last one leaves, for each completion token, the
+state that predicts it. When the head is a plain ``nn.Linear`` and the model does
+not post-process logits, the head is bypassed and the final hidden states come
+back instead, so a chunked loss can apply the head itself without ever holding
+``[tokens, vocab]`` logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# configs that transform logits after the head: bypassing the head would skip that
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP / DeepSpeed / compile wrappers (not peft: peft forwards to the head)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def bypassable_head(model: nn.Module) -> nn.Linear | None:
+    """The output head if the loss may apply it itself, else None."""
+    inner = unwrap(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:  # LoRA / modules_to_save wrappers change the weight
+        return None
+    config = getattr(inner, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)()
+    if any(getattr(config, key, None) for key in _LOGIT_POSTPROCESSING):
+        return None
+    return head
+
+
+@contextlib.contextmanager
+def _head_as_identity(head: nn.Linear):
+    head.forward = lambda hidden: hidden  # instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+@dataclass
+class CompletionStates:
+    """``values`` is ``[B, C, H]`` hidden states when ``head`` is set, else ``[B, C, V]`` logits."""
+
+    values: torch.Tensor
+    head: nn.Linear | None
+
+
+def completion_states(model: nn.Module, batch: dict, use_head_bypass: bool) -> CompletionStates:
+    """Run ``model`` on a scoring batch and keep the completion region only."""
+    width = batch["completion_labels"].shape[1]
+    head = bypassable_head(model) if use_head_bypass else None
+    ctx = _head_as_identity(head) if head is not None else contextlib.nullcontext()
+    with ctx:
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            logits_to_keep=width + 1,
+            use_cache=False,
+        )
+    values = out.logits[:, -(width + 1): -1]
+    return CompletionStates(values=values, head=head)

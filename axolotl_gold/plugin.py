@@ -1,0 +1,108 @@
+"""The Axolotl plugin: ``plugins: [axolotl_gold.GoldPlugin]``.
+
+Inert unless ``teacher_model`` is set, and cheap to import: the trainer, the
+teacher and the losses load inside the hooks that need them.
+"""
+
+from __future__ import annotations
+
+from axolotl.integrations.base import BasePlugin
+
+from axolotl_gold.args import GoldConfigError
+
+
+def gold_enabled(cfg) -> bool:
+    return bool(cfg.get("teacher_model"))
+
+
+class GoldPlugin(BasePlugin):
+    """On-policy logit distillation from ``teacher_model`` (see the README)."""
+
+    def get_input_args(self) -> str:
+        return "axolotl_gold.args.GoldArgs"
+
+    def pre_model_load(self, cfg) -> None:
+        if gold_enabled(cfg):
+            check_teacher_compatible(cfg)
+
+    def get_trainer_cls(self, cfg):
+        if not gold_enabled(cfg):
+            return None
+        from axolotl_gold.trainer import GoldTrainer
+
+        return GoldTrainer
+
+    def post_trainer_create(self, cfg, trainer) -> None:
+        if not gold_enabled(cfg):
+            return
+        from axolotl_gold.objectives import JsdObjective
+        from axolotl_gold.settings import GoldSettings
+        from axolotl_gold.teacher import load_teacher
+
+        settings = GoldSettings.from_cfg(cfg)
+        teacher = load_teacher(cfg, trainer.accelerator.device)
+        objective = JsdObjective(
+            beta=settings.beta,
+            temperature=settings.loss_temperature,
+            chunk_size=settings.loss_chunk_size,
+            vocab_size=shared_vocab_size(trainer.model, teacher),
+        )
+        trainer.setup_gold(settings, teacher, objective, trainer.processing_class)
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def shared_vocab_size(student, teacher) -> int | None:
+    """The compared vocabulary when embedding matrices are padded differently."""
+    sv = _text_config(student.config).vocab_size
+    tv = _text_config(teacher.config).vocab_size
+    return None if sv == tv else min(sv, tv)
+
+
+def check_teacher_compatible(cfg) -> None:
+    """Fail before any model loads when the teacher cannot be distilled from.
+
+    Reads only configs and tokenizers. Same-tokenizer JSD needs the same
+    vocabulary on both sides; the teacher's embeddings are never resized.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    teacher = cfg["teacher_model"]
+    revision = cfg.get("teacher_model_revision")
+    try:
+        teacher_config = AutoConfig.from_pretrained(teacher, revision=revision)
+    except (OSError, ValueError) as err:
+        raise GoldConfigError(
+            f"`teacher_model: {teacher}` cannot be loaded ({err}). Set `teacher_model` to "
+            "a local model folder or a hub id (and `teacher_model_revision` if needed)."
+        ) from err
+    teacher_tok_path = cfg.get("teacher_tokenizer") or teacher
+    try:
+        teacher_tok = AutoTokenizer.from_pretrained(teacher_tok_path, revision=revision)
+    except (OSError, ValueError) as err:
+        raise GoldConfigError(
+            f"the teacher tokenizer `{teacher_tok_path}` cannot be loaded ({err}): set "
+            "`teacher_tokenizer` to a folder or hub id that holds the teacher's tokenizer."
+        ) from err
+    if cfg.get("use_uld_loss"):
+        return
+    student_tok = AutoTokenizer.from_pretrained(
+        cfg.get("tokenizer_config") or cfg["base_model"]
+    )
+    student_config = AutoConfig.from_pretrained(cfg.get("base_model_config") or cfg["base_model"])
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise GoldConfigError(
+            "the teacher and the student use different tokenizers "
+            f"({len(teacher_tok)} vs {len(student_tok)} tokens, or the same size with "
+            "different token ids), so their next-token distributions cannot be compared "
+            "token by token: set `use_uld_loss: true` for cross-tokenizer distillation."
+        )
+    tv = _text_config(teacher_config).vocab_size
+    sv = _text_config(student_config).vocab_size
+    if min(tv, sv) < len(student_tok):
+        raise GoldConfigError(
+            f"a model's vocab_size ({min(tv, sv)}) is smaller than the tokenizer "
+            f"({len(student_tok)} tokens): check `teacher_model` and `base_model`."
+        )

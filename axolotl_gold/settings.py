@@ -1,0 +1,49 @@
+"""The resolved GOLD settings the trainer runs with (a plain dataclass, no axolotl)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GoldSettings:
+    lmbda: float = 0.5
+    beta: float = 0.5
+    loss_temperature: float = 1.0
+    seq_kd: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_completion_length: int = 128
+    num_generations: int = 1
+    generation_batch_size: int = 1
+    seed: int = 42
+    fused_loss: bool = True
+    loss_chunk_size: int = 1024
+    use_uld_loss: bool = False
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "GoldSettings":
+        def get(key, default):
+            value = cfg.get(key)
+            return default if value is None else value
+
+        seed = cfg.get("gold_seed")
+        if seed is None:
+            seed = get("seed", 42)
+        return cls(
+            lmbda=float(get("lmbda", 0.5)),
+            beta=float(get("beta", 0.5)),
+            loss_temperature=float(get("loss_temperature", 1.0)),
+            seq_kd=bool(get("seq_kd", False)),
+            temperature=float(get("temperature", 1.0)),
+            top_p=float(get("top_p", 1.0)),
+            top_k=int(get("top_k", 0)),
+            max_completion_length=int(get("max_completion_length", 128)),
+            num_generations=int(get("num_generations", 1)),
+            generation_batch_size=int(get("generation_batch_size", 1)),
+            seed=int(seed),
+            fused_loss=bool(get("gold_fused_loss", True)),
+            loss_chunk_size=int(get("gold_loss_chunk_size", 1024)),
+            use_uld_loss=bool(get("use_uld_loss", False)),
+        )

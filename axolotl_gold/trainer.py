@@ -1,0 +1,224 @@
+"""The GOLD trainer: one optimizer window, top to bottom.
+
+Per optimizer step, Axolotl's (HF's) loop asks ``get_batch_samples`` for the
+window's micro-batches; here that is where GOLD happens::
+
+    rollouts = the window's prompts (WindowSampler)
+    draws    = policy_draws(seed, step)              # on/off-policy per slice
+    window   = fill_window(rollouts, draws, engine)  # ONE generation call
+    batches  = build_scoring_batch(slice) for each slice
+    tokens   = scored tokens of the window, summed over processes
+
+then, per micro-step, ``compute_loss`` runs student and teacher on its slice and
+returns ``objective sum / tokens``. Everything else (optimizer, scheduler, logging,
+checkpoints) is Axolotl's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict
+from time import perf_counter
+
+import torch
+from axolotl.core.trainers.base import AxolotlTrainer
+
+from axolotl_gold.batching import GoldCollator, build_scoring_batch
+from axolotl_gold.buffer import fill_window, generation_seed, policy_draws
+from axolotl_gold.engines.base import SamplingSettings
+from axolotl_gold.engines.hf import HFGenerateEngine
+from axolotl_gold.forward import completion_states
+from axolotl_gold.sampler import WindowSampler
+from axolotl_gold.settings import GoldSettings
+from axolotl_gold.teacher import disable_dropout
+
+WINDOW_LOG = "gold_windows.jsonl"
+
+
+class GoldTrainer(AxolotlTrainer):
+    """Axolotl's trainer with GOLD's window, rollouts and objective."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # compute_loss divides by the window's token count itself: no GA rescaling
+        self.model_accepts_loss_kwargs = True
+        self.gold: GoldSettings | None = None
+        self.teacher = None
+        self.objective = None
+        self.student_engine = None
+        self.teacher_engine = None
+        self._gold_sums: dict[str, float] = defaultdict(float)
+        self._gold_windows = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup_gold(self, settings: GoldSettings, teacher, objective, tokenizer) -> None:
+        """Attach the teacher, objective and engines (called by the plugin)."""
+        self.gold = settings
+        self.teacher = teacher
+        self.objective = objective
+        self.data_collator = GoldCollator()
+        self.eval_data_collator = GoldCollator()
+        disable_dropout(self.model)
+        pad_id = tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = tokenizer.eos_token_id
+        self.pad_id = pad_id
+        eos_ids = {tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        eos_ids.discard(None)
+        sampling = SamplingSettings(
+            max_new_tokens=settings.max_completion_length,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+        )
+        self.student_engine = HFGenerateEngine(lambda: self.model, sampling, pad_id, eos_ids)
+        if settings.seq_kd:
+            self.teacher_engine = HFGenerateEngine(lambda: self.teacher, sampling, pad_id, eos_ids)
+
+    # ------------------------------------------------------------------ data
+    def _get_train_sampler(self, train_dataset=None):
+        if self.gold is None:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return WindowSampler(
+            num_rows=len(dataset),
+            micro_batch_size=self.args.per_device_train_batch_size,
+            gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+            num_generations=self.gold.num_generations,
+            num_processes=self.accelerator.num_processes,
+            seed=self.args.seed,
+        )
+
+    def _remove_unused_columns(self, dataset, description=None):
+        if self.gold is None:
+            return super()._remove_unused_columns(dataset, description)
+        return dataset  # the GOLD collator reads its own columns
+
+    def _get_collator_with_removed_columns(self, data_collator, description=None):
+        if self.gold is None:
+            return super()._get_collator_with_removed_columns(data_collator, description)
+        return data_collator
+
+    # ------------------------------------------------------------------ window
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self.gold is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if not batches:
+            return [], None
+
+        step, seed, rank = self.state.global_step, self.gold.seed, self.accelerator.process_index
+        draws = policy_draws(seed, step, len(batches), self.gold.lmbda)
+        calls_before = self.student_engine.calls
+        start = perf_counter()
+        window = fill_window(
+            [b["gold_rollouts"] for b in batches],
+            draws,
+            self.student_engine,
+            generation_seed(seed, step, rank),
+            self.teacher_engine,
+            generation_seed(seed, step, rank, role="teacher"),
+        )
+        generation_time = perf_counter() - start
+        micro_batches = [
+            build_scoring_batch(
+                [r.prompt_ids for r in rows], [r.completion_ids for r in rows], self.pad_id
+            )
+            for rows in window.slices
+        ]
+        local = sum(int((m["completion_labels"] != -100).sum()) for m in micro_batches)
+        total = torch.tensor(local, device=device, dtype=torch.long)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        total = total.clamp(min=1)
+
+        lengths = window.completion_lengths()
+        self._gold_sums["gold/on_policy_fraction"] += sum(draws) / len(draws)
+        self._gold_sums["gold/completion_length"] += sum(lengths) / max(len(lengths), 1)
+        self._gold_sums["gold/time_generation_s"] += generation_time
+        self._gold_windows += 1
+        self._record_window(step, draws, window, int(total), self.student_engine.calls - calls_before)
+        return micro_batches, total
+
+    def _record_window(self, step, draws, window, tokens, calls) -> None:
+        """Append the window's draws and prompts to ``gold_windows.jsonl`` (main process)."""
+        if not self.accelerator.is_main_process:
+            return
+        digest = hashlib.sha1(
+            json.dumps([r.prompt_ids for s in window.slices for r in s]).encode()
+        ).hexdigest()
+        record = {
+            "step": step,
+            "on_policy": draws,
+            "prompts_sha1": digest,
+            "scored_tokens": tokens,
+            "engine_calls": calls,
+            "engine_calls_total": self.student_engine.calls,
+        }
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, WINDOW_LOG), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ loss
+    def _gold_loss_sum(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = batch["completion_labels"] != -100
+        student = completion_states(model, batch, use_head_bypass=self.gold.fused_loss)
+        start = perf_counter()
+        with torch.no_grad():
+            teacher = completion_states(self.teacher, batch, use_head_bypass=self.gold.fused_loss)
+        self._gold_sums["gold/time_teacher_s"] += perf_counter() - start
+        return self.objective(student, teacher, mask), mask.sum()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.gold is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss_sum, tokens = self._gold_loss_sum(model, inputs)
+        if num_items_in_batch is None:  # outside a window (e.g. a direct call): local mean
+            loss = loss_sum / tokens.clamp(min=1)
+        else:
+            # DDP averages gradients over processes: undo it, the count is already global
+            loss = loss_sum / num_items_in_batch * self.accelerator.num_processes
+        return (loss, None) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.gold is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        teacher_before = self._gold_sums["gold/time_teacher_s"]
+        start = perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        teacher_time = self._gold_sums["gold/time_teacher_s"] - teacher_before
+        self._gold_sums["gold/time_student_s"] += perf_counter() - start - teacher_time
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the divergence on the dataset's own completions (off-policy)."""
+        if self.gold is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        rows = inputs["gold_rollouts"]
+        batch = build_scoring_batch(
+            [r.prompt_ids for r in rows], [r.completion_ids for r in rows], self.pad_id
+        )
+        batch = self._prepare_inputs(batch)
+        with torch.no_grad():
+            loss_sum, tokens = self._gold_loss_sum(model, batch)
+        return (loss_sum / tokens.clamp(min=1)).detach(), None, None
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.gold is not None and self._gold_windows and "loss" in logs:
+            n = self._gold_windows
+            for key, value in self._gold_sums.items():
+                logs[key] = round(value / n, 6)
+            logs["gold/engine_calls_total"] = self.student_engine.calls
+            self._gold_sums.clear()
+            self._gold_windows = 0
+        super().log(logs, start_time)
