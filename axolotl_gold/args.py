@@ -85,7 +85,7 @@ class GoldArgs(BaseModel):
                 )
             return data
         validate_gold_settings(data)
-        return route_chat_datasets(data)
+        return data
 
 
 # keys whose presence only makes sense with a teacher: a GOLD YAML that forgot the teacher
@@ -193,7 +193,9 @@ def validate_gold_settings(data: dict) -> None:
 def route_chat_datasets(data: dict) -> dict:
     """Read ``type: chat_template`` datasets as GOLD prompt/completion rows.
 
-    The YAML's dataset keys (path, split, field_messages, property mappings) are kept;
+    Called from the plugin's ``register`` hook, on the raw YAML before validation
+    (a pydantic validator's rewrite of nested datasets does not survive Axolotl's
+    own dataset normalization). The YAML's dataset keys (path, split, field_messages, property mappings) are kept;
     only the strategy that turns rows into prompt and completion changes.
     """
     for section in ("datasets", "test_datasets"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from axolotl.integrations.base import BasePlugin
 
-from axolotl_gold.args import GoldConfigError
+from axolotl_gold.args import GoldConfigError, route_chat_datasets
 
 
 def gold_enabled(cfg) -> bool:
@@ -17,6 +17,10 @@ def gold_enabled(cfg) -> bool:
 
 class GoldPlugin(BasePlugin):
     """On-policy logit distillation from ``teacher_model`` (see the README)."""
+
+    def register(self, cfg) -> None:
+        if gold_enabled(cfg):
+            route_chat_datasets(cfg)
 
     def get_input_args(self) -> str:
         return "axolotl_gold.args.GoldArgs"
