@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny local models (random weights) built once per session."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    from axolotl_gold.demo.models import build_tiny_pair
+
+    return build_tiny_pair(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_pair(tmp_path_factory):
+    from axolotl_gold.demo.models import build_tiny_pair
+
+    return build_tiny_pair(str(tmp_path_factory.mktemp("tiny_cross")), cross_tokenizer=True)

@@ -1,0 +1,106 @@
+"""Config validation through Axolotl's real loader: errors name the key to change."""
+
+import pytest
+import yaml
+
+from axolotl_gold.args import GoldArgs, GoldConfigError, validate_gold_settings
+
+
+def _cfg(tiny_pair, tmp_path, **overrides):
+    cfg = {
+        "base_model": tiny_pair["student"],
+        "plugins": ["axolotl_gold.GoldPlugin"],
+        "teacher_model": tiny_pair["teacher"],
+        "datasets": [{"path": tiny_pair["train"], "ds_type": "json", "type": "chat_template"}],
+        "sequence_len": 64,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "num_generations": 2,
+        "max_completion_length": 16,
+        "learning_rate": 1e-3,
+        "output_dir": str(tmp_path / "out"),
+        "bf16": False,
+    }
+    for key, value in overrides.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def _validate(cfg):
+    from axolotl.utils.config import prepare_plugins, validate_config
+    from axolotl.utils.dict import DictDefault
+
+    cfg = DictDefault(cfg)
+    prepare_plugins(cfg)
+    return validate_config(cfg)
+
+
+def test_valid_config_derives_generation_batch_size_and_routes_dataset(tiny_pair, tmp_path):
+    out = _validate(_cfg(tiny_pair, tmp_path))
+    assert out.generation_batch_size == 2
+    assert out.datasets[0]["type"] == "axolotl_gold.chat_template"
+    assert out.lmbda == 0.5 and out.beta == 0.5
+
+
+@pytest.mark.parametrize(
+    "overrides,pattern",
+    [
+        ({"generation_batch_size": 3}, r"3 x 2 = 6 must equal `micro_batch_size` x `gradient_accumulation_steps` = 2 x 2 = 4"),
+        ({"num_generations": 3}, r"not a multiple of `num_generations`"),
+        ({"lmbda": 1.5}, r"`lmbda` must be in \[0, 1\]"),
+        ({"beta": -0.1}, r"`beta` must be in \[0, 1\]"),
+        ({"max_completion_length": 64}, r"`max_completion_length` \(64\) must be below `sequence_len` \(64\)"),
+        ({"teacher_model": None}, r"`teacher_model` is not"),
+        ({"sample_packing": True}, r"Set `sample_packing: false`"),
+        ({"rl": "dpo"}, r"remove `rl`"),
+        ({"temperature": -1.0}, r"`temperature` must be > 0"),
+    ],
+)
+def test_bad_config_fails_with_the_key(tiny_pair, tmp_path, overrides, pattern):
+    with pytest.raises(Exception, match=pattern):
+        _validate(_cfg(tiny_pair, tmp_path, **overrides))
+
+
+def test_inert_without_teacher_and_without_plugin_keys():
+    """Loaded through the entry point, a plain YAML is untouched."""
+    data = {"base_model": "x", "sample_packing": True, "micro_batch_size": 3}
+    assert GoldArgs.model_validate(data).teacher_model is None
+    assert "generation_batch_size" not in data
+
+
+def test_gold_keys_do_not_collide_with_axolotl_core():
+    from axolotl.utils.schemas.config import AxolotlInputConfig
+
+    collisions = set(GoldArgs.model_fields) & set(AxolotlInputConfig.model_fields)
+    assert not collisions
+
+
+def test_vocab_mismatch_without_uld_fails_before_model_load(tiny_cross_pair):
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_gold.plugin import check_teacher_compatible
+
+    cfg = DictDefault(base_model=tiny_cross_pair["student"], teacher_model=tiny_cross_pair["teacher"])
+    with pytest.raises(GoldConfigError, match="set `use_uld_loss: true`"):
+        check_teacher_compatible(cfg)
+    cfg["use_uld_loss"] = True
+    check_teacher_compatible(cfg)  # allowed with ULD
+
+
+def test_missing_teacher_path_names_the_key(tiny_pair, tmp_path):
+    from axolotl.utils.dict import DictDefault
+
+    from axolotl_gold.plugin import check_teacher_compatible
+
+    cfg = DictDefault(base_model=tiny_pair["student"], teacher_model=str(tmp_path / "nope"))
+    with pytest.raises(GoldConfigError, match="`teacher_model: .*` cannot be loaded"):
+        check_teacher_compatible(cfg)
+
+
+def test_validate_gold_settings_fills_generation_batch_size():
+    data = {"micro_batch_size": 4, "gradient_accumulation_steps": 3, "num_generations": 4}
+    validate_gold_settings(data)
+    assert data["generation_batch_size"] == 3
