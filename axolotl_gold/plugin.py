@@ -22,6 +22,11 @@ class GoldPlugin(BasePlugin):
         if gold_enabled(cfg):
             route_chat_datasets(cfg)
 
+    def load_datasets(self, cfg, preprocess: bool = False):
+        if gold_enabled(cfg):
+            place_cpu_processes_on_cpu(cfg)
+        return None  # Axolotl's own dataset loading does the work
+
     def get_input_args(self) -> str:
         return "axolotl_gold.args.GoldArgs"
 
@@ -52,6 +57,19 @@ class GoldPlugin(BasePlugin):
             vocab_size=shared_vocab_size(trainer.model, teacher),
         )
         trainer.setup_gold(settings, teacher, objective, trainer.processing_class)
+
+
+def place_cpu_processes_on_cpu(cfg) -> None:
+    """Multi-process runs without an accelerator: load models on the CPU.
+
+    Axolotl 0.19 maps every multi-process run to ``{"": LOCAL_RANK}``, a GPU index,
+    which fails on a CPU-only machine (DDP over gloo). This hook runs after Axolotl
+    normalizes the config and before any model loads.
+    """
+    import torch
+
+    if (cfg.get("world_size") or 1) > 1 and str(cfg.get("device", "cpu")) == "cpu" and not torch.cuda.is_available():
+        cfg.device_map = {"": "cpu"}
 
 
 def _text_config(config):

@@ -197,6 +197,24 @@ def test_fused_liger_refuses_cpu_and_unknown_backend():
         fused(0.5, 1.0, 8, "triton")(inputs)
 
 
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@requires_cuda
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("beta,temperature", GRID)
+def test_cuda_float32_matches_float64_plain_loss(monkeypatch, beta, temperature, compiled):
+    import axolotl_gold.losses.chunked as chunked_module
+
+    monkeypatch.setattr(chunked_module, "COMPILE_ON_CUDA", compiled)
+    inputs = make_inputs(torch.float32, device="cuda")
+    loss, got = loss_and_grads(chunked(beta, temperature, 8), inputs)
+    want_loss, want = loss_and_grads(lambda x: plain_loss_sum(x, beta, temperature, torch.float64), inputs)
+    assert chunked_module.COMPILE_ON_CUDA == compiled  # compiling did not fail over to eager
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
+    assert_grads_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def _liger_importable():
     try:
         import liger_kernel.chunked_loss.jsd_loss  # noqa: F401

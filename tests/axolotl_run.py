@@ -1,0 +1,92 @@
+"""Run `axolotl train` in a subprocess on a YAML built from a dict."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def gold_config(pair: dict, out: Path, **overrides) -> dict:
+    cfg = {
+        "base_model": pair["student"],
+        "plugins": ["axolotl_gold.GoldPlugin"],
+        "teacher_model": pair["teacher"],
+        "lmbda": 1.0,
+        "beta": 0.5,
+        "temperature": 1.0,
+        "max_completion_length": 12,
+        "num_generations": 2,
+        "datasets": [{"path": pair["train"], "ds_type": "json", "type": "chat_template"}],
+        "sequence_len": 64,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 3,
+        "learning_rate": 1e-3,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "constant",
+        "output_dir": str(out / "out"),
+        "dataset_prepared_path": str(out / "prepared"),
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+        "logging_steps": 1,
+        "save_steps": 3,
+        "save_safetensors": True,
+        "val_set_size": 0,
+        "seed": 7,
+        "dataset_num_proc": 1,
+        "dataloader_num_workers": 0,
+    }
+    for key, value in overrides.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def run_train(cfg: dict, workdir: Path, num_processes: int = 1, timeout: int = 600):
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        AXOLOTL_DO_NOT_TRACK="1",
+        WANDB_MODE="disabled",
+        TRL_EXPERIMENTAL_SILENCE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
+    if num_processes == 1:
+        cmd = [str(BIN / "axolotl"), "train", str(path)]
+    else:
+        # torchrun sets RANK/WORLD_SIZE; with ACCELERATE_USE_CPU accelerate runs DDP over gloo
+        env["ACCELERATE_USE_CPU"] = "true"
+        cmd = [
+            str(BIN / "torchrun"), "--nproc_per_node", str(num_processes),
+            "--master_port", str(29500 + os.getpid() % 1000),
+            "-m", "axolotl.cli.train", str(path),
+        ]
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+    (workdir / "log.txt").write_text(proc.stdout + "\n" + proc.stderr)
+    if proc.returncode != 0:
+        raise AssertionError(f"axolotl train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return Path(cfg["output_dir"])
+
+
+def windows(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "gold_windows.jsonl").read_text().splitlines()]
+
+
+def log_history(out: Path, step: int) -> list[dict]:
+    state = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    return state["log_history"]

@@ -1,0 +1,129 @@
+"""End-to-end `axolotl train` runs on tiny local models (CPU, subprocesses).
+
+Each run takes ~30-40 s, mostly imports; they are few and marked `e2e`.
+"""
+
+import hashlib
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from axolotl_run import gold_config, log_history, run_train, windows
+
+pytestmark = pytest.mark.e2e
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    files = sorted(Path(folder).glob("*.safetensors"))
+    out = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def _sha(folder) -> str:
+    h = hashlib.sha1()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _train_losses(history):
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def test_full_finetune_on_policy(tiny_pair, tmp_path):
+    teacher_sha = _sha(tiny_pair["teacher"])
+    out = run_train(gold_config(tiny_pair, tmp_path, lmbda=1.0), tmp_path)
+    history = log_history(out, 3)
+    losses = _train_losses(history)
+    assert len(losses) == 3 and all(math.isfinite(l) and l > 0 for l in losses)
+    assert all(h["gold/on_policy_fraction"] == 1 for h in history if "loss" in h)
+    assert all("gold/time_generation_s" in h and "gold/time_teacher_s" in h for h in history if "loss" in h)
+    # one generation call per optimizer step, for the whole window
+    records = windows(out)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert [r["engine_calls"] for r in records] == [1, 1, 1]
+    # the saved output is the student (loads, same tensors as the student, changed)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+    before, after = _weights(tiny_pair["student"]), _weights(out)
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert _sha(tiny_pair["teacher"]) == teacher_sha  # teacher untouched
+
+
+def test_lora_mixed_policy(tiny_pair, tmp_path):
+    cfg = gold_config(
+        tiny_pair, tmp_path, lmbda=0.5, max_steps=4, save_steps=4,
+        adapter="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_linear=True,
+        learning_rate=1e-2,
+        # Axolotl's fused LoRA kernels are CUDA-only
+        lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False,
+    )
+    out = run_train(cfg, tmp_path)
+    assert (out / "adapter_config.json").exists()
+    assert not (out / "model.safetensors").exists()  # the adapter, not a merged model
+    records = windows(out)
+    assert [r["engine_calls"] for r in records] == [int(any(r["on_policy"])) for r in records]
+    assert all(math.isfinite(l) for l in _train_losses(log_history(out, 4)))
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_pair["student"])
+    model = PeftModel.from_pretrained(base, str(out))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained (B starts at zero)
+
+
+def _sgd_delta(tiny_pair, tmp_path, name, mbs, accum, procs):
+    """Weights after one SGD step (lr 1, no clipping) minus before: minus the gradient."""
+    cfg = gold_config(
+        tiny_pair, tmp_path / name, lmbda=0.0, num_generations=1, micro_batch_size=mbs,
+        gradient_accumulation_steps=accum, max_steps=1, save_steps=1, optimizer="sgd",
+        learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0, warmup_steps=0,
+    )
+    out = run_train(cfg, tmp_path / name, num_processes=procs)
+    before, after = _weights(tiny_pair["student"]), _weights(out)
+    return {k: after[k] - before[k] for k in before}, windows(out)
+
+
+def test_gradients_do_not_depend_on_the_window_split(tiny_pair, tmp_path):
+    ref, w_ref = _sgd_delta(tiny_pair, tmp_path, "mb8", 8, 1, 1)
+    acc, w_acc = _sgd_delta(tiny_pair, tmp_path, "mb2ga4", 2, 4, 1)
+    ddp, _ = _sgd_delta(tiny_pair, tmp_path, "2proc", 2, 2, 2)
+    assert w_ref[0]["scored_tokens"] == w_acc[0]["scored_tokens"]
+    norm = math.sqrt(sum(float(d.pow(2).sum()) for d in ref.values()))
+    assert norm > 0
+    for other in (acc, ddp):
+        diff = math.sqrt(sum(float((other[k] - ref[k]).pow(2).sum()) for k in ref))
+        assert diff / norm < 1e-4, diff / norm
+
+
+def test_resume_replays_prompts_and_draws(tiny_pair, tmp_path):
+    cfg = gold_config(tiny_pair, tmp_path / "full", lmbda=0.5, max_steps=4, save_steps=2)
+    full = run_train(cfg, tmp_path / "full")
+    resumed_dir = tmp_path / "resumed"
+    resumed_out = resumed_dir / "out"
+    resumed_out.mkdir(parents=True)
+    shutil.copytree(full / "checkpoint-2", resumed_out / "checkpoint-2")
+    cfg = gold_config(
+        tiny_pair, resumed_dir, lmbda=0.5, max_steps=4, save_steps=2,
+        resume_from_checkpoint=str(resumed_out / "checkpoint-2"),
+    )
+    resumed = run_train(cfg, resumed_dir)
+    uninterrupted = {r["step"]: r for r in windows(full)}
+    replayed = windows(resumed)
+    assert [r["step"] for r in replayed] == [2, 3]
+    for r in replayed:
+        assert r["on_policy"] == uninterrupted[r["step"]]["on_policy"]
+        assert r["prompts_sha1"] == uninterrupted[r["step"]]["prompts_sha1"]
+        assert r["scored_tokens"] == uninterrupted[r["step"]]["scored_tokens"]
+    a, b = _weights(full), _weights(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
