@@ -26,12 +26,11 @@ import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 
 from axolotl_gold.batching import GoldCollator, build_scoring_batch
-from axolotl_gold.buffer import fill_window, generation_seed, policy_draws
 from axolotl_gold.engines.base import SamplingSettings
 from axolotl_gold.engines.hf import HFGenerateEngine
-from axolotl_gold.forward import completion_states
 from axolotl_gold.sampler import WindowSampler
 from axolotl_gold.settings import GoldSettings
+from axolotl_gold.step import loss_sum, prepare_window
 from axolotl_gold.teacher import disable_dropout
 
 WINDOW_LOG = "gold_windows.jsonl"
@@ -116,38 +115,32 @@ class GoldTrainer(AxolotlTrainer):
         if not batches:
             return [], None
 
-        step, seed, rank = self.state.global_step, self.gold.seed, self.accelerator.process_index
-        draws = policy_draws(seed, step, len(batches), self.gold.lmbda)
         calls_before = self.student_engine.calls
-        start = perf_counter()
-        window = fill_window(
+        prepared = prepare_window(
             [b["gold_rollouts"] for b in batches],
-            draws,
-            self.student_engine,
-            generation_seed(seed, step, rank),
-            self.teacher_engine,
-            generation_seed(seed, step, rank, role="teacher"),
+            step=self.state.global_step,
+            seed=self.gold.seed,
+            rank=self.accelerator.process_index,
+            lmbda=self.gold.lmbda,
+            pad_id=self.pad_id,
+            student_engine=self.student_engine,
+            teacher_engine=self.teacher_engine,
         )
-        generation_time = perf_counter() - start
-        micro_batches = [
-            build_scoring_batch(
-                [r.prompt_ids for r in rows], [r.completion_ids for r in rows], self.pad_id
-            )
-            for rows in window.slices
-        ]
-        local = sum(int((m["completion_labels"] != -100).sum()) for m in micro_batches)
-        total = torch.tensor(local, device=device, dtype=torch.long)
+        window = prepared.window
+        total = torch.tensor(prepared.local_tokens, device=device, dtype=torch.long)
         if self.accelerator.num_processes > 1:
             total = self.accelerator.reduce(total, reduction="sum")
         total = total.clamp(min=1)
 
         lengths = window.completion_lengths()
+        draws = window.on_policy
         self._gold_sums["gold/on_policy_fraction"] += sum(draws) / len(draws)
         self._gold_sums["gold/completion_length"] += sum(lengths) / max(len(lengths), 1)
-        self._gold_sums["gold/time_generation_s"] += generation_time
+        self._gold_sums["gold/time_generation_s"] += prepared.generation_seconds
         self._gold_windows += 1
-        self._record_window(step, draws, window, int(total), self.student_engine.calls - calls_before)
-        return micro_batches, total
+        calls = self.student_engine.calls - calls_before
+        self._record_window(self.state.global_step, draws, window, int(total), calls)
+        return prepared.micro_batches, total
 
     def _record_window(self, step, draws, window, tokens, calls) -> None:
         """Append the window's draws and prompts to ``gold_windows.jsonl`` (main process)."""
@@ -170,13 +163,11 @@ class GoldTrainer(AxolotlTrainer):
 
     # ------------------------------------------------------------------ loss
     def _gold_loss_sum(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = batch["completion_labels"] != -100
-        student = completion_states(model, batch, use_head_bypass=self.gold.fused_loss)
-        start = perf_counter()
-        with torch.no_grad():
-            teacher = completion_states(self.teacher, batch, use_head_bypass=self.gold.fused_loss)
-        self._gold_sums["gold/time_teacher_s"] += perf_counter() - start
-        return self.objective(student, teacher, mask), mask.sum()
+        total, tokens, teacher_seconds = loss_sum(
+            model, self.teacher, batch, self.objective, self.gold.fused_loss
+        )
+        self._gold_sums["gold/time_teacher_s"] += teacher_seconds
+        return total, tokens
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.gold is None:

@@ -45,7 +45,9 @@ def plain_loss_sum(inputs, beta, temperature, dtype=None):
 
 
 def loss_and_grads(fn, inputs, trainable=STUDENT_KEYS):
-    leaves = {k: (v.detach().clone().requires_grad_(k in trainable) if v is not None else None) for k, v in inputs.items()}
+    leaves = {
+        k: (v.detach().clone().requires_grad_(k in trainable) if v is not None else None) for k, v in inputs.items()
+    }
     loss = fn(leaves)
     loss.backward()
     return loss.detach(), {k: leaves[k].grad for k in trainable if leaves[k] is not None}

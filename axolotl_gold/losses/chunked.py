@@ -1,0 +1,416 @@
+"""Generalized JSD from hidden states and lm_head weights, without full ``[tokens, vocab]`` logits.
+
+Logits for a 150k vocabulary cost 0.6 MB per token and model in float32, more than the rest
+of a small student's activations. Here the tokens are processed ``chunk_size`` rows at a
+time: per chunk, student and teacher logits are computed, the loss and the closed-form
+gradient with respect to the student logits are taken in float32, and that gradient is
+pushed through the lm_head at once (into hidden, weight and bias gradients). Only the
+gradients survive the chunk, so backward just scales them by ``grad_output``. On CUDA the
+per-chunk elementwise work is fused by torch.compile; on CPU it runs eagerly, in place.
+
+Closed-form gradient with respect to the student logits z (s = log_softmax(z / tau), S = e^s,
+t and T the teacher's, m = log M, M = (1 - beta) S + beta T), per row:
+
+- beta = 0, KL(T||S):            dL/dz = (S - T) / tau
+- beta = 1, KL(S||T):            dL/dz = S (s - t - L) / tau, L the row's loss
+- 0 < beta < 1, the generalized JSD: dL/dz = (1 - beta) S (s - m - KL(S||M)) / tau
+
+(the teacher terms of the JSD drop out of the gradient because sum_j dM_j = 0 along a
+softmax direction). The tests check this against autograd on the plain loss.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal
+
+import torch
+
+from axolotl_gold.losses.jsd import _check_beta_temperature, _compute_dtype
+
+Backend = Literal["auto", "torch", "liger"]
+
+
+def _log_softmax(logits: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    z = logits.to(dtype)
+    if temperature != 1.0:
+        # Eager: in place, as z is a fresh upcast or the chunk's own temporary logits.
+        # Compiled: out of place, which fuses anyway and avoids writing back a mutated input.
+        z = z / temperature if torch.compiler.is_compiling() else z.div_(temperature)
+    return torch.log_softmax(z, dim=-1)
+
+
+def _jsd_rows_and_logit_grad(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    beta: float,
+    temperature: float,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row loss ``[n]`` (nats) and, if asked, dL/d(student logits) ``[n, V]``.
+
+    ``s`` and ``t`` are the student and teacher log-probabilities ``[n, V]`` at temperature tau,
+    both in the compute dtype; they are consumed (overwritten in place). Log-probabilities
+    must be finite. Works in at most four ``[n, V]`` buffers.
+    """
+    inv_tau = 1.0 / temperature
+
+    if beta == 0.0:
+        diff = t - s
+        teacher_probs = t.exp_()
+        loss_rows = diff.mul_(teacher_probs).sum(-1)
+        del diff
+        grad = s.exp_().sub_(teacher_probs).mul_(inv_tau) if need_grad else None
+        return loss_rows, grad
+
+    if beta == 1.0:
+        diff = s - t
+        del t
+        student_probs = s.exp_()
+        terms = diff.mul_(student_probs)
+        loss_rows = terms.sum(-1)
+        if not need_grad:
+            return loss_rows, None
+        # S (s - t) - S L, reusing the buffer that already holds S (s - t).
+        grad = terms.addcmul_(student_probs, loss_rows.unsqueeze(-1), value=-1.0).mul_(inv_tau)
+        return loss_rows, grad
+
+    mixture = s + math.log1p(-beta)
+    scratch = t + math.log(beta)
+    torch.logaddexp(mixture, scratch, out=mixture)
+
+    torch.sub(t, mixture, out=scratch)
+    kl_teacher = scratch.mul_(t.exp_()).sum(-1)
+    del t
+
+    torch.sub(s, mixture, out=scratch)
+    del mixture
+    student_probs = s.exp_()
+    terms = scratch.mul_(student_probs)
+    kl_student = terms.sum(-1)
+    loss_rows = beta * kl_teacher + (1.0 - beta) * kl_student
+    if not need_grad:
+        return loss_rows, None
+    grad = terms.addcmul_(student_probs, kl_student.unsqueeze(-1), value=-1.0).mul_((1.0 - beta) * inv_tau)
+    return loss_rows, grad
+
+
+def _linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    hidden = hidden.to(weight.dtype)
+    if bias is None:
+        return hidden @ weight.t()
+    return torch.addmm(bias.to(weight.dtype), hidden, weight.t())
+
+
+def _chunk_step(
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+    beta, temperature, need_grad, need_bias, compute_dtype,
+):
+    """One chunk: (loss sum, dL/d(student logits) ``[n, V]`` in the weight's dtype, its column sum
+    ``[V]`` in the compute dtype for the bias); the gradients are None when not needed."""
+    # Nested calls, so in eager mode each raw logits tensor dies once its log-softmax exists.
+    s = _log_softmax(_linear(student_hidden, student_weight, student_bias), temperature, compute_dtype)
+    t = _log_softmax(_linear(teacher_hidden, teacher_weight, teacher_bias), temperature, compute_dtype)
+    loss_rows, grad = _jsd_rows_and_logit_grad(s, t, beta, temperature, need_grad)
+    del s, t
+    if not need_grad:
+        return loss_rows.sum(), None, None
+    bias_grad = grad.sum(0) if need_bias else None
+    return loss_rows.sum(), grad.to(student_weight.dtype), bias_grad
+
+
+# On CUDA the ~10 elementwise passes over each [chunk, V] float32 block cost far more than the
+# matmuls; torch.compile fuses them (as liger does). Set to False to force eager mode.
+COMPILE_ON_CUDA = True
+_compiled_chunk_step = None
+
+
+def _step_for(device: torch.device):
+    global _compiled_chunk_step
+    if device.type != "cuda" or not COMPILE_ON_CUDA:
+        return _chunk_step
+    if _compiled_chunk_step is None:
+        _compiled_chunk_step = torch.compile(_chunk_step)
+    return _compiled_chunk_step
+
+
+def _run_step(device, *args):
+    global COMPILE_ON_CUDA
+    step = _step_for(device)
+    if step is _chunk_step:
+        return step(*args)
+    try:
+        return step(*args)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a broken compiler must not stop training
+        warnings.warn(f"torch.compile of the chunked JSD failed ({error!r}); using eager mode.", stacklevel=3)
+        COMPILE_ON_CUDA = False
+        return _chunk_step(*args)
+
+
+_mixed_addmm_works = True
+
+
+def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+    """grad_weight (float32 [V, H]) += grad_logits.T @ hidden, the operands maybe bf16."""
+    global _mixed_addmm_works
+    if grad_logits.dtype == grad_weight.dtype:
+        grad_weight.addmm_(grad_logits.t(), hidden)
+        return
+    if grad_weight.is_cuda and _mixed_addmm_works:
+        # cuBLAS can add a bf16 product into a float32 output directly, saving a [V, H]
+        # temporary and a pass over it per chunk; older torch builds lack out_dtype.
+        try:
+            torch.addmm(grad_weight, grad_logits.t(), hidden, out_dtype=grad_weight.dtype, out=grad_weight)
+            return
+        except (TypeError, RuntimeError):
+            _mixed_addmm_works = False
+    grad_weight += grad_logits.t() @ hidden
+
+
+class _ChunkedJSDFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        beta,
+        temperature,
+        chunk_size,
+        grad_enabled,
+    ):
+        # needs_input_grad ignores no_grad mode, so the caller says whether grads can be used.
+        need_hidden, need_weight, need_bias = (
+            ctx.needs_input_grad[:3] if grad_enabled else (False, False, False)
+        )
+        need_grad = need_hidden or need_weight or need_bias
+        num_tokens = student_hidden.shape[0]
+        device = student_hidden.device
+
+        acc_dtype = _compute_dtype(student_weight.dtype)
+        loss = torch.zeros((), dtype=acc_dtype, device=device)
+        grad_hidden = torch.empty_like(student_hidden) if need_hidden else None
+        # Float32 accumulators: summing many bf16 chunk products in bf16 loses the small ones.
+        grad_weight = (
+            torch.zeros(student_weight.shape, dtype=acc_dtype, device=device) if need_weight else None
+        )
+        grad_bias = torch.zeros(student_weight.shape[0], dtype=acc_dtype, device=device) if need_bias else None
+
+        for start in range(0, num_tokens, chunk_size):
+            end = min(start + chunk_size, num_tokens)
+            hidden_chunk = student_hidden[start:end].to(student_weight.dtype)
+            chunk_loss, grad_logits, chunk_bias_grad = _run_step(
+                device, hidden_chunk, student_weight, student_bias, teacher_hidden[start:end], teacher_weight,
+                teacher_bias, beta, temperature, need_grad, need_bias, acc_dtype,
+            )
+            loss += chunk_loss
+            if not need_grad:
+                continue
+            if need_bias:
+                grad_bias += chunk_bias_grad
+            if need_hidden:
+                grad_hidden[start:end] = grad_logits @ student_weight
+            if need_weight:
+                _accumulate_weight_grad(grad_weight, grad_logits, hidden_chunk)
+            del grad_logits
+
+        # Cast now, so that the float32 accumulator is gone before backward: for a 128k x 4096
+        # lm_head it is 2 GiB, and backward would need a second float32 copy to scale it.
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(student_weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(student_bias.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _flatten_and_check(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias):
+    student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    if student_hidden.shape[0] != teacher_hidden.shape[0]:
+        raise ValueError(
+            f"student and teacher must score the same tokens, got {student_hidden.shape[0]} "
+            f"and {teacher_hidden.shape[0]} rows."
+        )
+    if student_weight.shape[1] != student_hidden.shape[1] or teacher_weight.shape[1] != teacher_hidden.shape[1]:
+        raise ValueError(
+            f"lm_head weights must be [vocab, hidden]: student {tuple(student_weight.shape)} for hidden "
+            f"{student_hidden.shape[1]}, teacher {tuple(teacher_weight.shape)} for hidden {teacher_hidden.shape[1]}."
+        )
+    # Padding or resizing one side would score a different distribution than either model's.
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"JSD needs one shared vocabulary, but the student lm_head has {student_weight.shape[0]} rows and "
+            f"the teacher's {teacher_weight.shape[0]}; use the ULD loss for different tokenizers."
+        )
+    for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        if bias is not None and bias.shape != (student_weight.shape[0],):
+            raise ValueError(f"{name} must be [vocab={student_weight.shape[0]}], got {tuple(bias.shape)}.")
+    return student_hidden, teacher_hidden
+
+
+def chunked_jsd_loss_sum(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum over tokens of the generalized JSD, computed ``chunk_size`` tokens at a time.
+
+    Args:
+        student_hidden: ``[N, H]`` final hidden states of the scored tokens (select scored rows
+            first; every row counts). Leading dims are flattened.
+        student_weight: ``[V, H]`` student lm_head; its gradient is skipped when it does not
+            require grad (a frozen lm_head under LoRA).
+        teacher_hidden: ``[N, Ht]``; never receives a gradient.
+        teacher_weight: ``[V, Ht]``; never receives a gradient.
+        beta, temperature: as in ``generalized_jsd_token_loss``.
+        chunk_size: rows per chunk; peak extra memory is about 4 x chunk_size x V float32.
+        student_bias, teacher_bias: optional ``[V]``.
+
+    Returns:
+        Float32 scalar (float64 for a float64 lm_head): the SUM of per-token divergences in
+        nats over the N tokens (divide by the scored-token count of the whole optimizer window
+        outside, so gradients do not depend on how the window is split).
+    """
+    _check_beta_temperature(beta, temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    student_hidden, teacher_hidden = _flatten_and_check(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias
+    )
+    return _ChunkedJSDFunction.apply(
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        float(beta),
+        float(temperature),
+        int(chunk_size),
+        torch.is_grad_enabled(),
+    )
+
+
+def _liger_jsd_function():
+    """Liger's fused-linear JSD autograd Function, or None where it cannot run.
+
+    Importing liger pulls in triton, which may be missing or broken on CPU-only hosts.
+    """
+    try:
+        from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    return LigerFusedLinearJSDFunction
+
+
+def _liger_jsd_loss_sum(
+    student_hidden, student_weight, teacher_hidden, teacher_weight, beta, temperature, chunk_size,
+    student_bias, teacher_bias,
+):
+    function = _liger_jsd_function()
+    if function is None:
+        raise RuntimeError("backend='liger' needs liger-kernel (and triton) importable.")
+    num_tokens = student_hidden.shape[0]
+    # What liger 0.8.1 computes, and how the arguments below map it onto our sum:
+    # - beta: the same convention as ours (M = (1-beta) S + beta T, loss = beta KL(T||M) +
+    #   (1-beta) KL(S||M), beta=0 forward KL(T||S), beta=1 reverse KL(S||T)); not mirrored.
+    # - temperature: logits are divided by it before the softmax, no tau**2 factor; as ours.
+    # - reduction: the JSD sum is divided by the number of labels != ignore_index (clamped to
+    #   1), times weight_soft_loss, plus weight_hard_loss x a mean cross-entropy on the labels.
+    #   All-zero labels make every row count, weight_soft_loss = N turns the mean back into a
+    #   sum, and weight_hard_loss = 0 drops the cross-entropy (which liger still computes).
+    # - precision: liger takes the softmax and JSD in the logits' dtype and accumulates the
+    #   weight gradient in the weight's dtype; equal to ours only for float32 inputs.
+    # - chunking: N // chunk_size chunks via torch.chunk, so chunks hold up to 2 x chunk_size
+    #   rows; a frozen lm_head still gets its gradient computed (then dropped by autograd);
+    #   a teacher vocabulary larger than the student's is zero-padded (we refuse it above).
+    labels = torch.zeros(num_tokens, dtype=torch.long, device=student_hidden.device)
+    return function.apply(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        student_bias,
+        teacher_bias,
+        0.0,  # weight_hard_loss
+        float(num_tokens),  # weight_soft_loss
+        float(beta),
+        -100,  # ignore_index
+        float(temperature),
+        True,  # compiled
+        int(chunk_size),
+        False,  # return_soft_hard_loss
+    )
+
+
+def fused_jsd_loss_sum(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """``chunked_jsd_loss_sum`` with a choice of implementation; same arguments and result.
+
+    Args:
+        backend: ``"torch"`` is ``chunked_jsd_loss_sum``. ``"liger"`` is liger-kernel's
+            fused linear JSD (CUDA, float32 scalar result of the same sum). ``"auto"`` picks
+            liger only where it computes the same thing: CUDA, liger importable, float32
+            student and teacher weights (liger computes the JSD in the logits' dtype, so in
+            bf16 it is less precise than ours), and a trainable student lm_head (liger always
+            computes the weight gradient, a wasted matmul per chunk under LoRA); else torch.
+
+    Returns:
+        Float32 scalar, the sum over the N tokens in nats.
+    """
+    if backend not in ("auto", "torch", "liger"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'liger', got {backend!r}.")
+    _check_beta_temperature(beta, temperature)
+    student_hidden, teacher_hidden = _flatten_and_check(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias
+    )
+    if backend == "auto":
+        use_liger = (
+            student_hidden.is_cuda
+            and student_hidden.shape[0] > 0
+            and student_weight.dtype == torch.float32
+            and teacher_weight.dtype == torch.float32
+            and student_weight.requires_grad
+            and _liger_jsd_function() is not None
+        )
+        backend = "liger" if use_liger else "torch"
+    if backend == "liger":
+        if not student_hidden.is_cuda:
+            raise RuntimeError("backend='liger' runs on CUDA tensors only; use backend='torch' on CPU.")
+        return _liger_jsd_loss_sum(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, beta, temperature, chunk_size,
+            student_bias, teacher_bias,
+        ).float()
+    return chunked_jsd_loss_sum(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, beta=beta, temperature=temperature,
+        chunk_size=chunk_size, student_bias=student_bias, teacher_bias=teacher_bias,
+    )
