@@ -125,10 +125,12 @@ def validate_gold_settings(data: dict) -> None:
         value = _get(data, key, 0.5)
         if not 0.0 <= float(value) <= 1.0:
             raise GoldConfigError(f"`{key}` must be in [0, 1], got {value}.")
-    for key in ("temperature", "loss_temperature"):
-        value = _get(data, key, 1.0)
-        if float(value) <= 0:
-            raise GoldConfigError(f"`{key}` must be > 0, got {value}.")
+    temperature = _get(data, "temperature", 1.0)
+    if float(temperature) < 0:
+        raise GoldConfigError(f"`temperature` must be >= 0 (0 samples greedily), got {temperature}.")
+    loss_temperature = _get(data, "loss_temperature", 1.0)
+    if float(loss_temperature) <= 0:
+        raise GoldConfigError(f"`loss_temperature` must be > 0, got {loss_temperature}.")
     top_p = _get(data, "top_p", 1.0)
     if not 0.0 < float(top_p) <= 1.0:
         raise GoldConfigError(f"`top_p` must be in (0, 1], got {top_p}.")

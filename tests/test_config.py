@@ -56,7 +56,8 @@ def test_valid_config_derives_generation_batch_size_and_routes_dataset(tiny_pair
         ({"teacher_model": None}, r"`teacher_model` is not"),
         ({"sample_packing": True}, r"Set `sample_packing: false`"),
         ({"rl": "dpo"}, r"remove `rl`"),
-        ({"temperature": -1.0}, r"`temperature` must be > 0"),
+        ({"temperature": -1.0}, r"`temperature` must be >= 0"),
+        ({"loss_temperature": 0.0}, r"`loss_temperature` must be > 0"),
     ],
 )
 def test_bad_config_fails_with_the_key(tiny_pair, tmp_path, overrides, pattern):
