@@ -28,10 +28,17 @@ class JsdObjective:
     chunk_size: int = 1024
     vocab_size: int | None = None
 
+    def teacher_inputs(self, rows) -> None:
+        return None  # same tokenizer: the teacher reads the student's tensors
+
+    def count(self, batch: dict) -> int:
+        return int((batch["completion_labels"] != -100).sum())
+
     def __call__(
-        self, student: CompletionStates, teacher: CompletionStates, mask: torch.Tensor
+        self, student: CompletionStates, teacher: CompletionStates, batch: dict
     ) -> torch.Tensor:
-        """Loss summed over the positions where ``mask`` (``[B, C]`` bool) is True."""
+        """Loss summed over the batch's completion tokens (labels != -100)."""
+        mask = batch["completion_labels"] != -100
         s_rows = student.values[mask]
         t_rows = teacher.values[mask].detach()
         v = self.vocab_size

@@ -35,8 +35,15 @@ def prepare_window(
     pad_id: int,
     student_engine: RolloutEngine,
     teacher_engine: RolloutEngine | None = None,
+    objective=None,
 ) -> PreparedWindow:
-    """Draw on/off-policy per slice, sample once for the window, build the batches."""
+    """Draw on/off-policy per slice, sample once for the window, build the batches.
+
+    ``objective`` (optional) adds what its teacher needs to each batch
+    (``teacher_inputs(rows)``, e.g. the teacher's own tokens and the alignment) and
+    says how many units a batch scores (``count(batch)``); by default the units are
+    the completion tokens.
+    """
     draws = policy_draws(seed, step, len(slices), lmbda)
     start = perf_counter()
     window = fill_window(
@@ -48,20 +55,37 @@ def prepare_window(
         generation_seed(seed, step, rank, role="teacher"),
     )
     seconds = perf_counter() - start
-    micro_batches = [
-        build_scoring_batch([r.prompt_ids for r in rows], [r.completion_ids for r in rows], pad_id)
-        for rows in window.slices
-    ]
-    local = sum(int((m["completion_labels"] != -100).sum()) for m in micro_batches)
+    micro_batches = []
+    for rows in window.slices:
+        batch = build_scoring_batch(
+            [r.prompt_ids for r in rows], [r.completion_ids for r in rows], pad_id
+        )
+        extra = objective.teacher_inputs(rows) if objective is not None else None
+        if extra:
+            batch.update(extra)
+        micro_batches.append(batch)
+    count = objective.count if objective is not None else completion_token_count
+    local = sum(int(count(m)) for m in micro_batches)
     return PreparedWindow(window, micro_batches, local, seconds)
 
 
+def completion_token_count(batch: dict) -> int:
+    return int((batch["completion_labels"] != -100).sum())
+
+
 def loss_sum(student, teacher, batch: dict, objective, fused: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(objective summed over the batch's scored tokens, their count, teacher seconds)."""
-    mask = batch["completion_labels"] != -100
+    """(objective summed over the batch's scored units, their count, teacher seconds).
+
+    The teacher reads ``batch["teacher"]`` when the objective put its own tokens
+    there (another tokenizer), else the student's tensors.
+    """
     student_states = completion_states(student, batch, use_head_bypass=fused)
     start = perf_counter()
     with torch.no_grad():
-        teacher_states = completion_states(teacher, batch, use_head_bypass=fused)
+        teacher_states = completion_states(
+            teacher, batch.get("teacher", batch), use_head_bypass=fused
+        )
     teacher_seconds = perf_counter() - start
-    return objective(student_states, teacher_states, mask), mask.sum(), teacher_seconds
+    count = objective.count(batch) if hasattr(objective, "count") else completion_token_count(batch)
+    total = objective(student_states, teacher_states, batch)
+    return total, torch.as_tensor(count, device=total.device), teacher_seconds

@@ -125,6 +125,7 @@ class GoldTrainer(AxolotlTrainer):
             pad_id=self.pad_id,
             student_engine=self.student_engine,
             teacher_engine=self.teacher_engine,
+            objective=self.objective,
         )
         window = prepared.window
         total = torch.tensor(prepared.local_tokens, device=device, dtype=torch.long)

@@ -39,7 +39,7 @@ def test_collator_splits_prompt_and_completion():
     assert r.prompt_ids == [1, 2, 3] and r.completion_ids == [4]
 
 
-def test_trim_completion_keeps_first_eos_drops_padding():
-    assert trim_completion([4, 5, 2, 9, 9], {2}, 0) == [4, 5, 2]
-    assert trim_completion([4, 0, 0], {2}, 0) == [4]
+def test_trim_completion_keeps_first_eos_drops_what_follows():
+    assert trim_completion([4, 5, 2, 0, 0], {2}, 0) == [4, 5, 2]
+    assert trim_completion([4, 0, 5], {2}, 0) == [4, 0, 5]  # a sampled pad id is a token
     assert trim_completion([4, 5], {2}, 0) == [4, 5]

@@ -29,14 +29,17 @@ class RolloutEngine(Protocol):
         ...
 
 
-def trim_completion(ids: list[int], eos_ids: set[int], pad_id: int | None) -> list[int]:
-    """Cut after the first EOS (kept, so the student learns to stop); drop padding."""
+def trim_completion(ids: list[int], eos_ids: set[int], pad_id: int | None = None) -> list[int]:
+    """Cut after the first EOS (kept, so the student learns to stop).
+
+    Engines pad only *after* EOS, so cutting there drops all padding; a pad id the
+    model samples mid-sequence is a real token and is kept (``pad_id`` is accepted
+    for engines that pass it, and unused).
+    """
+    del pad_id
     out = []
     for token in ids:
-        if token in eos_ids:
-            out.append(token)
-            break
-        if pad_id is not None and token == pad_id and pad_id not in eos_ids:
-            break
         out.append(token)
+        if token in eos_ids:
+            break
     return out

@@ -39,7 +39,10 @@ class HFGenerateEngine:
     """Batched ``model.generate`` over all of a window's on-policy prompts.
 
     ``get_model`` returns the model to sample from at call time (the unwrapped
-    student, whose weights are the ones being trained).
+    student, whose weights are the ones being trained). ``min_new_tokens`` suppresses
+    EOS before that many tokens (benchmarks force fixed-length rollouts with it);
+    ``generate_kwargs`` are passed on to ``generate`` as they are (for example
+    ``{"cache_implementation": "static"}``, which lets HF compile the decode step).
     """
 
     def __init__(
@@ -49,12 +52,16 @@ class HFGenerateEngine:
         pad_id: int,
         eos_ids: set[int],
         batch_size: int | None = None,
+        min_new_tokens: int = 0,
+        generate_kwargs: dict | None = None,
     ):
         self.get_model = get_model
         self.sampling = sampling
         self.pad_id = pad_id
         self.eos_ids = set(eos_ids)
         self.batch_size = batch_size
+        self.min_new_tokens = min_new_tokens
+        self.generate_kwargs = dict(generate_kwargs or {})
         self.calls = 0
 
     def _kwargs(self) -> dict:
@@ -68,6 +75,9 @@ class HFGenerateEngine:
             kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if self.min_new_tokens:
+            kwargs["min_new_tokens"] = self.min_new_tokens
+        kwargs.update(self.generate_kwargs)
         return kwargs
 
     @torch.no_grad()

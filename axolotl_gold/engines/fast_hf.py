@@ -1,0 +1,210 @@
+"""A faster HF rollout engine: static KV cache, CUDA-graph decode step, on-GPU sampling.
+
+``model.generate`` pays, per new token, a Python loop over logits processors, a growing
+attention mask and a host sync (its stopping check); for a 0.5B model at batch 16 that
+host work, not the GPU, sets the pace. Here one decode step is a fixed-shape function of
+static buffers, so on CUDA it is captured once per call as a CUDA graph and replayed:
+
+- the KV cache is HF's ``StaticCache``, sized prompt width + ``max_new_tokens``; its
+  write position is a device tensor that the step itself advances;
+- the attention mask is a 4D boolean ``[B, 1, 1, L]`` built on the device from the
+  prompt's padding and a device step counter (HF passes a 4D mask through unchanged);
+- sampling (temperature, top-k, top-p, then an exponential race, as vLLM does) runs on
+  the device from a seeded generator, and EOS is checked on the host only every
+  ``eos_check_every`` tokens.
+
+The prompt (prefill) runs once through HF's own forward with a 2D mask, exactly as
+``generate`` does. On CPU, or with ``use_cuda_graph=False``, the same loop runs eagerly;
+the tests check that greedy output equals ``model.generate``'s.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from axolotl_gold.batching import left_pad
+from axolotl_gold.engines.base import SamplingSettings, trim_completion
+from axolotl_gold.engines.hf import generation_mode
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """``[B, V]`` float32 logits warped as HF does (temperature, then top-k, then top-p).
+
+    Removed tokens get ``-inf``; the most likely token always survives. No host sync.
+    """
+    if temperature != 1.0:
+        logits = logits / temperature
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= 1.0 - top_p  # HF's TopPLogitsWarper rule
+        remove_sorted[..., -1] = False
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def sample_tokens(
+    logits: torch.Tensor, sampling: SamplingSettings, generator: torch.Generator | None
+) -> torch.Tensor:
+    """``[B]`` next tokens from ``[B, V]`` logits: argmax when greedy, else a sample."""
+    if sampling.temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits.float(), sampling.temperature, sampling.top_k, sampling.top_p).softmax(-1)
+    # argmax(p / E) with E ~ Exp(1) samples from p, with no host sync (unlike multinomial)
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return probs.div_(noise).argmax(dim=-1)
+
+
+class _DecodeStep:
+    """One token for every row: static buffers in, ``[B, V]`` logits out.
+
+    ``tokens`` (``[B, 1]``) is written by the caller before each call; ``step`` (the index
+    of the token being fed, counted from 0 at the first generated token) advances inside.
+    """
+
+    def __init__(self, model, cache, prompt_mask: torch.Tensor, prompt_lengths: torch.Tensor, total: int):
+        batch, width = prompt_mask.shape
+        device = prompt_mask.device
+        self.model, self.cache, self.width = model, cache, width
+        self.base_mask = torch.zeros((batch, 1, 1, total), dtype=torch.bool, device=device)
+        self.base_mask[:, 0, 0, :width] = prompt_mask.bool()
+        self.columns = torch.arange(total, device=device)
+        self.prompt_lengths = prompt_lengths.view(batch, 1)
+        self.step = torch.zeros((), dtype=torch.long, device=device)
+        self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
+
+    def __call__(self) -> torch.Tensor:
+        # the token fed now sits at cache column width + step and attends to itself
+        new = (self.columns >= self.width) & (self.columns <= self.width + self.step)
+        mask = self.base_mask | new
+        out = self.model(
+            input_ids=self.tokens,
+            attention_mask=mask,
+            position_ids=self.prompt_lengths + self.step,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.step.add_(1)
+        return out.logits[:, -1]
+
+
+class FastHFEngine:
+    """Drop-in for ``HFGenerateEngine``: same constructor and ``generate`` contract.
+
+    ``min_new_tokens`` suppresses EOS before that many tokens (benchmarks use it to force
+    fixed-length rollouts). ``use_cuda_graph`` defaults to True on CUDA; on any other
+    device the loop runs eagerly.
+    """
+
+    def __init__(
+        self,
+        get_model: Callable[[], torch.nn.Module],
+        sampling: SamplingSettings,
+        pad_id: int,
+        eos_ids: set[int],
+        batch_size: int | None = None,
+        min_new_tokens: int = 0,
+        eos_check_every: int = 32,
+        use_cuda_graph: bool | None = None,
+    ):
+        self.get_model = get_model
+        self.sampling = sampling
+        self.pad_id = pad_id
+        self.eos_ids = set(eos_ids)
+        self.batch_size = batch_size
+        self.min_new_tokens = min_new_tokens
+        self.eos_check_every = max(1, eos_check_every)
+        self.use_cuda_graph = use_cuda_graph
+        self.calls = 0
+        self.graphs_captured = 0
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        self.calls += 1
+        if not prompts:
+            return []
+        model = self.get_model()
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        step = self.batch_size or len(prompts)
+        out: list[list[int]] = []
+        with generation_mode(model):
+            for start in range(0, len(prompts), step):
+                out.extend(self._generate_chunk(model, prompts[start : start + step], device, generator))
+        return out
+
+    def _generate_chunk(self, model, prompts, device, generator) -> list[list[int]]:
+        from transformers import StaticCache
+
+        max_new = self.sampling.max_new_tokens
+        ids, mask = left_pad(prompts, self.pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        batch, width = ids.shape
+        if max_new <= 0:
+            return [[] for _ in prompts]
+        cache = StaticCache(config=model.config, max_cache_len=width + max_new)
+        eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=device)
+        generated = torch.full((batch, max_new), self.pad_id, dtype=torch.long, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+
+        # prefill through HF's own mask and position logic, as generate() does
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions,
+            past_key_values=cache, use_cache=True, logits_to_keep=1,
+        ).logits[:, -1]
+        decode = _DecodeStep(model, cache, mask, mask.sum(-1), width + max_new)
+        graph, graph_logits = None, None
+        count = 0
+        for index in range(max_new):
+            if index > 0:
+                if graph is not None:
+                    graph.replay()
+                    logits = graph_logits
+                elif index == 1 and self._want_graph(device):
+                    logits, graph, graph_logits = self._first_step_and_capture(decode)
+                else:
+                    logits = decode()
+            logits = logits.float()
+            if index < self.min_new_tokens and eos.numel():
+                logits[:, eos] = float("-inf")
+            tokens = sample_tokens(logits, self.sampling, generator)
+            generated[:, index] = tokens
+            count = index + 1
+            if eos.numel():
+                finished |= torch.isin(tokens, eos)
+                if count % self.eos_check_every == 0 and bool(finished.all()):
+                    break
+            decode.tokens.copy_(tokens.view(batch, 1))
+        rows = generated[:, :count].tolist()
+        del graph, graph_logits, decode, cache
+        return [trim_completion(r, self.eos_ids, self.pad_id) for r in rows]
+
+    def _want_graph(self, device: torch.device) -> bool:
+        if device.type != "cuda":
+            return False
+        return True if self.use_cuda_graph is None else self.use_cuda_graph
+
+    def _first_step_and_capture(self, decode: _DecodeStep):
+        """Run the first decode step for real on a side stream (the warm-up), then capture it."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            logits = decode().clone()
+        torch.cuda.current_stream().wait_stream(stream)
+        logits.record_stream(torch.cuda.current_stream())  # made on the side stream, read on this one
+        graph = torch.cuda.CUDAGraph()
+        # capture records kernels without running them: the cache and step are untouched
+        with torch.cuda.graph(graph, stream=stream):
+            graph_logits = decode()
+        self.graphs_captured += 1
+        return logits, graph, graph_logits

@@ -1,0 +1,548 @@
+"""One GOLD configuration trained by our step and by TRL's reference ``GOLDTrainer``.
+
+Same random-weight Qwen2-shaped models (same seed, so the same weights), same prompts,
+same sampling (temperature 0.9, top_p 0.95: the reference's defaults), every rollout
+forced to exactly ``--completion`` tokens on both sides (EOS and pad, both stop tokens,
+suppressed through ``min_new_tokens``), lmbda 1 (all on-policy), beta 0.5, bf16 weights, AdamW, no gradient
+checkpointing on either side unless ``--gradient-checkpointing``.
+
+Variants, each in its own subprocess so that memory readings and caches do not mix:
+  ours-fast       our step (axolotl_gold.step.prepare_window / loss_sum, JsdObjective with the
+                  chunked fused loss) with FastHFEngine (static cache, CUDA-graph decode)
+  ours-hf         the same step with HFGenerateEngine (plain model.generate)
+  ours-hf-static  HFGenerateEngine with cache_implementation="static" (HF compiles the
+                  decode step; slow to warm up, so not run unless named in --variants)
+  reference       trl.experimental.gold.GOLDTrainer, use_vllm False
+
+Our side runs the axolotl-free stages that GoldTrainer calls, from a plain loop: one
+``prepare_window`` per optimizer step, then per micro-batch ``loss_sum / window tokens``
+and backward, then the optimizer step.
+
+Timing: ``--warmup`` optimizer steps (compilation, allocator warm-up), then ``--steps``
+timed ones; the table shows the mean of the timed steps. Generation time is the time in
+the rollout engine (ours) or in the student's ``generate`` (reference); teacher time is
+the teacher's forward passes, measured with a device sync before and after each; the
+rest (student forward and backward, the loss, the optimizer) is "student + loss + optim".
+Tokens/s counts the scored completion tokens of a step over the step's wall time.
+Peak memory is ``torch.cuda.max_memory_allocated`` over the whole subprocess (weights,
+optimizer state, warm-up included).
+
+GPU (defaults, ~0.5B student, ~1.5B teacher, 256 + 768 tokens, micro batch 4 x 4):
+  python benchmarks/bench_vs_reference.py
+CPU smoke test:
+  python benchmarks/bench_vs_reference.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DEFAULT_VARIANTS = ("ours-fast", "ours-hf", "reference")
+ALL_VARIANTS = ("ours-fast", "ours-hf", "ours-hf-static", "reference")
+
+STUDENT = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
+           "num_key_value_heads": 2, "intermediate_size": 4864}
+TEACHER = {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
+           "num_key_value_heads": 2, "intermediate_size": 8960}
+TINY_STUDENT = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "intermediate_size": 128}
+TINY_TEACHER = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "intermediate_size": 256}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny models and lengths, for a CPU smoke test")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--steps", type=int, default=1, help="timed optimizer steps per variant")
+    p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps before them")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="from " + ",".join(ALL_VARIANTS))
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--only-reference", action="store_true")
+    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (256; tiny 16)")
+    p.add_argument("--completion", type=int, default=None, help="completion tokens (768; tiny 12)")
+    p.add_argument("--micro-batch", type=int, default=None, help="4; tiny 2")
+    p.add_argument("--grad-accum", type=int, default=None, help="4; tiny 2")
+    p.add_argument("--vocab", type=int, default=None, help="151936; tiny 512")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
+    p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of our fused loss")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check", action="store_true",
+                   help="first check FastHFEngine greedy == model.generate on a tiny fp32 model")
+    p.add_argument("--child-timeout", type=float, default=None, help="seconds per variant subprocess")
+    p.add_argument("--json-dir", default=None, help="also write each variant's result here")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    tiny = a.tiny
+    for name, big, small in (("prompt", 256, 16), ("completion", 768, 12), ("micro_batch", 4, 2),
+                             ("grad_accum", 4, 2), ("vocab", 151936, 512)):
+        if getattr(a, name) is None:
+            setattr(a, name, small if tiny else big)
+    if a.device is None:
+        import torch
+
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return a
+
+
+# ---------------------------------------------------------------- shared setup
+
+
+def special_ids(vocab: int) -> tuple[int, int]:
+    """(pad, eos), at the top of the vocabulary as in Qwen2 (<|endoftext|>, <|im_end|>)."""
+    return vocab - 3, vocab - 1
+
+
+def build_tokenizer(vocab: int):
+    """A word-level tokenizer over ``vocab`` ids (token i is "t{i}"): the reference decodes
+    prompts and completions, and nothing may be downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pad, eos = special_ids(vocab)
+    names = {i: f"t{i}" for i in range(vocab)}
+    names[pad], names[eos] = "<|endoftext|>", "<|im_end|>"
+    backend = Tokenizer(models.WordLevel({n: i for i, n in names.items()}, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=names[eos], pad_token=names[pad])
+    tok.model_max_length = 1 << 20
+    return tok
+
+
+def build_models(args, device, dtype):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    pad, eos = special_ids(args.vocab)
+    out = []
+    for arch in (TINY_STUDENT, TINY_TEACHER) if args.tiny else (STUDENT, TEACHER):
+        cfg = Qwen2Config(
+            vocab_size=args.vocab, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+            tie_word_embeddings=True, use_sliding_window=False, pad_token_id=pad, eos_token_id=eos,
+            bos_token_id=None, **arch,
+        )
+        torch.manual_seed(args.seed)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = Qwen2ForCausalLM(cfg)
+        finally:
+            torch.set_default_dtype(previous)
+        # pad is a stop token too (Qwen2's generation config lists <|endoftext|> beside <|im_end|>):
+        # min_new_tokens then suppresses both, and no side cuts a rollout at a sampled pad id
+        model.generation_config.eos_token_id = [eos, pad]
+        model.generation_config.pad_token_id = pad
+        out.append(model)
+    student, teacher = out
+    teacher.eval().requires_grad_(False)
+    return student, teacher
+
+
+def build_prompts(args, count: int) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(args.seed + 1)
+    pad, _ = special_ids(args.vocab)
+    ids = torch.randint(0, pad, (count, args.prompt), generator=g)  # no special ids
+    return ids.tolist()
+
+
+class Timers:
+    """Device-synced accumulators for one optimizer step."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = torch.device(device).type == "cuda"
+        self.reset()
+
+    def sync(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def reset(self):
+        self.generation = 0.0
+        self.teacher = 0.0
+        self.tokens = 0
+        self._teacher_start = None
+
+    def hook_teacher(self, teacher):
+        def pre(*_):
+            self.sync()
+            self._teacher_start = time.perf_counter()
+
+        def post(*_):
+            self.sync()
+            self.teacher += time.perf_counter() - self._teacher_start
+
+        teacher.register_forward_pre_hook(pre)
+        teacher.register_forward_hook(post)
+
+    def wrap_generate(self, model):
+        original = model.generate
+
+        def timed(*a, **k):
+            self.sync()
+            start = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                self.sync()
+                self.generation += time.perf_counter() - start
+
+        model.generate = timed
+
+
+def peak_memory(device) -> dict:
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return {"peak_gib": None, "reserved_gib": None}
+    return {
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+    }
+
+
+def summarize(name, records, warmup, device, extra=None) -> dict:
+    timed = records[warmup:] or records
+    mean = lambda key: sum(r[key] for r in timed) / len(timed)  # noqa: E731
+    step, gen, teacher = mean("step"), mean("generation"), mean("teacher")
+    tokens = mean("tokens")
+    out = {
+        "variant": name,
+        "timed_steps": len(timed),
+        "step_s": step,
+        "generation_s": gen,
+        "teacher_s": teacher,
+        "student_s": step - gen - teacher,
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens / step if step > 0 else 0.0,
+        "all_steps_s": [round(r["step"], 3) for r in records],
+        **peak_memory(device),
+    }
+    out.update(extra or {})
+    return out
+
+
+# ---------------------------------------------------------------- our step
+
+
+def run_ours(args, variant: str) -> dict:
+    import torch
+
+    from axolotl_gold.batching import Rollout
+    from axolotl_gold.engines.base import SamplingSettings
+    from axolotl_gold.engines.fast_hf import FastHFEngine
+    from axolotl_gold.engines.hf import HFGenerateEngine
+    from axolotl_gold.objectives import JsdObjective
+    from axolotl_gold.step import loss_sum, prepare_window
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    student, teacher = build_models(args, device, dtype)
+    if args.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.train()
+    pad, eos = special_ids(args.vocab)
+    sampling = SamplingSettings(max_new_tokens=args.completion, temperature=0.9, top_p=0.95, top_k=0)
+    get = lambda: student  # noqa: E731
+    if variant == "ours-fast":
+        engine = FastHFEngine(get, sampling, pad, {eos, pad}, min_new_tokens=args.completion)
+    elif variant == "ours-hf-static":
+        engine = HFGenerateEngine(get, sampling, pad, {eos, pad}, min_new_tokens=args.completion,
+                                  generate_kwargs={"cache_implementation": "static"})
+    else:
+        engine = HFGenerateEngine(get, sampling, pad, {eos, pad}, min_new_tokens=args.completion)
+    objective = JsdObjective(beta=0.5, temperature=0.9, chunk_size=args.chunk_size, vocab_size=args.vocab)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6, fused=cuda)
+    timers = Timers(device)
+    timers.hook_teacher(teacher)
+
+    window = args.micro_batch * args.grad_accum
+    total_steps = args.warmup + args.steps
+    prompts = build_prompts(args, window * total_steps)
+    records = []
+    for step in range(total_steps):
+        rows = prompts[step * window : (step + 1) * window]
+        slices = [
+            [Rollout(prompt_ids=p, completion_ids=[]) for p in rows[i : i + args.micro_batch]]
+            for i in range(0, window, args.micro_batch)
+        ]
+        timers.reset()
+        timers.sync()
+        start = time.perf_counter()
+        prepared = prepare_window(slices, step=step, seed=args.seed, rank=0, lmbda=1.0, pad_id=pad,
+                                  student_engine=engine)
+        timers.generation = prepared.generation_seconds  # generate() ends on .tolist(): synced
+        total = max(prepared.local_tokens, 1)
+        for micro in prepared.micro_batches:
+            batch = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
+            summed, _tokens, _ = loss_sum(student, teacher, batch, objective, fused=True)
+            (summed / total).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        timers.sync()
+        elapsed = time.perf_counter() - start
+        lengths = prepared.window.completion_lengths()
+        records.append({"step": elapsed, "generation": timers.generation, "teacher": timers.teacher,
+                        "tokens": prepared.local_tokens})
+        print(f"[{variant}] step {step}: {elapsed:.2f} s, generation {timers.generation:.2f} s, "
+              f"teacher {timers.teacher:.2f} s, tokens {prepared.local_tokens}, "
+              f"completion lengths {min(lengths)}..{max(lengths)}, loss/token {float(summed.detach()) / max(int(_tokens), 1):.4f}",
+              flush=True)
+    extra = {"engine_calls": engine.calls}
+    if hasattr(engine, "graphs_captured"):
+        extra["graphs_captured"] = engine.graphs_captured
+        extra["sampling_ms_per_token"] = sampling_cost_ms(args, sampling, device, dtype, window)
+    return summarize(variant, records, args.warmup, device, extra)
+
+
+def sampling_cost_ms(args, sampling, device, dtype, rows: int, repeats: int = 100) -> float:
+    """Device time of FastHFEngine's per-token sampling alone (warping, top-p sort, draw)."""
+    import torch
+
+    from axolotl_gold.engines.fast_hf import sample_tokens
+
+    logits = torch.randn(rows, args.vocab, device=device, dtype=dtype)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for _ in range(3):
+        sample_tokens(logits.float(), sampling, generator)
+    timers = Timers(device)
+    timers.sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        sample_tokens(logits.float(), sampling, generator)
+    timers.sync()
+    return (time.perf_counter() - start) / repeats * 1000
+
+
+# ---------------------------------------------------------------- the reference
+
+
+def run_reference(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.gold import GOLDConfig, GOLDTrainer
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    student, teacher = build_models(args, device, dtype)
+    tokenizer = build_tokenizer(args.vocab)
+    pad, eos = special_ids(args.vocab)
+    assert tokenizer.pad_token_id == pad and tokenizer.eos_token_id == eos
+
+    window = args.micro_batch * args.grad_accum
+    total_steps = args.warmup + args.steps
+    prompts = build_prompts(args, window * total_steps)
+    # pre-tokenized rows: prompt plus one dataset completion token (never used: lmbda = 1); the
+    # collator reads the boundary from completion_mask but wants the prompt text present
+    rows = [{"prompt": tokenizer.decode(p), "input_ids": p + [p[0]], "attention_mask": [1] * (len(p) + 1),
+             "completion_mask": [0] * len(p) + [1]} for p in prompts]
+    dataset = Dataset.from_list(rows)
+
+    timers = Timers(device)
+    timers.hook_teacher(teacher)
+    timers.wrap_generate(student)
+    records = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_a, **_k):
+            timers.reset()
+            timers.sync()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_a, **_k):
+            timers.sync()
+            elapsed = time.perf_counter() - self.start
+            records.append({"step": elapsed, "generation": timers.generation, "teacher": timers.teacher,
+                            "tokens": timers.tokens})
+            print(f"[reference] step {len(records) - 1}: {elapsed:.2f} s, generation {timers.generation:.2f} s, "
+                  f"teacher {timers.teacher:.2f} s, tokens {timers.tokens}", flush=True)
+
+    out_dir = tempfile.mkdtemp(prefix="gold_ref_")
+    config = GOLDConfig(
+        output_dir=out_dir,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.grad_accum,
+        max_steps=total_steps,
+        learning_rate=1e-6,
+        lr_scheduler_type="constant",
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        lmbda=1.0,
+        beta=0.5,
+        temperature=0.9,
+        top_p=0.95,
+        top_k=0,
+        max_completion_length=args.completion,
+        max_length=args.prompt + args.completion,
+        bf16=cuda,
+        use_cpu=not cuda,
+        use_vllm=False,
+        gradient_checkpointing=args.gradient_checkpointing,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=args.seed,
+        log_completions=False,
+    )
+    trainer = GOLDTrainer(
+        model=student, teacher_model=teacher, args=config, train_dataset=dataset,
+        processing_class=tokenizer, callbacks=[StepTimer()],
+    )
+    # the same fixed-length rollouts as ours: EOS suppressed until the last token
+    trainer.generation_config.min_new_tokens = args.completion
+
+    original_loss = trainer.compute_loss
+
+    def counted_loss(model, inputs, *a, **k):
+        timers.tokens += int((inputs["labels"][:, 1:] != -100).sum())
+        return original_loss(model, inputs, *a, **k)
+
+    trainer.compute_loss = counted_loss
+    trainer.train()
+    return summarize("reference", records, args.warmup, device)
+
+
+# ---------------------------------------------------------------- checks and driver
+
+
+def check_fast_engine(device: str) -> str:
+    """FastHFEngine greedy vs model.generate greedy on a tiny fp32 random model."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from axolotl_gold.engines.base import SamplingSettings
+    from axolotl_gold.engines.fast_hf import FastHFEngine
+    from axolotl_gold.engines.hf import HFGenerateEngine
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
+    model = Qwen2ForCausalLM(cfg).to(device).eval()
+    model.lm_head.weight.data.mul_(40.0)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 9, 1, 7, 12, 3)]
+    greedy = SamplingSettings(max_new_tokens=40, temperature=0.0)
+    expected = HFGenerateEngine(lambda: model, greedy, 0, {1}).generate(prompts, seed=0)
+    fast = FastHFEngine(lambda: model, greedy, 0, {1}, eos_check_every=8)
+    got = fast.generate(prompts, seed=0)
+    ok = got == expected
+    return (f"fast engine greedy == generate on {device}: {ok} "
+            f"(graphs captured: {fast.graphs_captured}, lengths {[len(c) for c in expected]})")
+
+
+def child_main(args) -> None:
+    try:
+        result = run_reference(args) if args.child == "reference" else run_ours(args, args.child)
+    except Exception as error:  # noqa: BLE001 - report the failure in the table, keep the others
+        traceback.print_exc()
+        result = {"variant": args.child, "error": f"{type(error).__name__}: {error}"[:300], **peak_memory(args.device)}
+    with open(args.result, "w") as f:
+        json.dump(result, f)
+
+
+def fmt(value, spec="{:.2f}"):
+    return "-" if value is None else spec.format(value)
+
+
+def table(results: list[dict], args) -> str:
+    ref = next((r for r in results if r.get("variant") == "reference" and "error" not in r), None)
+    lines = [
+        f"device {args.device}; student {'tiny' if args.tiny else '~0.5B'}, teacher {'tiny' if args.tiny else '~1.5B'}, "
+        f"vocab {args.vocab}; prompt {args.prompt} + completion {args.completion} tokens; micro batch "
+        f"{args.micro_batch} x grad accum {args.grad_accum}; lmbda 1, beta 0.5; "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
+        f"mean of {args.steps} timed step(s) after {args.warmup} warm-up",
+        "",
+        "| variant | tokens/s | step s | generation s | teacher fwd s | student + loss + optim s "
+        "| peak GiB | tokens/s vs ref | peak vs ref |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error']} | | | | | {fmt(r.get('peak_gib'))} | | |")
+            continue
+        speed = mem = "-"
+        if ref is not None:
+            speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x"
+            if r.get("peak_gib") and ref.get("peak_gib"):
+                mem = f"{r['peak_gib'] / ref['peak_gib']:.2f}x"
+        lines.append(
+            f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['generation_s']:.2f} "
+            f"| {r['teacher_s']:.2f} | {r['student_s']:.2f} | {fmt(r.get('peak_gib'))} | {speed} | {mem} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        child_main(args)
+        return
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(ALL_VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {ALL_VARIANTS}")
+    if args.skip_reference:
+        variants = [v for v in variants if v != "reference"]
+    if args.only_reference:
+        variants = ["reference"]
+    if args.check:
+        print(check_fast_engine(args.device), flush=True)
+        gc.collect()
+    results = []
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+    for variant in variants:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            path = f.name
+        cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--device", args.device,
+               "--child", variant, "--result", path]
+        start = time.perf_counter()
+        try:
+            subprocess.run(cmd, check=False, timeout=args.child_timeout)
+        except subprocess.TimeoutExpired:
+            print(f"[{variant}] killed after {args.child_timeout} s", flush=True)
+        try:
+            with open(path) as f:
+                result = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            result = {"variant": variant, "error": "the subprocess wrote no result (crashed?)"}
+        result["wall_s"] = time.perf_counter() - start
+        results.append(result)
+        if args.json_dir:
+            os.makedirs(args.json_dir, exist_ok=True)
+            with open(os.path.join(args.json_dir, f"{variant}.json"), "w") as f:
+                json.dump(result, f, indent=1)
+        print(f"[{variant}] done in {result['wall_s']:.0f} s: {json.dumps(result)}", flush=True)
+        print(table(results, args) + "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""FastHFEngine against model.generate, and its sampling helpers against HF's warpers."""
+
+import pytest
+import torch
+
+from axolotl_gold.engines.base import SamplingSettings
+from axolotl_gold.engines.fast_hf import FastHFEngine, filter_logits, sample_tokens
+from axolotl_gold.engines.hf import HFGenerateEngine
+
+VOCAB, PAD, EOS = 97, 0, 1
+
+
+def _model(device="cpu", dtype=torch.float32):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2, tie_word_embeddings=False,
+    )
+    model = Qwen2ForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    # a peaked output layer, so that greedy choices are far from ties and EOS shows up
+    model.lm_head.weight.data.mul_(40.0)
+    return model
+
+
+def _prompts(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [5, 9, 1, 7]  # different lengths: left padding in the batch
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def _engines(model, max_new, **fast_kwargs):
+    greedy = SamplingSettings(max_new_tokens=max_new, temperature=0.0)
+    hf = HFGenerateEngine(lambda: model, greedy, PAD, {EOS})
+    fast = FastHFEngine(lambda: model, greedy, PAD, {EOS}, **fast_kwargs)
+    return hf, fast
+
+
+@pytest.mark.parametrize("eos_check_every", [1, 4, 64])
+def test_greedy_matches_generate(eos_check_every):
+    model = _model()
+    hf, fast = _engines(model, max_new=24, eos_check_every=eos_check_every)
+    prompts = _prompts()
+    assert fast.generate(prompts, seed=1) == hf.generate(prompts, seed=1)
+    assert fast.calls == 1
+
+
+def test_greedy_matches_generate_with_batch_size_and_eos_mid_completion():
+    model = _model()
+    hf, fast = _engines(model, max_new=40, batch_size=3)
+    hf.batch_size = 3
+    prompts = _prompts(1) + _prompts(2)
+    expected = hf.generate(prompts, seed=0)
+    assert fast.generate(prompts, seed=0) == expected
+    assert all(len(c) <= 40 for c in expected)
+
+
+def test_min_new_tokens_forces_full_length_and_matches_generate():
+    model = _model()
+    greedy = SamplingSettings(max_new_tokens=20, temperature=0.0)
+    hf = HFGenerateEngine(lambda: model, greedy, PAD, {EOS}, min_new_tokens=20)
+    fast = FastHFEngine(lambda: model, greedy, PAD, {EOS}, min_new_tokens=20)
+    prompts = _prompts()
+    out = fast.generate(prompts, seed=0)
+    assert out == hf.generate(prompts, seed=0)
+    assert all(len(c) == 20 and EOS not in c for c in out)
+
+
+def test_sampling_is_seeded_and_completions_are_trimmed():
+    model = _model()
+    settings = SamplingSettings(max_new_tokens=16, temperature=0.9, top_p=0.95, top_k=20)
+    fast = FastHFEngine(lambda: model, settings, PAD, {EOS}, eos_check_every=4)
+    prompts = _prompts()
+    first, again, other = (fast.generate(prompts, seed=s) for s in (3, 3, 4))
+    assert first == again
+    assert first != other
+    for completion in first:
+        assert 0 < len(completion) <= 16
+        assert EOS not in completion[:-1]
+        assert PAD not in completion
+
+
+def test_empty_prompt_list():
+    model = _model()
+    _, fast = _engines(model, max_new=4)
+    assert fast.generate([], seed=0) == []
+    assert fast.calls == 1
+
+
+def test_filter_logits_matches_hf_warpers():
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 50) * 3
+    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 10, 1.0), (1.3, 0, 0.9), (0.9, 7, 0.5)]:
+        expected = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k:
+            expected = TopKLogitsWarper(top_k)(None, expected)
+        if top_p < 1.0:
+            expected = TopPLogitsWarper(top_p)(None, expected)
+        got = filter_logits(logits.clone(), temperature, top_k, top_p)
+        assert torch.equal(torch.isinf(got), torch.isinf(expected))
+        finite = ~torch.isinf(got)
+        torch.testing.assert_close(got[finite], expected[finite])
+
+
+def test_sample_tokens_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3]])).repeat(20000, 1)
+    settings = SamplingSettings(max_new_tokens=1, temperature=1.0)
+    tokens = sample_tokens(logits, settings, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=3).float() / tokens.numel()
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.6, 0.3]), atol=0.015, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph decode step needs a CUDA device")
+def test_cuda_graph_greedy_matches_generate():
+    model = _model("cuda")
+    hf, fast = _engines(model, max_new=24, eos_check_every=8)
+    prompts = _prompts()
+    assert fast.generate(prompts, seed=0) == hf.generate(prompts, seed=0)
+    assert fast.graphs_captured == 1
