@@ -69,6 +69,7 @@ class GoldArgs(BaseModel):
     gold_loss_chunk_size: int = 1024
 
     # --- rollout engine ----------------------------------------------------
+    gold_generation_engine: Literal["auto", "hf", "static"] = "auto"
     use_vllm: bool = False
     vllm_mode: Literal["colocate", "server"] = "colocate"
 

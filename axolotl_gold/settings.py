@@ -21,6 +21,7 @@ class GoldSettings:
     fused_loss: bool = True
     loss_chunk_size: int = 1024
     use_uld_loss: bool = False
+    generation_engine: str = "auto"
 
     @classmethod
     def from_cfg(cls, cfg) -> "GoldSettings":
@@ -46,4 +47,5 @@ class GoldSettings:
             fused_loss=bool(get("gold_fused_loss", True)),
             loss_chunk_size=int(get("gold_loss_chunk_size", 1024)),
             use_uld_loss=bool(get("use_uld_loss", False)),
+            generation_engine=str(get("gold_generation_engine", "auto")),
         )

@@ -27,6 +27,7 @@ from axolotl.core.trainers.base import AxolotlTrainer
 
 from axolotl_gold.batching import GoldCollator, build_scoring_batch
 from axolotl_gold.engines.base import SamplingSettings
+from axolotl_gold.engines.fast_hf import FastHFEngine
 from axolotl_gold.engines.hf import HFGenerateEngine
 from axolotl_gold.sampler import WindowSampler
 from axolotl_gold.settings import GoldSettings
@@ -34,6 +35,13 @@ from axolotl_gold.step import loss_sum, prepare_window
 from axolotl_gold.teacher import disable_dropout
 
 WINDOW_LOG = "gold_windows.jsonl"
+
+
+def select_engine(name: str, device: torch.device):
+    """``static`` (static KV cache, CUDA-graph decode) is the default on CUDA."""
+    if name == "static" or (name == "auto" and device.type == "cuda"):
+        return FastHFEngine
+    return HFGenerateEngine
 
 
 class GoldTrainer(AxolotlTrainer):
@@ -74,9 +82,10 @@ class GoldTrainer(AxolotlTrainer):
             top_p=settings.top_p,
             top_k=settings.top_k,
         )
-        self.student_engine = HFGenerateEngine(lambda: self.model, sampling, pad_id, eos_ids)
+        engine_cls = select_engine(settings.generation_engine, self.accelerator.device)
+        self.student_engine = engine_cls(lambda: self.model, sampling, pad_id, eos_ids)
         if settings.seq_kd:
-            self.teacher_engine = HFGenerateEngine(lambda: self.teacher, sampling, pad_id, eos_ids)
+            self.teacher_engine = engine_cls(lambda: self.teacher, sampling, pad_id, eos_ids)
 
     # ------------------------------------------------------------------ data
     def _get_train_sampler(self, train_dataset=None):
