@@ -2,6 +2,8 @@
 
 import os
 import random
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +15,8 @@ from axolotl_gold.alignment import (
     ids_byte_offsets,
 )
 
-import tokenizer_factory as tf
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tokenizer_factory as tf  # noqa: E402
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -187,3 +190,14 @@ def test_ids_byte_offsets_places_sampled_ids():
     assert offs == [(i, i + 1) for i in range(n)] + [(n, n)]
     with pytest.raises(ValueError):
         ids_byte_offsets(tf.wordpiece(), [5])
+
+
+def test_ids_byte_offsets_spells_added_tokens_literally():
+    tok = tf.byte_level_bpe.__wrapped__(400)  # a private copy: tokens are added below
+    tok.add_tokens(["<tëst>"])
+    tid = tok.convert_tokens_to_ids("<tëst>")
+    ids = tok("a<tëst>b", add_special_tokens=False)["input_ids"]
+    assert tid in ids
+    offsets, raw = ids_byte_offsets(tok, ids)
+    assert raw == "a<tëst>b".encode("utf-8")
+    assert completion_byte_offsets(tok, "a<tëst>b") == (ids, offsets)

@@ -63,6 +63,7 @@ def test_lora_mixed_policy(tiny_pair, tmp_path):
         tiny_pair, tmp_path, lmbda=0.5, max_steps=4, save_steps=4,
         adapter="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_linear=True,
         learning_rate=1e-2,
+        gold_generation_engine="static",  # the static-cache engine, eager on the CPU
         # Axolotl's fused LoRA kernels are CUDA-only
         lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False,
     )

@@ -367,12 +367,19 @@ def test_bayesian_merge_is_the_chain_rule():
     torch.testing.assert_close(observed[0], logp[0] + logp[1, 4])
 
 
-def test_sorted_l1_matches_explicit_padding():
-    a, b = torch.rand(4, 7, dtype=DTYPE), torch.rand(4, 11, dtype=DTYPE)
+def test_sorted_l1_matches_explicit_padding_values_and_grads():
+    a = torch.rand(4, 7, dtype=DTYPE, requires_grad=True)
+    b = torch.rand(4, 11, dtype=DTYPE, requires_grad=True)
+    weights = torch.rand(4, dtype=DTYPE)
     pa = F.pad(a.sort(-1, descending=True).values, (0, 4))
     explicit = (pa - b.sort(-1, descending=True).values).abs().sum(-1)
-    torch.testing.assert_close(sorted_l1_rows(a, b), explicit)
-    torch.testing.assert_close(sorted_l1_rows(b, a), explicit)
+    expected = torch.autograd.grad((explicit * weights).sum(), (a, b))
+    for ours, flipped in ((sorted_l1_rows(a, b), False), (sorted_l1_rows(b, a), True)):
+        torch.testing.assert_close(ours, explicit)
+        grads_ = torch.autograd.grad((ours * weights).sum(), (a, b))
+        for got, want in zip(grads_, expected, strict=True):
+            torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(sorted_l1_rows, (a, b))
 
 
 def test_generalized_jsd_endpoints():
@@ -471,6 +478,25 @@ def test_chunked_matches_plain_values_and_grads(cfg_id, dtype):
     (total_list * 1.7).backward()
     torch.testing.assert_close(total_list, total.detach(), **tol)
     torch.testing.assert_close(d["s_hidden"].grad, ref_grads[0] * 1.7, **tol)
+
+
+def test_unit_upstream_gradient_and_retained_graph():
+    d = _batch(7, batch=2, dtype=torch.float64)
+    cfg = ULDConfig(chunk_size=3)
+    expected, _ = _plain(d, cfg)
+    expected.backward()
+    ref_grads = grads(d["s_hidden"], d["s_weight"])
+    zero_grads(d["s_hidden"], d["s_weight"])
+    total, _ = uld_loss_sum(
+        d["s_hidden"], d["s_weight"], d["t_hidden"], d["t_weight"], d["s_ids"], d["t_ids"], d["s_groups"],
+        d["t_groups"], cfg,
+    )
+    total.backward(retain_graph=True)
+    for ours, ref in zip(grads(d["s_hidden"], d["s_weight"]), ref_grads, strict=True):
+        torch.testing.assert_close(ours, ref)
+    (total * 0.5).backward()  # accumulates: 1.5x, the stored gradients were not scaled in place
+    for ours, ref in zip(grads(d["s_hidden"], d["s_weight"]), ref_grads, strict=True):
+        torch.testing.assert_close(ours, ref * 1.5)
 
 
 def test_frozen_lm_head_and_default_chunking():
