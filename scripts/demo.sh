@@ -10,7 +10,7 @@ DEMO=.demo
 .venv/bin/python -m axolotl_gold.demo build "$DEMO"
 rm -rf "$DEMO/run"
 start=$(date +%s)
-.venv/bin/axolotl train "$CFG" 2>&1 | tee "$DEMO/train.log" | grep -E "^\{'loss'|Training completed|Error" || true
+.venv/bin/axolotl train "$CFG" 2>&1 | tee "$DEMO/train.log" | grep -oE "\{'loss': '[^']*'|Training completed.*|Error.*" || true
 [ -f "$DEMO/run/config.json" ] || [ -f "$DEMO/run/adapter_config.json" ] || { echo "training failed: see $DEMO/train.log"; exit 1; }
 echo "[demo] distillation took $(( $(date +%s) - start )) s"
 .venv/bin/python -m axolotl_gold.demo report --teacher "$DEMO/teacher" --before "$DEMO/student" \
