@@ -63,9 +63,11 @@ class GoldArgs(BaseModel):
     uld_skip_student_eos: bool = True
     uld_skip_teacher_eos: bool = True
     uld_teacher_prompt: Literal["teacher_template", "student_text"] = "teacher_template"
+    uld_alignment_fallback: Literal["positional"] | None = None
 
     # --- loss implementation -----------------------------------------------
     gold_fused_loss: bool = True
+    gold_jsd_backend: Literal["torch", "liger", "auto"] = "torch"
     gold_loss_chunk_size: int = 1024
 
     # --- rollout engine ----------------------------------------------------
@@ -187,9 +189,21 @@ def validate_gold_settings(data: dict) -> None:
             "`use_vllm: true` is not available in this version of axolotl-gold: "
             "set `use_vllm: false` (rollouts use HF generate)."
         )
-    if data.get("use_uld_loss") and data.get("gold_fused_loss") and data.get("liger_fused_linear_jsd"):
+    if data.get("use_uld_loss") and data.get("gold_jsd_backend") in ("liger", "auto"):
         raise GoldConfigError(
-            "`use_uld_loss: true` cannot use a fused JSD kernel: remove `liger_fused_linear_jsd`."
+            f"`gold_jsd_backend: {data['gold_jsd_backend']}` selects Liger's fused JSD kernel, "
+            "which compares two distributions over one vocabulary and cannot compute the "
+            "cross-tokenizer ULD loss: remove `gold_jsd_backend` or set `use_uld_loss: false`."
+        )
+    if data.get("use_uld_loss") and data.get("seq_kd"):
+        raise GoldConfigError(
+            "`seq_kd: true` with `use_uld_loss: true` is not supported yet (the teacher would "
+            "sample in its own tokens): set `seq_kd: false`."
+        )
+    if (data.get("uld_hybrid_matched_weight") is None) != (data.get("uld_hybrid_unmatched_weight") is None):
+        raise GoldConfigError(
+            "set both `uld_hybrid_matched_weight` and `uld_hybrid_unmatched_weight` (fixed "
+            "hybrid weights) or neither (adaptive weights)."
         )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from axolotl_gold.forward import CompletionStates
-from axolotl_gold.losses import chunked_jsd_loss_sum, generalized_jsd_token_loss
+from axolotl_gold.losses import fused_jsd_loss_sum, generalized_jsd_token_loss
 
 
 @dataclass
@@ -27,6 +27,7 @@ class JsdObjective:
     temperature: float = 1.0
     chunk_size: int = 1024
     vocab_size: int | None = None
+    backend: str = "torch"  # or "liger" / "auto" (Liger's fused linear JSD on CUDA)
 
     def teacher_inputs(self, rows) -> None:
         return None  # same tokenizer: the teacher reads the student's tensors
@@ -43,7 +44,7 @@ class JsdObjective:
         t_rows = teacher.values[mask].detach()
         v = self.vocab_size
         if student.head is not None and teacher.head is not None:
-            return chunked_jsd_loss_sum(
+            return fused_jsd_loss_sum(
                 s_rows,
                 student.head.weight[:v],
                 t_rows,
@@ -53,6 +54,7 @@ class JsdObjective:
                 chunk_size=self.chunk_size,
                 student_bias=_bias(student.head, v),
                 teacher_bias=_bias(teacher.head, v),
+                backend=self.backend,
             )
         s_logits = _logits(student, s_rows)[..., :v]
         t_logits = _logits(teacher, t_rows)[..., :v].detach()
@@ -67,3 +69,48 @@ def _bias(head, v):
 
 def _logits(states: CompletionStates, rows: torch.Tensor) -> torch.Tensor:
     return rows if states.head is None else states.head(rows)
+
+
+@dataclass
+class UldObjective:
+    """ULD / hybrid ULD between models with different tokenizers.
+
+    ``inputs`` builds the teacher's tokens and the alignment per slice; the unit of
+    normalization is the aligned position.
+    """
+
+    inputs: object  # axolotl_gold.teacher_inputs.CrossTokenizerInputs
+    config: object  # axolotl_gold.losses.uld.ULDConfig
+    mapping: object | None = None  # a VocabMapping switches hybrid ULD on
+
+    def teacher_inputs(self, rows) -> dict:
+        return self.inputs(rows)
+
+    def count(self, batch: dict) -> int:
+        return sum(len(groups) for groups in batch["uld_student_groups"])
+
+    def __call__(
+        self, student: CompletionStates, teacher: CompletionStates, batch: dict
+    ) -> torch.Tensor:
+        from axolotl_gold.losses.uld import uld_loss_sum
+
+        for name, states in (("student", student), ("teacher", teacher)):
+            if states.head is None or states.head.bias is not None:
+                raise ValueError(
+                    f"`use_uld_loss` needs the {name}'s output head as a plain bias-free "
+                    "nn.Linear (it computes logits chunk by chunk): remove `lm_head` from "
+                    "`lora_target_modules` / `lora_modules_to_save`, or set `use_uld_loss: false`."
+                )
+        total, _ = uld_loss_sum(
+            student.values,
+            student.head.weight,
+            teacher.values.detach(),
+            teacher.head.weight.detach(),
+            batch["uld_student_ids"],
+            batch["uld_teacher_ids"],
+            batch["uld_student_groups"],
+            batch["uld_teacher_groups"],
+            config=self.config,
+            mapping=self.mapping,
+        )
+        return total

@@ -44,18 +44,12 @@ class GoldPlugin(BasePlugin):
     def post_trainer_create(self, cfg, trainer) -> None:
         if not gold_enabled(cfg):
             return
-        from axolotl_gold.objectives import JsdObjective
         from axolotl_gold.settings import GoldSettings
         from axolotl_gold.teacher import load_teacher
 
         settings = GoldSettings.from_cfg(cfg)
         teacher = load_teacher(cfg, trainer.accelerator.device)
-        objective = JsdObjective(
-            beta=settings.beta,
-            temperature=settings.loss_temperature,
-            chunk_size=settings.loss_chunk_size,
-            vocab_size=shared_vocab_size(trainer.model, teacher),
-        )
+        objective = build_objective(cfg, settings, trainer.model, teacher, trainer.processing_class)
         trainer.setup_gold(settings, teacher, objective, trainer.processing_class)
 
 
@@ -70,6 +64,65 @@ def place_cpu_processes_on_cpu(cfg) -> None:
 
     if (cfg.get("world_size") or 1) > 1 and str(cfg.get("device", "cpu")) == "cpu" and not torch.cuda.is_available():
         cfg.device_map = {"": "cpu"}
+
+
+def build_objective(cfg, settings, student, teacher, student_tokenizer):
+    """JSD for one tokenizer, ULD (or hybrid ULD) across two."""
+    from axolotl_gold.objectives import JsdObjective, UldObjective
+
+    if not settings.use_uld_loss:
+        return JsdObjective(
+            beta=settings.beta,
+            temperature=settings.loss_temperature,
+            chunk_size=settings.loss_chunk_size,
+            vocab_size=shared_vocab_size(student, teacher),
+            backend=cfg.get("gold_jsd_backend") or "torch",
+        )
+    from transformers import AutoTokenizer
+
+    from axolotl_gold.losses.uld import ULDConfig, build_vocab_mapping
+    from axolotl_gold.teacher_inputs import CrossTokenizerInputs
+
+    teacher_tokenizer = AutoTokenizer.from_pretrained(
+        cfg.get("teacher_tokenizer") or cfg["teacher_model"],
+        revision=cfg.get("teacher_model_revision"),
+    )
+    fallback = cfg.get("uld_alignment_fallback")
+    for name, tok in (("student", student_tokenizer), ("teacher", teacher_tokenizer)):
+        if not getattr(tok, "is_fast", False) and fallback is None:
+            raise GoldConfigError(
+                f"the {name} tokenizer ({type(tok).__name__}) gives no byte offsets, which "
+                "cross-tokenizer alignment needs: use a fast tokenizer, or set "
+                "`uld_alignment_fallback: positional` to pair tokens by position."
+            )
+
+    def get(key, default):
+        value = cfg.get(key)
+        return default if value is None else value
+
+    inputs = CrossTokenizerInputs(
+        student_tokenizer=student_tokenizer,
+        teacher_tokenizer=teacher_tokenizer,
+        max_prompt_length=int(get("sequence_len", 2048)) - settings.max_completion_length,
+        prompt_mode=get("uld_teacher_prompt", "teacher_template"),
+        skip_student_eos=bool(get("uld_skip_student_eos", True)),
+        skip_teacher_eos=bool(get("uld_skip_teacher_eos", True)),
+        alignment_fallback=fallback,
+    )
+    config = ULDConfig(
+        student_temperature=float(get("uld_student_temperature", 1.0)),
+        teacher_temperature=float(get("uld_teacher_temperature", 1.0)),
+        merge=get("uld_token_merge_strategy", "bayesian"),
+        distillation_weight=float(get("uld_distillation_weight", 1.0)),
+        crossentropy_weight=float(get("uld_crossentropy_weight", 0.0)),
+        hybrid_matched_weight=cfg.get("uld_hybrid_matched_weight"),
+        hybrid_unmatched_weight=cfg.get("uld_hybrid_unmatched_weight"),
+        hybrid_beta=settings.beta,
+    )
+    mapping = None
+    if cfg.get("uld_use_hybrid_loss"):
+        mapping = build_vocab_mapping(student_tokenizer, teacher_tokenizer)
+    return UldObjective(inputs=inputs, config=config, mapping=mapping)
 
 
 def _text_config(config):

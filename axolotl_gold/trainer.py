@@ -208,6 +208,7 @@ class GoldTrainer(AxolotlTrainer):
         batch = build_scoring_batch(
             [r.prompt_ids for r in rows], [r.completion_ids for r in rows], self.pad_id
         )
+        batch.update(self.objective.teacher_inputs(rows) or {})
         batch = self._prepare_inputs(batch)
         with torch.no_grad():
             loss_sum, tokens = self._gold_loss_sum(model, batch)

@@ -1,0 +1,107 @@
+"""What a teacher with another tokenizer reads, and how its tokens align with ours.
+
+For each row of a slice: the teacher's prompt (its own chat template on the row's
+messages by default, or the student's rendered prompt re-tokenized), the completion
+text re-encoded with the teacher tokenizer, and the byte-offset alignment between
+the student's actual completion ids and the teacher's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from axolotl_gold.alignment import align_completion, completion_byte_offsets, ids_byte_offsets
+from axolotl_gold.batching import Rollout, build_scoring_batch
+
+
+def student_completion_offsets(tokenizer, ids: list[int]) -> tuple[list[tuple[int, int]], str]:
+    """Byte offsets of the student's own (possibly non-canonical) ids, and their text.
+
+    Byte-level BPE places the ids directly; other tokenizers fall back to decoding
+    growing prefixes (quadratic in the completion length, exact for any tokenizer
+    whose decode is prefix-stable).
+    """
+    try:
+        offsets, raw = ids_byte_offsets(tokenizer, ids)
+        return offsets, raw.decode("utf-8", errors="replace")
+    except ValueError:
+        pass
+    offsets, previous = [], 0
+    for k in range(len(ids)):
+        end = len(tokenizer.decode(ids[: k + 1], skip_special_tokens=True).encode("utf-8"))
+        end = max(end, previous)
+        offsets.append((previous, end))
+        previous = end
+    return offsets, tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@dataclass
+class CrossTokenizerInputs:
+    """Builds the teacher's batch and the alignment for one slice of rollouts."""
+
+    student_tokenizer: object
+    teacher_tokenizer: object
+    max_prompt_length: int
+    prompt_mode: str = "teacher_template"  # or "student_text" (the reference's behaviour)
+    skip_student_eos: bool = True
+    skip_teacher_eos: bool = True
+    alignment_fallback: str | None = None  # "positional" for tokenizers without offsets
+
+    def teacher_prompt(self, row: Rollout) -> list[int]:
+        tok = self.teacher_tokenizer
+        if self.prompt_mode == "teacher_template" and row.prompt_messages and tok.chat_template:
+            text = tok.apply_chat_template(
+                row.prompt_messages, add_generation_prompt=True, tokenize=False
+            )
+        else:
+            text = self.student_tokenizer.decode(row.prompt_ids, skip_special_tokens=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        return ids[-self.max_prompt_length:]
+
+    def align_row(self, row: Rollout):
+        """(teacher completion ids, student groups, teacher groups) of one row."""
+        s_eos = self.student_tokenizer.eos_token_id
+        t_eos = self.teacher_tokenizer.eos_token_id
+        ids = list(row.completion_ids)
+        ended = bool(ids) and ids[-1] == s_eos
+        s_offsets, text = student_completion_offsets(self.student_tokenizer, ids)
+        t_ids, t_offsets = completion_byte_offsets(
+            self.teacher_tokenizer, text, fallback=self.alignment_fallback
+        )
+        if ended and t_eos is not None:
+            # the teacher scores stopping too; a kept EOS is zero-width at the end
+            t_ids = list(t_ids) + [t_eos]
+            if t_offsets is not None:
+                end = len(text.encode("utf-8"))
+                t_offsets = list(t_offsets) + [(end, end)]
+        if t_offsets is None:
+            s_offsets = None
+        s_groups, t_groups = align_completion(
+            s_offsets,
+            t_offsets,
+            num_student=len(ids),
+            num_teacher=len(t_ids),
+            # only an EOS is skipped: a completion cut at max length keeps its last token
+            skip_student_eos=self.skip_student_eos and ended,
+            skip_teacher_eos=self.skip_teacher_eos and ended,
+        )
+        return list(t_ids), s_groups, t_groups
+
+    def __call__(self, rows: list[Rollout]) -> dict:
+        prompts, completions, s_groups, t_groups = [], [], [], []
+        for row in rows:
+            t_ids, sg, tg = self.align_row(row)
+            prompts.append(self.teacher_prompt(row))
+            completions.append(t_ids)
+            s_groups.append(sg)
+            t_groups.append(tg)
+        pad = self.teacher_tokenizer.pad_token_id
+        if pad is None:
+            pad = self.teacher_tokenizer.eos_token_id
+        return {
+            "teacher": build_scoring_batch(prompts, completions, pad),
+            "uld_student_ids": [list(r.completion_ids) for r in rows],
+            "uld_teacher_ids": completions,
+            "uld_student_groups": s_groups,
+            "uld_teacher_groups": t_groups,
+        }
