@@ -5,9 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
-CFG=${1:-example_yamls/gold_demo.yaml}
-DEMO=.demo
-.venv/bin/python -m axolotl_gold.demo build "$DEMO"
+CFG=example_yamls/gold_demo.yaml DEMO=.demo BUILD_FLAGS=""
+if [ "${1:-}" = "--cross-tokenizer" ]; then
+  CFG=example_yamls/gold_demo_cross_tokenizer.yaml DEMO=.demo-x BUILD_FLAGS="--cross-tokenizer"
+fi
+.venv/bin/python -m axolotl_gold.demo build "$DEMO" $BUILD_FLAGS
 rm -rf "$DEMO/run"
 start=$(date +%s)
 .venv/bin/axolotl train "$CFG" 2>&1 | tee "$DEMO/train.log" | grep -oE "\{'loss': '[^']*'|Training completed.*|Error.*" || true

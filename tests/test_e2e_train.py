@@ -82,22 +82,38 @@ def test_lora_mixed_policy(tiny_pair, tmp_path):
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained (B starts at zero)
 
 
-def _sgd_delta(tiny_pair, tmp_path, name, mbs, accum, procs):
+def test_cross_tokenizer_uld(tiny_cross_pair, tmp_path):
+    """A student and a teacher with different tokenizers (char-level vs BPE)."""
+    cfg = gold_config(tiny_cross_pair, tmp_path, lmbda=0.5, use_uld_loss=True, max_steps=3)
+    out = run_train(cfg, tmp_path)
+    losses = _train_losses(log_history(out, 3))
+    assert len(losses) == 3 and all(math.isfinite(l) and l > 0 for l in losses)
+    records = windows(out)
+    assert all(r["scored_tokens"] > 0 for r in records)  # aligned positions of the window
+    assert [r["engine_calls"] for r in records] == [int(any(r["on_policy"])) for r in records]
+
+
+def _sgd_delta(tiny_pair, tmp_path, name, mbs, accum, procs, **extra):
     """Weights after one SGD step (lr 1, no clipping) minus before: minus the gradient."""
     cfg = gold_config(
         tiny_pair, tmp_path / name, lmbda=0.0, num_generations=1, micro_batch_size=mbs,
         gradient_accumulation_steps=accum, max_steps=1, save_steps=1, optimizer="sgd",
-        learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0, warmup_steps=0,
+        learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0, warmup_steps=0, **extra,
     )
     out = run_train(cfg, tmp_path / name, num_processes=procs)
     before, after = _weights(tiny_pair["student"]), _weights(out)
     return {k: after[k] - before[k] for k in before}, windows(out)
 
 
-def test_gradients_do_not_depend_on_the_window_split(tiny_pair, tmp_path):
-    ref, w_ref = _sgd_delta(tiny_pair, tmp_path, "mb8", 8, 1, 1)
-    acc, w_acc = _sgd_delta(tiny_pair, tmp_path, "mb2ga4", 2, 4, 1)
-    ddp, _ = _sgd_delta(tiny_pair, tmp_path, "2proc", 2, 2, 2)
+@pytest.mark.parametrize("loss", ["jsd", "uld"])
+def test_gradients_do_not_depend_on_the_window_split(request, tmp_path, loss):
+    """One optimizer step with (micro batch 8, accumulation 1), (2, 4) and 2 processes x
+    (2, 2) (DDP over gloo) gives the same gradient: the loss is normalized once per window."""
+    pair = request.getfixturevalue("tiny_pair" if loss == "jsd" else "tiny_cross_pair")
+    extra = {"use_uld_loss": True, "uld_use_hybrid_loss": True} if loss == "uld" else {}
+    ref, w_ref = _sgd_delta(pair, tmp_path, "mb8", 8, 1, 1, **extra)
+    acc, w_acc = _sgd_delta(pair, tmp_path, "mb2ga4", 2, 4, 1, **extra)
+    ddp, _ = _sgd_delta(pair, tmp_path, "2proc", 2, 2, 2, **extra)
     assert w_ref[0]["scored_tokens"] == w_acc[0]["scored_tokens"]
     norm = math.sqrt(sum(float(d.pow(2).sum()) for d in ref.values()))
     assert norm > 0
