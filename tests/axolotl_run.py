@@ -45,6 +45,11 @@ def gold_config(pair: dict, out: Path, **overrides) -> dict:
         "dataset_num_proc": 1,
         "dataloader_num_workers": 0,
     }
+    return with_overrides(cfg, overrides)
+
+
+def with_overrides(cfg: dict, overrides: dict) -> dict:
+    """``cfg`` updated by ``overrides``; a None value removes the key."""
     for key, value in overrides.items():
         if value is None:
             cfg.pop(key, None)

@@ -1,7 +1,8 @@
 """Config validation through Axolotl's real loader: errors name the key to change."""
 
 import pytest
-import yaml
+
+from axolotl_run import with_overrides
 
 from axolotl_gold.args import GoldArgs, GoldConfigError, validate_gold_settings
 
@@ -21,12 +22,7 @@ def _cfg(tiny_pair, tmp_path, **overrides):
         "output_dir": str(tmp_path / "out"),
         "bf16": False,
     }
-    for key, value in overrides.items():
-        if value is None:
-            cfg.pop(key, None)
-        else:
-            cfg[key] = value
-    return cfg
+    return with_overrides(cfg, overrides)
 
 
 def _validate(cfg):

@@ -26,7 +26,7 @@ import torch
 
 from axolotl_gold.batching import left_pad
 from axolotl_gold.engines.base import SamplingSettings, trim_completion
-from axolotl_gold.engines.hf import generation_mode
+from axolotl_gold.engines.hf import HFGenerateEngine, generation_mode
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -96,7 +96,7 @@ class _DecodeStep:
         return out.logits[:, -1]
 
 
-class FastHFEngine:
+class FastHFEngine(HFGenerateEngine):
     """Drop-in for ``HFGenerateEngine``: same constructor and ``generate`` contract.
 
     ``min_new_tokens`` suppresses EOS before that many tokens (benchmarks use it to force
@@ -115,15 +115,9 @@ class FastHFEngine:
         eos_check_every: int = 32,
         use_cuda_graph: bool | None = None,
     ):
-        self.get_model = get_model
-        self.sampling = sampling
-        self.pad_id = pad_id
-        self.eos_ids = set(eos_ids)
-        self.batch_size = batch_size
-        self.min_new_tokens = min_new_tokens
+        super().__init__(get_model, sampling, pad_id, eos_ids, batch_size, min_new_tokens)
         self.eos_check_every = max(1, eos_check_every)
         self.use_cuda_graph = use_cuda_graph
-        self.calls = 0
         self.graphs_captured = 0
 
     @torch.no_grad()
