@@ -166,6 +166,7 @@ class GoldTrainer(AxolotlTrainer):
             "scored_tokens": tokens,
             "engine_calls": calls,
             "engine_calls_total": self.student_engine.calls,
+            "teacher_engine_calls_total": self.teacher_engine.calls if self.teacher_engine else 0,
         }
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, WINDOW_LOG), "a", encoding="utf-8") as f:

@@ -53,6 +53,9 @@ def test_valid_config_derives_generation_batch_size_and_routes_dataset(tiny_pair
         ({"sample_packing": True}, r"Set `sample_packing: false`"),
         ({"rl": "dpo"}, r"remove `rl`"),
         ({"temperature": -1.0}, r"`temperature` must be >= 0"),
+        ({"use_uld_loss": True, "gold_jsd_backend": "liger"}, r"`gold_jsd_backend: liger` selects Liger's fused JSD"),
+        ({"use_uld_loss": True, "seq_kd": True}, r"set `seq_kd: false`"),
+        ({"uld_hybrid_matched_weight": 0.5}, r"set both `uld_hybrid_matched_weight`"),
         ({"loss_temperature": 0.0}, r"`loss_temperature` must be > 0"),
     ],
 )
@@ -101,3 +104,24 @@ def test_validate_gold_settings_fills_generation_batch_size():
     data = {"micro_batch_size": 4, "gradient_accumulation_steps": 3, "num_generations": 4}
     validate_gold_settings(data)
     assert data["generation_batch_size"] == 3
+
+
+def test_uld_tokenizer_without_offsets_needs_a_fallback(tiny_cross_pair):
+    from axolotl.utils.dict import DictDefault
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizer
+
+    from axolotl_gold.plugin import build_objective
+    from axolotl_gold.settings import GoldSettings
+
+    class SlowTokenizer(PreTrainedTokenizer):  # a tokenizer with no offset mapping
+        is_fast = False
+
+    student_tok = AutoTokenizer.from_pretrained(tiny_cross_pair["student"])
+    slow = SlowTokenizer.__new__(SlowTokenizer)
+    model = AutoModelForCausalLM.from_pretrained(tiny_cross_pair["student"])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_cross_pair["teacher"])
+    cfg = DictDefault(teacher_model=tiny_cross_pair["teacher"], use_uld_loss=True, sequence_len=64)
+    settings = GoldSettings(use_uld_loss=True, max_completion_length=16)
+    with pytest.raises(GoldConfigError, match="`uld_alignment_fallback: positional`"):
+        build_objective(cfg, settings, model, teacher, slow)
+    assert build_objective(cfg, settings, model, teacher, student_tok).inputs is not None

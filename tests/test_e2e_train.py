@@ -58,9 +58,9 @@ def test_full_finetune_on_policy(tiny_pair, tmp_path):
     assert _sha(tiny_pair["teacher"]) == teacher_sha  # teacher untouched
 
 
-def test_lora_mixed_policy(tiny_pair, tmp_path):
+def test_lora_mixed_policy_seq_kd(tiny_pair, tmp_path):
     cfg = gold_config(
-        tiny_pair, tmp_path, lmbda=0.5, max_steps=4, save_steps=4,
+        tiny_pair, tmp_path, lmbda=0.5, max_steps=4, save_steps=4, seq_kd=True,
         adapter="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_linear=True,
         learning_rate=1e-2,
         gold_generation_engine="static",  # the static-cache engine, eager on the CPU
@@ -72,6 +72,8 @@ def test_lora_mixed_policy(tiny_pair, tmp_path):
     assert not (out / "model.safetensors").exists()  # the adapter, not a merged model
     records = windows(out)
     assert [r["engine_calls"] for r in records] == [int(any(r["on_policy"])) for r in records]
+    # seq_kd: off-policy slices are sampled by the teacher, once per window that has any
+    assert records[-1]["teacher_engine_calls_total"] == sum(not all(r["on_policy"]) for r in records)
     assert all(math.isfinite(l) for l in _train_losses(log_history(out, 4)))
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
