@@ -38,8 +38,14 @@ def _train_losses(history):
 
 def test_full_finetune_on_policy(tiny_pair, tmp_path):
     teacher_sha = _sha(tiny_pair["teacher"])
-    out = run_train(gold_config(tiny_pair, tmp_path, lmbda=1.0), tmp_path)
+    cfg = gold_config(
+        tiny_pair, tmp_path, lmbda=1.0, val_set_size=0.25, eval_strategy="steps", eval_steps=3
+    )
+    out = run_train(cfg, tmp_path)
     history = log_history(out, 3)
+    # evaluation: the divergence on the held-out rows' own completions
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    assert eval_losses and all(math.isfinite(l) and l > 0 for l in eval_losses)
     losses = _train_losses(history)
     assert len(losses) == 3 and all(math.isfinite(l) and l > 0 for l in losses)
     assert all(h["gold/on_policy_fraction"] == 1 for h in history if "loss" in h)
