@@ -184,6 +184,12 @@ def validate_gold_settings(data: dict) -> None:
             "`generation_batch_size` (or omit it to derive it) or the batch keys."
         )
 
+    if _zero_stage(data.get("deepspeed")) == 3:
+        raise GoldConfigError(
+            "`deepspeed` selects ZeRO stage 3, which axolotl-gold does not support yet "
+            "(partitioned lm_head and teacher): use a ZeRO-1/2 config such as "
+            "`deepspeed_configs/zero2.json`, or DDP without `deepspeed`."
+        )
     if data.get("use_vllm"):
         raise GoldConfigError(
             "`use_vllm: true` is not available in this version of axolotl-gold: "
@@ -205,6 +211,21 @@ def validate_gold_settings(data: dict) -> None:
             "set both `uld_hybrid_matched_weight` and `uld_hybrid_unmatched_weight` (fixed "
             "hybrid weights) or neither (adaptive weights)."
         )
+
+
+def _zero_stage(deepspeed) -> int | None:
+    """The ZeRO stage of a ``deepspeed:`` value (a JSON path or an inline dict)."""
+    if not deepspeed:
+        return None
+    if isinstance(deepspeed, str):
+        import json
+        import os
+
+        if not os.path.exists(deepspeed):
+            return None  # Axolotl reports a missing file itself
+        with open(deepspeed, encoding="utf-8") as f:
+            deepspeed = json.load(f)
+    return (deepspeed.get("zero_optimization") or {}).get("stage")
 
 
 def route_chat_datasets(data: dict) -> dict:

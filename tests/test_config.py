@@ -56,6 +56,7 @@ def test_valid_config_derives_generation_batch_size_and_routes_dataset(tiny_pair
         ({"use_uld_loss": True, "gold_jsd_backend": "liger"}, r"`gold_jsd_backend: liger` selects Liger's fused JSD"),
         ({"use_uld_loss": True, "seq_kd": True}, r"set `seq_kd: false`"),
         ({"uld_hybrid_matched_weight": 0.5}, r"set both `uld_hybrid_matched_weight`"),
+        ({"deepspeed": {"zero_optimization": {"stage": 3}}}, r"ZeRO stage 3"),
         ({"loss_temperature": 0.0}, r"`loss_temperature` must be > 0"),
     ],
 )
