@@ -92,7 +92,7 @@ class UldObjective:
     def __call__(
         self, student: CompletionStates, teacher: CompletionStates, batch: dict
     ) -> torch.Tensor:
-        from axolotl_gold.losses.uld import uld_loss_sum
+        from axolotl_gold.losses.uld_fused import uld_loss_sum
 
         for name, states in (("student", student), ("teacher", teacher)):
             if states.head is None or states.head.bias is not None:

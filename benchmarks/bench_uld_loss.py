@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from axolotl_gold.alignment import align_completion  # noqa: E402
-from axolotl_gold.losses.uld import ULDConfig, VocabMapping, completion_rows, uld_loss_sum  # noqa: E402
+from axolotl_gold.losses.uld import ULDConfig, VocabMapping, completion_rows  # noqa: E402
+from axolotl_gold.losses.uld_fused import uld_loss_sum  # noqa: E402
 
 
 def random_offsets(rng: random.Random, n_bytes: int, n_tokens: int) -> list[tuple[int, int]]:

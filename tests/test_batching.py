@@ -1,4 +1,3 @@
-import torch
 
 from axolotl_gold.batching import GoldCollator, build_scoring_batch, left_pad
 from axolotl_gold.engines.base import trim_completion

@@ -21,8 +21,8 @@ from axolotl_gold.losses.uld import (
     merge_groups,
     sorted_l1_rows,
     uld_loss_from_logits,
-    uld_loss_sum,
 )
+from axolotl_gold.losses.uld_fused import uld_loss_sum
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tokenizer_factory as tf  # noqa: E402
