@@ -74,6 +74,11 @@ class GoldArgs(BaseModel):
     gold_generation_engine: Literal["auto", "hf", "static"] = "auto"
     use_vllm: bool = False
     vllm_mode: Literal["colocate", "server"] = "colocate"
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_tensor_parallel_size: int = 1
+    vllm_enable_sleep_mode: bool = False
+    vllm_sync_steps: int = 1
+    vllm_max_model_len: int | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -191,10 +196,19 @@ def validate_gold_settings(data: dict) -> None:
             "`deepspeed_configs/zero2.json`, or DDP without `deepspeed`."
         )
     if data.get("use_vllm"):
-        raise GoldConfigError(
-            "`use_vllm: true` is not available in this version of axolotl-gold: "
-            "set `use_vllm: false` (rollouts use HF generate)."
-        )
+        if _get(data, "vllm_mode", "colocate") == "server":
+            raise GoldConfigError(
+                "`vllm_mode: server` is not available yet: use `vllm_mode: colocate` or "
+                "`use_vllm: false` (HF generation)."
+            )
+        utilization = float(_get(data, "vllm_gpu_memory_utilization", 0.3))
+        if not 0.0 < utilization < 1.0:
+            raise GoldConfigError(
+                f"`vllm_gpu_memory_utilization` must be in (0, 1), got {utilization}: it is the "
+                "share of the GPU the colocated engine takes next to the student and teacher."
+            )
+        if int(_get(data, "vllm_sync_steps", 1)) < 1:
+            raise GoldConfigError("`vllm_sync_steps` must be >= 1.")
     if data.get("use_uld_loss") and data.get("gold_jsd_backend") in ("liger", "auto"):
         raise GoldConfigError(
             f"`gold_jsd_backend: {data['gold_jsd_backend']}` selects Liger's fused JSD kernel, "

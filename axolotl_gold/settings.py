@@ -22,6 +22,14 @@ class GoldSettings:
     loss_chunk_size: int = 1024
     use_uld_loss: bool = False
     generation_engine: str = "auto"
+    use_vllm: bool = False
+    student_path: str = ""
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_tensor_parallel_size: int = 1
+    vllm_enable_sleep_mode: bool = False
+    vllm_sync_steps: int = 1
+    vllm_max_model_len: int | None = None
+    vllm_dtype: str = "auto"
 
     @classmethod
     def from_cfg(cls, cfg) -> "GoldSettings":
@@ -48,4 +56,13 @@ class GoldSettings:
             loss_chunk_size=int(get("gold_loss_chunk_size", 1024)),
             use_uld_loss=bool(get("use_uld_loss", False)),
             generation_engine=str(get("gold_generation_engine", "auto")),
+            use_vllm=bool(get("use_vllm", False)),
+            student_path=str(get("base_model", "")),
+            vllm_gpu_memory_utilization=float(get("vllm_gpu_memory_utilization", 0.3)),
+            vllm_tensor_parallel_size=int(get("vllm_tensor_parallel_size", 1)),
+            vllm_enable_sleep_mode=bool(get("vllm_enable_sleep_mode", False)),
+            vllm_sync_steps=int(get("vllm_sync_steps", 1)),
+            vllm_max_model_len=cfg.get("vllm_max_model_len") or cfg.get("sequence_len"),
+            # the engine samples in the precision the student trains in
+            vllm_dtype="bfloat16" if cfg.get("bf16") is True else "float16" if cfg.get("fp16") else "float32",
         )

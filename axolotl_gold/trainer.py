@@ -83,7 +83,24 @@ class GoldTrainer(AxolotlTrainer):
             top_k=settings.top_k,
         )
         engine_cls = select_engine(settings.generation_engine, self.accelerator.device)
-        self.student_engine = engine_cls(lambda: self.model, sampling, pad_id, eos_ids)
+        if settings.use_vllm:
+            from axolotl_gold.engines.vllm_colocate import VLLMColocateEngine
+
+            self.student_engine = VLLMColocateEngine(
+                settings.student_path,
+                get_model=lambda: self.model,
+                get_step=lambda: self.state.global_step,
+                sampling=sampling,
+                eos_ids=eos_ids,
+                gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+                tensor_parallel_size=settings.vllm_tensor_parallel_size,
+                max_model_len=settings.vllm_max_model_len,
+                enable_sleep_mode=settings.vllm_enable_sleep_mode,
+                sync_every=settings.vllm_sync_steps,
+                dtype=settings.vllm_dtype,
+            )
+        else:
+            self.student_engine = engine_cls(lambda: self.model, sampling, pad_id, eos_ids)
         if settings.seq_kd:
             self.teacher_engine = engine_cls(lambda: self.teacher, sampling, pad_id, eos_ids)
 

@@ -62,7 +62,9 @@ def run_train(cfg: dict, workdir: Path, num_processes: int = 1, timeout: int = 6
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ)
+    # a process group of the calling process (e.g. an in-process vLLM) is not the child's
+    drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(
         HF_HUB_OFFLINE="1",
         AXOLOTL_DO_NOT_TRACK="1",
@@ -70,6 +72,8 @@ def run_train(cfg: dict, workdir: Path, num_processes: int = 1, timeout: int = 6
         TRL_EXPERIMENTAL_SILENCE="1",
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS="1",
+        # axolotl launches `accelerate` from PATH: use this interpreter's environment
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     if num_processes == 1:
         cmd = [str(BIN / "axolotl"), "train", str(path)]
