@@ -1,0 +1,24 @@
+"""vLLM engine helpers that need no vLLM: the log-prob guard and checkpoint names."""
+
+from types import SimpleNamespace
+
+from axolotl_gold.engines.vllm_colocate import _checkpoint_name, _finite_logprobs
+
+
+def _sample(values):
+    ids = list(range(1, len(values) + 1))
+    return SimpleNamespace(token_ids=ids, logprobs=[{i: SimpleNamespace(logprob=v)} for i, v in zip(ids, values)])
+
+
+def test_non_finite_sampled_logprobs_are_caught():
+    assert _finite_logprobs(_sample([-0.1, -2.0]), 2)
+    assert not _finite_logprobs(_sample([-0.1, float("nan")]), 2)
+    assert not _finite_logprobs(_sample([float("-inf")]), 1)
+    assert not _finite_logprobs(_sample([float("inf")]), 1)
+    assert _finite_logprobs(_sample([-0.1, float("nan")]), 1)  # only the kept tokens count
+    assert _finite_logprobs(SimpleNamespace(token_ids=[1], logprobs=None), 1)
+
+
+def test_checkpoint_names_strip_peft_and_ddp_prefixes():
+    assert _checkpoint_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer") == "model.layers.0.self_attn.q_proj"
+    assert _checkpoint_name("module.lm_head.weight") == "lm_head.weight"
