@@ -115,6 +115,7 @@ class VLLMColocateEngine:
         enable_sleep_mode: bool = False,
         sync_every: int = 1,
         dtype: str = "auto",
+        min_new_tokens: int = 0,
     ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         _ensure_process_group()
@@ -126,6 +127,7 @@ class VLLMColocateEngine:
         self.sampling = sampling
         self.eos_ids = set(eos_ids)
         self.sync_every = max(1, sync_every)
+        self.min_new_tokens = min_new_tokens
         self.enable_sleep_mode = enable_sleep_mode
         self.llm = LLM(
             model=model_path,
@@ -180,6 +182,7 @@ class VLLMColocateEngine:
             max_tokens=s.max_new_tokens,
             logprobs=0,
             seed=seed,
+            min_tokens=self.min_new_tokens,
         )
 
     def generate(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
