@@ -79,6 +79,9 @@ class GoldArgs(BaseModel):
     vllm_enable_sleep_mode: bool = False
     vllm_sync_steps: int = 1
     vllm_max_model_len: int | None = None
+    vllm_server_host: str = "127.0.0.1"
+    vllm_server_port: int = 8011
+    vllm_server_timeout: float = 240.0
 
     @model_validator(mode="before")
     @classmethod
@@ -196,11 +199,6 @@ def validate_gold_settings(data: dict) -> None:
             "`deepspeed_configs/zero2.json`, or DDP without `deepspeed`."
         )
     if data.get("use_vllm"):
-        if _get(data, "vllm_mode", "colocate") == "server":
-            raise GoldConfigError(
-                "`vllm_mode: server` is not available yet: use `vllm_mode: colocate` or "
-                "`use_vllm: false` (HF generation)."
-            )
         utilization = float(_get(data, "vllm_gpu_memory_utilization", 0.3))
         if not 0.0 < utilization < 1.0:
             raise GoldConfigError(

@@ -30,6 +30,9 @@ class GoldSettings:
     vllm_sync_steps: int = 1
     vllm_max_model_len: int | None = None
     vllm_dtype: str = "auto"
+    vllm_mode: str = "colocate"
+    vllm_server_url: str = "http://127.0.0.1:8011"
+    vllm_server_timeout: float = 240.0
 
     @classmethod
     def from_cfg(cls, cfg) -> "GoldSettings":
@@ -57,6 +60,9 @@ class GoldSettings:
             use_uld_loss=bool(get("use_uld_loss", False)),
             generation_engine=str(get("gold_generation_engine", "auto")),
             use_vllm=bool(get("use_vllm", False)),
+            vllm_mode=str(get("vllm_mode", "colocate")),
+            vllm_server_url=f"http://{get('vllm_server_host', '127.0.0.1')}:{get('vllm_server_port', 8011)}",
+            vllm_server_timeout=float(get("vllm_server_timeout", 240.0)),
             student_path=str(get("base_model", "")),
             vllm_gpu_memory_utilization=float(get("vllm_gpu_memory_utilization", 0.3)),
             vllm_tensor_parallel_size=int(get("vllm_tensor_parallel_size", 1)),

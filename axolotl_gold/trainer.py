@@ -83,7 +83,20 @@ class GoldTrainer(AxolotlTrainer):
             top_k=settings.top_k,
         )
         engine_cls = select_engine(settings.generation_engine, self.accelerator.device)
-        if settings.use_vllm:
+        if settings.use_vllm and settings.vllm_mode == "server":
+            from axolotl_gold.engines.vllm_server import VLLMServerEngine
+
+            self.student_engine = VLLMServerEngine(
+                settings.vllm_server_url,
+                get_model=lambda: self.model,
+                get_step=lambda: self.state.global_step,
+                sampling=sampling,
+                eos_ids=eos_ids,
+                timeout=settings.vllm_server_timeout,
+                sync_every=settings.vllm_sync_steps,
+                is_main_process=self.accelerator.is_main_process,
+            )
+        elif settings.use_vllm:
             from axolotl_gold.engines.vllm_colocate import VLLMColocateEngine
 
             self.student_engine = VLLMColocateEngine(

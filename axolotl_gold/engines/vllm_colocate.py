@@ -149,17 +149,14 @@ class VLLMColocateEngine:
 
     # ------------------------------------------------------------------ weights
     def _model_runner(self):
-        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        return model_runner(self.llm)
 
     def sync_weights(self) -> None:
         """Push the student's current weights (LoRA: only the changed modules)."""
         import time
 
         start = time.perf_counter()
-        model = self.get_model()
-        is_lora = any(hasattr(m, "lora_A") for m in model.modules())
-        weights = lora_merged_weights(model) if is_lora else full_weights(model)
-        self._model_runner().reload_weights(weights_iterator=weights)
+        model_runner(self.llm).reload_weights(weights_iterator=student_weights(self.get_model()))
         self.syncs += 1
         self.sync_seconds += time.perf_counter() - start
 
@@ -170,21 +167,6 @@ class VLLMColocateEngine:
             self._synced_step = step
 
     # ------------------------------------------------------------------ sampling
-    def _params(self, seed: int):
-        from vllm import SamplingParams
-
-        s = self.sampling
-        return SamplingParams(
-            n=1,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k if s.top_k > 0 else -1,
-            max_tokens=s.max_new_tokens,
-            logprobs=0,
-            seed=seed,
-            min_tokens=self.min_new_tokens,
-        )
-
     def generate(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
         self.calls += 1
         if not prompts:
@@ -192,23 +174,59 @@ class VLLMColocateEngine:
         if self.enable_sleep_mode:
             self.llm.wake_up()
         self._maybe_sync()
-        # one request per row, each with its own seed: rows repeated for num_generations
-        # still get independent samples, and results do not depend on batch composition
-        requests = [{"prompt_token_ids": list(p)} for p in prompts]
-        params = [self._params(seed + i) for i in range(len(prompts))]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        completions, dropped = sample_rollouts(
+            self.llm, prompts, self.sampling, seed, self.eos_ids, self.min_new_tokens
+        )
+        self.dropped += dropped
         if self.enable_sleep_mode:
             self.llm.sleep(level=1)
-        completions = []
-        for row, out in enumerate(outputs):
-            sample = out.outputs[0]
-            ids = trim_completion(list(sample.token_ids), self.eos_ids)
-            if not _finite_logprobs(sample, len(ids)):
-                LOG.warning("vLLM returned non-finite log-probs for row %d: dropped from training", row)
-                self.dropped += 1
-                ids = []
-            completions.append(ids)
         return completions
+
+
+def model_runner(llm):
+    """The in-process model runner of an ``LLM`` (V1 engine without multiprocessing)."""
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner
+
+
+def student_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """What a sync pushes: LoRA's merged changed modules, or every weight."""
+    is_lora = any(hasattr(m, "lora_A") for m in model.modules())
+    return lora_merged_weights(model) if is_lora else full_weights(model)
+
+
+def sample_rollouts(llm, prompts, sampling: SamplingSettings, seed: int, eos_ids, min_new_tokens=0):
+    """One completion per prompt from ``llm``; rows with non-finite log-probs emptied.
+
+    One request per row, each with its own seed: rows repeated for ``num_generations``
+    still get independent samples, and results do not depend on batch composition.
+    Returns ``(completions, number of dropped rows)``.
+    """
+    from vllm import SamplingParams
+
+    params = [
+        SamplingParams(
+            n=1,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else -1,
+            max_tokens=sampling.max_new_tokens,
+            logprobs=0,
+            seed=seed + i,
+            min_tokens=min_new_tokens,
+        )
+        for i in range(len(prompts))
+    ]
+    outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+    completions, dropped = [], 0
+    for row, out in enumerate(outputs):
+        sample = out.outputs[0]
+        ids = trim_completion(list(sample.token_ids), set(eos_ids))
+        if not _finite_logprobs(sample, len(ids)):
+            LOG.warning("vLLM returned non-finite log-probs for row %d: dropped from training", row)
+            dropped += 1
+            ids = []
+        completions.append(ids)
+    return completions, dropped
 
 
 def _finite_logprobs(sample, n: int) -> bool:

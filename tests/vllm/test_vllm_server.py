@@ -1,0 +1,99 @@
+"""The vLLM rollout server (real vLLM, CPU build) and `vllm_mode: server` training."""
+
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from axolotl_run import gold_config, log_history, run_train, windows  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_pair, tmp_path_factory):
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the CPU build otherwise takes most of RAM
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "axolotl_gold.vllm_server", "--model", tiny_pair["student"],
+         "--port", str(port), "--dtype", "float32", "--max-model-len", "64"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: see {log.name}")
+        try:
+            if requests.get(url + "/health", timeout=2).ok:
+                break
+        except requests.RequestException:
+            time.sleep(1)
+    else:
+        proc.kill()
+        raise RuntimeError("server did not start in 180 s")
+    yield port, url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_weights_pushed_over_http_change_the_samples(server, tiny_pair):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from axolotl_gold.engines.base import SamplingSettings
+    from axolotl_gold.engines.vllm_server import VLLMServerEngine
+
+    _, url = server
+    tok = AutoTokenizer.from_pretrained(tiny_pair["student"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair["student"])
+    step = {"n": 0}
+    engine = VLLMServerEngine(url, lambda: model, lambda: step["n"], SamplingSettings(max_new_tokens=8, temperature=0.0), {tok.eos_token_id})
+    text = tok.apply_chat_template([{"role": "user", "content": "encode: hello"}], add_generation_prompt=True, tokenize=False)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+
+    def hf_greedy():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        ids = out[0, len(prompt):].tolist()
+        return ids[: ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids
+
+    assert engine.generate([prompt], seed=0) == [hf_greedy()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    step["n"] = 1
+    after = engine.generate([prompt], seed=0)
+    assert engine.syncs == 1 and after == [hf_greedy()]
+
+
+def test_unreachable_server_names_the_url():
+    from axolotl_gold.engines.base import SamplingSettings
+    from axolotl_gold.engines.vllm_server import VLLMServerEngine, VLLMServerUnreachable
+
+    url = f"http://127.0.0.1:{_free_port()}"
+    engine = VLLMServerEngine(url, lambda: None, lambda: 0, SamplingSettings(max_new_tokens=4), {2}, timeout=2, retries=2)
+    with pytest.raises(VLLMServerUnreachable, match=f"{url} did not answer /generate after 2 tries"):
+        engine.generate([[1, 2, 3]], seed=0)
+
+
+def test_axolotl_train_with_vllm_server(server, tiny_pair, tmp_path):
+    port, _ = server
+    cfg = gold_config(tiny_pair, tmp_path, use_vllm=True, vllm_mode="server", vllm_server_port=port,
+                      lmbda=1.0, num_generations=2, max_steps=3)
+    out = run_train(cfg, tmp_path)
+    losses = [h["loss"] for h in log_history(out, 3) if "loss" in h]
+    assert len(losses) == 3 and all(math.isfinite(l) for l in losses)
+    assert [r["engine_calls"] for r in windows(out)] == [1, 1, 1]
