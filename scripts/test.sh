@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
-.venv/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/vllm "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/with_vllm "$@"
 bash scripts/setup_vllm.sh
 export VLLM_CPU_KVCACHE_SPACE=1
-exec .venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/vllm "$@"
+exec .venv-vllm/bin/python -m pytest -q -p no:cacheprovider tests/with_vllm "$@"

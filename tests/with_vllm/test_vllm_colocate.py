@@ -1,5 +1,6 @@
 """Real vLLM (the CPU build) in the training process. Runs in the vLLM venv
-(`scripts/test.sh` sets it up); the main suite does not collect this folder."""
+(`scripts/test.sh` sets it up); the main suite does not collect this folder.
+(It is not named `vllm`: on sys.path that folder would pass for the vllm package.)"""
 
 import math
 import os
