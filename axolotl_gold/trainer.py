@@ -97,7 +97,15 @@ class GoldTrainer(AxolotlTrainer):
                 is_main_process=self.accelerator.is_main_process,
             )
         elif settings.use_vllm:
+            from axolotl_gold.args import GoldConfigError
             from axolotl_gold.engines.vllm_colocate import VLLMColocateEngine
+
+            if self.accelerator.num_processes > 1:
+                raise GoldConfigError(
+                    "`vllm_mode: colocate` runs one engine per process and is verified for a "
+                    "single training process only: use `vllm_mode: server` for several "
+                    "processes, or train with one process."
+                )
 
             self.student_engine = VLLMColocateEngine(
                 settings.student_path,

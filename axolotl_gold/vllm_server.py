@@ -20,13 +20,18 @@ import os
 
 
 def build_app(llm):
+    import threading
+
     from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
     from safetensors.torch import load
 
     from axolotl_gold.engines.base import SamplingSettings
     from axolotl_gold.engines.vllm_colocate import model_runner, sample_rollouts
 
     app = FastAPI(title="axolotl-gold vLLM rollout server")
+    # one engine, many training processes: requests take turns (the LLM is not thread-safe)
+    lock = threading.Lock()
 
     @app.get("/health")
     def health():
@@ -40,16 +45,22 @@ def build_app(llm):
             top_p=float(body.get("top_p", 1.0)),
             top_k=int(body.get("top_k", 0)),
         )
-        completions, dropped = sample_rollouts(
-            llm, body["prompts"], sampling, int(body.get("seed", 0)),
-            set(body.get("eos_ids", [])), int(body.get("min_tokens", 0)),
-        )
+        with lock:
+            completions, dropped = sample_rollouts(
+                llm, body["prompts"], sampling, int(body.get("seed", 0)),
+                set(body.get("eos_ids", [])), int(body.get("min_tokens", 0)),
+            )
         return {"completions": completions, "dropped": dropped}
 
     @app.post("/update_weights")
     async def update_weights(request: Request):
         tensors = load(await request.body())
-        model_runner(llm).reload_weights(weights_iterator=iter(tensors.items()))
+
+        def reload():
+            with lock:
+                model_runner(llm).reload_weights(weights_iterator=iter(tensors.items()))
+
+        await run_in_threadpool(reload)
         return {"updated": len(tensors)}
 
     return app

@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from axolotl_gold.engines.vllm_colocate import _checkpoint_name, _finite_logprobs
+from axolotl_gold.engines.vllm_colocate import _checkpoint_name, _finite_logprobs, prompt_groups
 
 
 def _sample(values):
@@ -22,3 +22,10 @@ def test_non_finite_sampled_logprobs_are_caught():
 def test_checkpoint_names_strip_peft_and_ddp_prefixes():
     assert _checkpoint_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer") == "model.layers.0.self_attn.q_proj"
     assert _checkpoint_name("module.lm_head.weight") == "lm_head.weight"
+
+
+def test_prompt_groups_are_runs_of_identical_rows():
+    a, b, c = [1, 2], [3], [1, 2]
+    assert prompt_groups([a, a, a, a, b, b, b, b]) == [(0, 4), (4, 4)]  # num_generations 4
+    assert prompt_groups([a, b, c]) == [(0, 1), (1, 1), (2, 1)]  # distinct rows, num_generations 1
+    assert prompt_groups([]) == []

@@ -194,38 +194,59 @@ def student_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
     return lora_merged_weights(model) if is_lora else full_weights(model)
 
 
-def sample_rollouts(llm, prompts, sampling: SamplingSettings, seed: int, eos_ids, min_new_tokens=0):
-    """One completion per prompt from ``llm``; rows with non-finite log-probs emptied.
+def prompt_groups(prompts: list[list[int]]) -> list[tuple[int, int]]:
+    """``(first row, count)`` of each run of identical consecutive prompts.
 
-    One request per row, each with its own seed: rows repeated for ``num_generations``
-    still get independent samples, and results do not depend on batch composition.
-    Returns ``(completions, number of dropped rows)``.
+    The window sampler puts a prompt's ``num_generations`` copies next to each other,
+    so each run becomes one request with ``n = count`` samples.
+    """
+    groups: list[tuple[int, int]] = []
+    for row, prompt in enumerate(prompts):
+        if groups and prompts[groups[-1][0]] == prompt:
+            groups[-1] = (groups[-1][0], groups[-1][1] + 1)
+        else:
+            groups.append((row, 1))
+    return groups
+
+
+def sample_rollouts(llm, prompts, sampling: SamplingSettings, seed: int, eos_ids, min_new_tokens=0):
+    """One completion per row from ``llm``; rows with non-finite log-probs emptied.
+
+    One request per distinct prompt (run of identical rows) with ``n`` samples and its
+    own seed, so results do not depend on how the window is batched. Returns
+    ``(completions in row order, number of dropped rows)``.
     """
     from vllm import SamplingParams
 
+    groups = prompt_groups([list(p) for p in prompts])
+    greedy = sampling.temperature == 0  # vLLM refuses n > 1 when greedy; copies are equal
     params = [
         SamplingParams(
-            n=1,
+            n=1 if greedy else count,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k > 0 else -1,
             max_tokens=sampling.max_new_tokens,
             logprobs=0,
-            seed=seed + i,
+            seed=(seed + i) % 2**31,
             min_tokens=min_new_tokens,
         )
-        for i in range(len(prompts))
+        for i, (_, count) in enumerate(groups)
     ]
-    outputs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+    requests = [{"prompt_token_ids": list(prompts[first])} for first, _ in groups]
+    outputs = llm.generate(requests, params, use_tqdm=False)
     completions, dropped = [], 0
-    for row, out in enumerate(outputs):
-        sample = out.outputs[0]
-        ids = trim_completion(list(sample.token_ids), set(eos_ids))
-        if not _finite_logprobs(sample, len(ids)):
-            LOG.warning("vLLM returned non-finite log-probs for row %d: dropped from training", row)
-            dropped += 1
-            ids = []
-        completions.append(ids)
+    for (first, count), out in zip(groups, outputs):
+        samples = list(out.outputs) * count if greedy else list(out.outputs)
+        if len(samples) != count:
+            raise RuntimeError(f"vLLM returned {len(samples)} samples for {count} requested")
+        for k, sample in enumerate(samples):
+            ids = trim_completion(list(sample.token_ids), set(eos_ids))
+            if not _finite_logprobs(sample, len(ids)):
+                LOG.warning("vLLM returned non-finite log-probs for row %d: dropped from training", first + k)
+                dropped += 1
+                ids = []
+            completions.append(ids)
     return completions, dropped
 
 

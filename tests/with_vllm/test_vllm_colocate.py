@@ -100,13 +100,25 @@ def test_lora_sync_pushes_only_changed_modules(engine_and_model):
     torch.testing.assert_close(_vllm_prompt_logprobs(engine, ids), _hf_logprobs(lora, ids), atol=2e-3, rtol=0)
 
 
-def test_one_request_per_row_with_distinct_prompts(engine_and_model):
+@pytest.mark.parametrize("num_generations", [1, 4])
+def test_completions_map_back_to_their_prompts(engine_and_model, num_generations):
+    """Greedy samples of distinct prompts, each repeated num_generations times, come back
+    in row order: every copy of a prompt gets that prompt's greedy completion."""
+    from axolotl_gold.engines.base import SamplingSettings
+    from axolotl_gold.engines.vllm_colocate import sample_rollouts
+
     engine, state, step, tok, _ = engine_and_model
-    calls = engine.calls
-    prompts = [_ids(tok)[: 4 + i] for i in range(5)]
-    out = engine.generate(prompts, seed=3)
-    assert engine.calls == calls + 1 and len(out) == 5
-    assert all(1 <= len(c) <= 8 for c in out)
+    distinct = [_ids(tok)[: 6 + i] for i in range(3)]
+    rows = [p for p in distinct for _ in range(num_generations)]
+    greedy = SamplingSettings(max_new_tokens=6, temperature=0.0)
+    out, dropped = sample_rollouts(engine.llm, rows, greedy, seed=3, eos_ids={tok.eos_token_id})
+    single = [sample_rollouts(engine.llm, [p], greedy, seed=3, eos_ids={tok.eos_token_id})[0][0] for p in distinct]
+    assert dropped == 0 and out == [c for c in single for _ in range(num_generations)]
+    assert len({tuple(c) for c in single}) > 1  # the prompts really differ
+    if num_generations > 1:  # sampled copies of one prompt are independent samples
+        hot = SamplingSettings(max_new_tokens=6, temperature=1.0)
+        samples, _ = sample_rollouts(engine.llm, [distinct[0]] * num_generations, hot, seed=5, eos_ids=set())
+        assert len({tuple(c) for c in samples}) > 1
 
 
 @pytest.mark.parametrize("adapter", [None, "lora"])

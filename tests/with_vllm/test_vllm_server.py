@@ -48,7 +48,11 @@ def server(tiny_pair, tmp_path_factory):
         raise RuntimeError("server did not start in 180 s")
     yield port, url
     proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def test_weights_pushed_over_http_change_the_samples(server, tiny_pair):
@@ -97,3 +101,15 @@ def test_axolotl_train_with_vllm_server(server, tiny_pair, tmp_path):
     losses = [h["loss"] for h in log_history(out, 3) if "loss" in h]
     assert len(losses) == 3 and all(math.isfinite(l) for l in losses)
     assert [r["engine_calls"] for r in windows(out)] == [1, 1, 1]
+
+
+def test_two_training_processes_share_the_server(server, tiny_pair, tmp_path):
+    """DDP over gloo (torchrun, 2 processes): each process samples its own window from the
+    server; the main process pushes the weights and both wait for it at a barrier."""
+    port, _ = server
+    cfg = gold_config(tiny_pair, tmp_path, use_vllm=True, vllm_mode="server", vllm_server_port=port,
+                      lmbda=1.0, num_generations=2, micro_batch_size=2, gradient_accumulation_steps=1, max_steps=2,
+                      save_steps=2)
+    out = run_train(cfg, tmp_path, num_processes=2)
+    losses = [h["loss"] for h in log_history(out, 2) if "loss" in h]
+    assert len(losses) == 2 and all(math.isfinite(l) for l in losses)
