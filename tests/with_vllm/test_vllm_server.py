@@ -93,10 +93,15 @@ def test_unreachable_server_names_the_url():
         engine.generate([[1, 2, 3]], seed=0)
 
 
-def test_axolotl_train_with_vllm_server(server, tiny_pair, tmp_path):
+@pytest.mark.parametrize("adapter", [None, "lora"])
+def test_axolotl_train_with_vllm_server(server, tiny_pair, tmp_path, adapter):
     port, _ = server
+    extra = {}
+    if adapter:  # the LoRA run pushes only the merged modules LoRA changes
+        extra = dict(adapter="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_linear=True,
+                     lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False)
     cfg = gold_config(tiny_pair, tmp_path, use_vllm=True, vllm_mode="server", vllm_server_port=port,
-                      lmbda=1.0, num_generations=2, max_steps=3)
+                      lmbda=1.0, num_generations=2, max_steps=3, **extra)
     out = run_train(cfg, tmp_path)
     losses = [h["loss"] for h in log_history(out, 3) if "loss" in h]
     assert len(losses) == 3 and all(math.isfinite(l) for l in losses)
