@@ -86,6 +86,5 @@ def loss_sum(student, teacher, batch: dict, objective, fused: bool) -> tuple[tor
             teacher, batch.get("teacher", batch), use_head_bypass=fused
         )
     teacher_seconds = perf_counter() - start
-    count = objective.count(batch) if hasattr(objective, "count") else completion_token_count(batch)
     total = objective(student_states, teacher_states, batch)
-    return total, torch.as_tensor(count, device=total.device), teacher_seconds
+    return total, torch.as_tensor(objective.count(batch), device=total.device), teacher_seconds
