@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 GOLD_DATASET_TYPE = "axolotl_gold.chat_template"
+VISION_DATASET_TYPE = "axolotl_gold.vision_chat"
 
 
 class GoldConfigError(ValueError):
@@ -72,6 +73,8 @@ class GoldArgs(BaseModel):
 
     # --- rollout engine ----------------------------------------------------
     gold_generation_engine: Literal["auto", "hf", "static"] = "auto"
+    # --- vision-language students -------------------------------------------
+    gold_train_vision_tower: bool = False
     use_vllm: bool = False
     vllm_mode: Literal["colocate", "server"] = "colocate"
     vllm_gpu_memory_utilization: float = 0.3
@@ -218,11 +221,52 @@ def validate_gold_settings(data: dict) -> None:
             "`seq_kd: true` with `use_uld_loss: true` is not supported yet (the teacher would "
             "sample in its own tokens): set `seq_kd: false`."
         )
+    if data.get("processor_type"):
+        _validate_vision(data)
     if (data.get("uld_hybrid_matched_weight") is None) != (data.get("uld_hybrid_unmatched_weight") is None):
         raise GoldConfigError(
             "set both `uld_hybrid_matched_weight` and `uld_hybrid_unmatched_weight` (fixed "
             "hybrid weights) or neither (adaptive weights)."
         )
+
+
+def _validate_vision(data: dict) -> None:
+    """A vision-language student (``processor_type`` set): the raw rows must reach
+    the GOLD collator, and only engines that take images may sample."""
+    if not data.get("skip_prepare_dataset"):
+        raise GoldConfigError(
+            "`processor_type` is set (a vision-language student), which needs "
+            "`skip_prepare_dataset: true`: the rows keep their images until the GOLD "
+            "collator applies the processor per micro-batch."
+        )
+    if data.get("remove_unused_columns") is True:
+        raise GoldConfigError(
+            "`remove_unused_columns: true` would drop the image rows' columns: set "
+            "`remove_unused_columns: false` (or leave it unset) with `processor_type`."
+        )
+    if data.get("gold_generation_engine") == "static":
+        raise GoldConfigError(
+            "`gold_generation_engine: static` samples from token ids only and cannot take "
+            "images: set `gold_generation_engine: hf` (or `auto`) for a vision-language student."
+        )
+    if data.get("use_vllm"):
+        raise GoldConfigError(
+            "`use_vllm: true` with `processor_type` (image prompts) is not supported yet: "
+            "set `use_vllm: false` (HF generation samples with the images)."
+        )
+    if data.get("use_uld_loss") and data.get("uld_teacher_prompt") == "student_text":
+        raise GoldConfigError(
+            "`uld_teacher_prompt: student_text` re-tokenizes the student's prompt, whose image "
+            "tokens the teacher cannot read: use `uld_teacher_prompt: teacher_template` with images."
+        )
+    for section in ("datasets", "test_datasets"):
+        for ds in data.get(section) or []:
+            kind = ds.get("type") if isinstance(ds, dict) else None
+            if kind not in (None, "chat_template", VISION_DATASET_TYPE):
+                raise GoldConfigError(
+                    f"dataset `{ds.get('path')}` has `type: {kind}`; with `processor_type` GOLD "
+                    f"reads conversations with images: set `type: {VISION_DATASET_TYPE}`."
+                )
 
 
 def _zero_stage(deepspeed) -> int | None:
@@ -248,9 +292,10 @@ def route_chat_datasets(data: dict) -> dict:
     own dataset normalization). The YAML's dataset keys (path, split, field_messages, property mappings) are kept;
     only the strategy that turns rows into prompt and completion changes.
     """
+    target = VISION_DATASET_TYPE if data.get("processor_type") else GOLD_DATASET_TYPE
     for section in ("datasets", "test_datasets"):
         datasets = data.get(section) or []
         for ds in datasets:
             if isinstance(ds, dict) and ds.get("type") in (None, "chat_template"):
-                ds["type"] = GOLD_DATASET_TYPE
+                ds["type"] = target
     return data

@@ -26,6 +26,8 @@ class Rollout:
     completion_ids: list[int]
     prompt_messages: list[dict] = field(default_factory=list)
     completion_text: str = ""
+    images: list = field(default_factory=list)  # decoded PIL images (vision rows)
+    prompt_text: str = ""  # the rendered prompt, for the processor (vision rows)
 
 
 class GoldCollator:

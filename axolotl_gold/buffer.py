@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 from axolotl_gold.batching import Rollout
 from axolotl_gold.engines.base import RolloutEngine
@@ -47,27 +48,35 @@ def fill_window(
     student_seed: int,
     teacher: RolloutEngine | None = None,
     teacher_seed: int = 0,
+    encode: Callable[[list[Rollout]], dict] | None = None,
 ) -> Window:
     """Replace completions: on-policy slices by the student's samples, and, with a
     teacher engine (``seq_kd``), off-policy slices by the teacher's samples.
 
     Each engine is called at most once for the whole window: once when any slice
-    needs its samples, never per micro-step.
+    needs its samples, never per micro-step. ``encode`` builds the model inputs of
+    rows with images (a processor's tensors); the engine then samples from those.
     """
     if len(slices) != len(on_policy):
         raise ValueError(f"{len(slices)} slices but {len(on_policy)} draws")
     filled = [[Rollout(**vars(r)) for r in s] for s in slices]
-    _sample_into(filled, [i for i, on in enumerate(on_policy) if on], student, student_seed)
+    _sample_into(filled, [i for i, on in enumerate(on_policy) if on], student, student_seed, encode)
     if teacher is not None:
-        _sample_into(filled, [i for i, on in enumerate(on_policy) if not on], teacher, teacher_seed)
+        _sample_into(
+            filled, [i for i, on in enumerate(on_policy) if not on], teacher, teacher_seed, encode
+        )
     return Window(slices=filled, on_policy=list(on_policy))
 
 
-def _sample_into(slices, which: list[int], engine: RolloutEngine, seed: int) -> None:
+def _sample_into(slices, which: list[int], engine: RolloutEngine, seed: int, encode=None) -> None:
     rows = [row for i in which for row in slices[i]]
     if not rows:
         return
-    completions = engine.generate([r.prompt_ids for r in rows], seed=seed)
+    prompts = [r.prompt_ids for r in rows]
+    if encode is not None and any(r.images for r in rows):
+        completions = engine.generate(prompts, seed=seed, model_inputs=encode(rows))
+    else:
+        completions = engine.generate(prompts, seed=seed)
     if len(completions) != len(rows):
         raise RuntimeError(f"engine returned {len(completions)} completions for {len(rows)} prompts")
     for row, completion in zip(rows, completions):

@@ -24,6 +24,7 @@ from typing import Any
 from axolotl.prompt_tokenizers import DatasetWrappingStrategy
 
 from axolotl_gold.args import GoldConfigError
+from axolotl_gold.vision import row_has_images
 
 _ROLE_ALIASES = {
     "human": "user",
@@ -77,17 +78,19 @@ def render_prompt_ids(tokenizer, prompt_messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def completion_ids_for(tokenizer, prompt_messages, completion: str) -> list[int]:
+def completion_ids_for(tokenizer, prompt_messages, completion: str, template=None) -> list[int]:
     """Token ids of the completion as the chat template renders it, ending on EOS.
 
     The template's own end-of-turn marker is kept when rendering the full
     conversation extends the rendered prompt; otherwise the plain text plus EOS.
+    ``template`` is whatever owns the chat template (a processor), default the tokenizer.
     """
     eos = tokenizer.eos_token_id
-    prompt_text = tokenizer.apply_chat_template(
+    template = template or tokenizer
+    prompt_text = template.apply_chat_template(
         prompt_messages, add_generation_prompt=True, tokenize=False
     )
-    full_text = tokenizer.apply_chat_template(
+    full_text = template.apply_chat_template(
         prompt_messages + [{"role": "assistant", "content": completion}], tokenize=False
     )
     if full_text.startswith(prompt_text):
@@ -122,6 +125,13 @@ class GoldChatStrategy(DatasetWrappingStrategy):
                 f"dataset row {index} has no messages field {err}: set `field_messages` "
                 "in the dataset section to the column that holds the conversation."
             ) from err
+        if row_has_images(row, messages, self.ds_cfg.get("field_images") or "images"):
+            raise GoldConfigError(
+                f"dataset row {index} has images but the student is text-only (no processor): "
+                "use a vision-language `base_model` with `processor_type: AutoProcessor`, "
+                "`skip_prepare_dataset: true` and `type: axolotl_gold.vision_chat`, or drop "
+                "the images from the dataset."
+            )
         prompt_messages, completion = split_prompt_completion(messages)
         if not any(m["role"] == "user" for m in prompt_messages):
             raise GoldConfigError(

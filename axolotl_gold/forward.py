@@ -63,12 +63,15 @@ def completion_states(model: nn.Module, batch: dict, use_head_bypass: bool) -> C
     head = bypassable_head(model) if use_head_bypass else None
     ctx = _head_as_identity(head) if head is not None else contextlib.nullcontext()
     with ctx:
+        kwargs = dict(batch.get("vision") or {})  # pixel_values etc. of a vision batch
+        if "position_ids" in batch:
+            kwargs["position_ids"] = batch["position_ids"]
         out = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
             logits_to_keep=width + 1,
             use_cache=False,
+            **kwargs,
         )
     values = out.logits[:, -(width + 1): -1]
     return CompletionStates(values=values, head=head)

@@ -48,9 +48,31 @@ class GoldPlugin(BasePlugin):
         from axolotl_gold.teacher import load_teacher
 
         settings = GoldSettings.from_cfg(cfg)
+        vision = None
+        if cfg.get("processor_type"):
+            from axolotl_gold.vision_setup import check_datasets, freeze_vision_tower, student_vision
+
+            vision = student_vision(cfg, trainer.processing_class, settings)
+            check_datasets(cfg, settings, trainer.train_dataset, trainer.eval_dataset)
+            if not cfg.get("gold_train_vision_tower"):
+                freeze_vision_tower(trainer.model)
         teacher = load_teacher(cfg, trainer.accelerator.device)
         objective = build_objective(cfg, settings, trainer.model, teacher, trainer.processing_class)
-        trainer.setup_gold(settings, teacher, objective, trainer.processing_class)
+        trainer.setup_gold(
+            settings,
+            teacher,
+            objective,
+            trainer.processing_class,
+            vision=vision,
+            ds_cfg=dataset_config(cfg),
+        )
+
+
+def dataset_config(cfg) -> dict:
+    """The first training dataset's keys (field names apply to raw image rows)."""
+    datasets = cfg.get("datasets") or []
+    first = datasets[0] if datasets else {}
+    return dict(first) if first else {}
 
 
 def place_cpu_processes_on_cpu(cfg) -> None:
@@ -119,6 +141,10 @@ def build_objective(cfg, settings, student, teacher, student_tokenizer):
         hybrid_unmatched_weight=cfg.get("uld_hybrid_unmatched_weight"),
         hybrid_beta=settings.beta,
     )
+    if cfg.get("processor_type"):
+        from axolotl_gold.vision_setup import teacher_vision
+
+        inputs.teacher_vision = teacher_vision(cfg, inputs.max_prompt_length)
     mapping = None
     if cfg.get("uld_use_hybrid_loss"):
         mapping = build_vocab_mapping(student_tokenizer, teacher_tokenizer)
@@ -161,6 +187,10 @@ def check_teacher_compatible(cfg) -> None:
             f"the teacher tokenizer `{teacher_tok_path}` cannot be loaded ({err}): set "
             "`teacher_tokenizer` to a folder or hub id that holds the teacher's tokenizer."
         ) from err
+    if cfg.get("processor_type"):
+        from axolotl_gold.vision_setup import check_vision_pair
+
+        check_vision_pair(cfg, teacher_config)
     if cfg.get("use_uld_loss"):
         return
     student_tok = AutoTokenizer.from_pretrained(

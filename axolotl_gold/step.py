@@ -36,13 +36,15 @@ def prepare_window(
     student_engine: RolloutEngine,
     teacher_engine: RolloutEngine | None = None,
     objective=None,
+    vision=None,
 ) -> PreparedWindow:
     """Draw on/off-policy per slice, sample once for the window, build the batches.
 
     ``objective`` (optional) adds what its teacher needs to each batch
     (``teacher_inputs(rows)``, e.g. the teacher's own tokens and the alignment) and
     says how many units a batch scores (``count(batch)``); by default the units are
-    the completion tokens.
+    the completion tokens. ``vision`` (a ``VisionEncoder``, vision-language students)
+    turns rows with images into the processor's tensors, for sampling and scoring.
     """
     draws = policy_draws(seed, step, len(slices), lmbda)
     start = perf_counter()
@@ -53,13 +55,12 @@ def prepare_window(
         generation_seed(seed, step, rank),
         teacher_engine,
         generation_seed(seed, step, rank, role="teacher"),
+        encode=generation_inputs(vision) if vision is not None else None,
     )
     seconds = perf_counter() - start
     micro_batches = []
     for rows in window.slices:
-        batch = build_scoring_batch(
-            [r.prompt_ids for r in rows], [r.completion_ids for r in rows], pad_id
-        )
+        batch = scoring_batch(rows, pad_id, vision)
         extra = objective.teacher_inputs(rows) if objective is not None else None
         if extra:
             batch.update(extra)
@@ -67,6 +68,28 @@ def prepare_window(
     count = objective.count if objective is not None else completion_token_count
     local = sum(int(count(m)) for m in micro_batches)
     return PreparedWindow(window, micro_batches, local, seconds)
+
+
+def scoring_batch(rows: list[Rollout], pad_id: int, vision=None) -> dict:
+    """The student's scoring batch of one slice (with the processor's tensors when
+    a row has images)."""
+    prompts = [r.prompt_ids for r in rows]
+    completions = [r.completion_ids for r in rows]
+    if vision is not None and any(r.images for r in rows):
+        texts = [r.prompt_text for r in rows]
+        return vision.scoring_batch(prompts, completions, texts, [r.images for r in rows])
+    return build_scoring_batch(prompts, completions, pad_id)
+
+
+def generation_inputs(vision):
+    """Rows to the processor's left-padded prompt batch, for the rollout engine."""
+
+    def encode(rows: list[Rollout]) -> dict:
+        return vision.model_inputs(
+            [r.prompt_text for r in rows], [r.images for r in rows], [r.prompt_ids for r in rows]
+        )
+
+    return encode
 
 
 def completion_token_count(batch: dict) -> int:

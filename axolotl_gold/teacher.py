@@ -15,6 +15,11 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
+def is_vision_config(config) -> bool:
+    """A vision-language model's config (it has a vision tower)."""
+    return getattr(config, "vision_config", None) is not None
+
+
 def teacher_dtype(cfg) -> torch.dtype:
     kwargs = cfg.get("teacher_model_init_kwargs") or {}
     dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
@@ -29,14 +34,16 @@ def teacher_dtype(cfg) -> torch.dtype:
 
 def load_teacher(cfg, device: torch.device) -> nn.Module:
     """The teacher of ``cfg.teacher_model`` on ``device``, with no gradients."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     kwargs = dict(cfg.get("teacher_model_init_kwargs") or {})
     kwargs.pop("torch_dtype", None)
     kwargs["dtype"] = teacher_dtype(cfg)
     if cfg.get("teacher_model_revision"):
         kwargs["revision"] = cfg["teacher_model_revision"]
-    teacher = AutoModelForCausalLM.from_pretrained(cfg["teacher_model"], **kwargs)
+    config = AutoConfig.from_pretrained(cfg["teacher_model"], revision=kwargs.get("revision"))
+    auto = AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
+    teacher = auto.from_pretrained(cfg["teacher_model"], **kwargs)
     teacher.requires_grad_(False)
     teacher.eval()
     disable_dropout(teacher)

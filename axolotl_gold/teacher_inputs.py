@@ -46,8 +46,17 @@ class CrossTokenizerInputs:
     skip_student_eos: bool = True
     skip_teacher_eos: bool = True
     alignment_fallback: str | None = None  # "positional" for tokenizers without offsets
+    teacher_vision: object | None = None  # the teacher's VisionEncoder (rows with images)
+
+    def _vision_row(self, row: Rollout) -> bool:
+        return self.teacher_vision is not None and bool(row.images)
+
+    def teacher_prompt_text(self, row: Rollout) -> str:
+        return self.teacher_vision.render(row.prompt_messages)
 
     def teacher_prompt(self, row: Rollout) -> list[int]:
+        if self._vision_row(row):  # its own template, its own image tokens, the same images
+            return self.teacher_vision.prompt_ids(self.teacher_prompt_text(row), row.images)
         tok = self.teacher_tokenizer
         if self.prompt_mode == "teacher_template" and row.prompt_messages and tok.chat_template:
             text = tok.apply_chat_template(
@@ -98,8 +107,13 @@ class CrossTokenizerInputs:
         pad = self.teacher_tokenizer.pad_token_id
         if pad is None:
             pad = self.teacher_tokenizer.eos_token_id
+        if any(self._vision_row(r) for r in rows):
+            texts = [self.teacher_prompt_text(r) for r in rows]
+            teacher = self.teacher_vision.scoring_batch(prompts, completions, texts, [r.images for r in rows])
+        else:
+            teacher = build_scoring_batch(prompts, completions, pad)
         return {
-            "teacher": build_scoring_batch(prompts, completions, pad),
+            "teacher": teacher,
             "uld_student_ids": [list(r.completion_ids) for r in rows],
             "uld_teacher_ids": completions,
             "uld_student_groups": s_groups,

@@ -25,21 +25,23 @@ from time import perf_counter
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 
-from axolotl_gold.batching import GoldCollator, build_scoring_batch
+from axolotl_gold.batching import GoldCollator
 from axolotl_gold.engines.base import SamplingSettings
 from axolotl_gold.engines.fast_hf import FastHFEngine
 from axolotl_gold.engines.hf import HFGenerateEngine
 from axolotl_gold.sampler import WindowSampler
 from axolotl_gold.settings import GoldSettings
-from axolotl_gold.step import loss_sum, prepare_window
+from axolotl_gold.step import loss_sum, prepare_window, scoring_batch
 from axolotl_gold.teacher import disable_dropout
+from axolotl_gold.vision_batch import GoldVisionCollator
 
 WINDOW_LOG = "gold_windows.jsonl"
 
 
-def select_engine(name: str, device: torch.device):
-    """``static`` (static KV cache, CUDA-graph decode) is the default on CUDA."""
-    if name == "static" or (name == "auto" and device.type == "cuda"):
+def select_engine(name: str, device: torch.device, images: bool = False):
+    """``static`` (static KV cache, CUDA-graph decode) is the default on CUDA for
+    text students; image prompts go through HF ``generate``."""
+    if name == "static" or (name == "auto" and device.type == "cuda" and not images):
         return FastHFEngine
     return HFGenerateEngine
 
@@ -56,17 +58,29 @@ class GoldTrainer(AxolotlTrainer):
         self.objective = None
         self.student_engine = None
         self.teacher_engine = None
+        self.vision = None
         self._gold_sums: dict[str, float] = defaultdict(float)
         self._gold_windows = 0
 
     # ------------------------------------------------------------------ setup
-    def setup_gold(self, settings: GoldSettings, teacher, objective, tokenizer) -> None:
-        """Attach the teacher, objective and engines (called by the plugin)."""
+    def setup_gold(
+        self, settings: GoldSettings, teacher, objective, tokenizer, vision=None, ds_cfg=None
+    ) -> None:
+        """Attach the teacher, objective and engines (called by the plugin).
+
+        ``vision`` (a ``VisionEncoder``) switches to raw image rows: the collator
+        decodes images per micro-batch and rollouts sample with them.
+        """
         self.gold = settings
         self.teacher = teacher
         self.objective = objective
-        self.data_collator = GoldCollator()
-        self.eval_data_collator = GoldCollator()
+        self.vision = vision
+        if vision is not None:
+            collator = GoldVisionCollator(vision, ds_cfg, settings.max_completion_length)
+        else:
+            collator = GoldCollator()
+        self.data_collator = collator
+        self.eval_data_collator = collator
         disable_dropout(self.model)
         pad_id = tokenizer.pad_token_id
         if pad_id is None:
@@ -82,7 +96,9 @@ class GoldTrainer(AxolotlTrainer):
             top_p=settings.top_p,
             top_k=settings.top_k,
         )
-        engine_cls = select_engine(settings.generation_engine, self.accelerator.device)
+        engine_cls = select_engine(
+            settings.generation_engine, self.accelerator.device, images=vision is not None
+        )
         if settings.use_vllm and settings.vllm_mode == "server":
             from axolotl_gold.engines.vllm_server import VLLMServerEngine
 
@@ -121,9 +137,19 @@ class GoldTrainer(AxolotlTrainer):
                 dtype=settings.vllm_dtype,
             )
         else:
-            self.student_engine = engine_cls(lambda: self.model, sampling, pad_id, eos_ids)
+            self.student_engine = engine_cls(
+                lambda: self.model, sampling, pad_id, eos_ids, **self._engine_kwargs()
+            )
         if settings.seq_kd:
-            self.teacher_engine = engine_cls(lambda: self.teacher, sampling, pad_id, eos_ids)
+            self.teacher_engine = engine_cls(
+                lambda: self.teacher, sampling, pad_id, eos_ids, **self._engine_kwargs()
+            )
+
+    def _engine_kwargs(self) -> dict:
+        if self.vision is None:
+            return {}
+        # a sampled image token would make the model look for image features
+        return {"generate_kwargs": {"suppress_tokens": self.vision.vision_token_ids}}
 
     # ------------------------------------------------------------------ data
     def _get_train_sampler(self, train_dataset=None):
@@ -173,6 +199,7 @@ class GoldTrainer(AxolotlTrainer):
             student_engine=self.student_engine,
             teacher_engine=self.teacher_engine,
             objective=self.objective,
+            vision=self.vision,
         )
         window = prepared.window
         total = torch.tensor(prepared.local_tokens, device=device, dtype=torch.long)
@@ -244,9 +271,7 @@ class GoldTrainer(AxolotlTrainer):
         if self.gold is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         rows = inputs["gold_rollouts"]
-        batch = build_scoring_batch(
-            [r.prompt_ids for r in rows], [r.completion_ids for r in rows], self.pad_id
-        )
+        batch = scoring_batch(rows, self.pad_id, self.vision)
         batch.update(self.objective.teacher_inputs(rows) or {})
         batch = self._prepare_inputs(batch)
         with torch.no_grad():

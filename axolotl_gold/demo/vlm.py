@@ -37,33 +37,30 @@ COLORS = {
     "white": (245, 245, 245),
 }
 
-LLAVA_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}<|system|>"
-    "{%- elif message['role'] == 'user' -%}<|user|>"
-    "{%- elif message['role'] == 'assistant' -%}<|assistant|>{% generation %}"
-    "{%- endif -%}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}<image>{%- else -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}<|end|>{% endgeneration %}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
-)
+def _template(image: str, user: tuple[str, str], system: tuple[str, str], assistant: tuple[str, str], start: str = "") -> str:
+    content = (
+        "{%- macro content(c) -%}{%- if c is string -%}{{ c }}{%- else -%}"
+        "{%- for part in c -%}{%- if part['type'] == 'image' -%}" + image + "{%- else -%}"
+        "{{ part['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+    )
+    return (
+        content + start + "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}" + system[0] + "{{ content(message['content']) }}" + system[1] +
+        "{%- elif message['role'] == 'user' -%}" + user[0] + "{{ content(message['content']) }}" + user[1] +
+        "{%- elif message['role'] == 'assistant' -%}" + assistant[0] + "{% generation %}"
+        "{{ content(message['content']) }}" + assistant[1] + "{% endgeneration %}"
+        "{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}" + assistant[0] + "{%- endif -%}"
+    )
 
-GEMMA3_CHAT_TEMPLATE = (
-    "<s>"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}[INST]{%- elif message['role'] == 'system' -%}[SYS]"
-    "{%- elif message['role'] == 'assistant' -%}{% generation %}{%- endif -%}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}<start_of_image>{%- else -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}[/INST]{%- elif message['role'] == 'system' -%}[/SYS]"
-    "{%- elif message['role'] == 'assistant' -%}</s>{% endgeneration %}{%- endif -%}"
-    "{%- endfor -%}"
+
+# the char tokenizer's chat format with an image part rendered as <image>
+LLAVA_CHAT_TEMPLATE = _template(
+    "<image>", ("<|user|>", ""), ("<|system|>", ""), ("<|assistant|>", "<|end|>")
+)
+# the BPE tokenizer's format; Gemma3Processor expands <start_of_image>
+GEMMA3_CHAT_TEMPLATE = _template(
+    "<start_of_image>", ("[INST]", "[/INST]"), ("[SYS]", "[/SYS]"), ("", "</s>"), start="<s>"
 )
 
 

@@ -24,9 +24,24 @@ class RolloutEngine(Protocol):
 
     calls: int
 
-    def generate(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
-        """Completion token ids for each prompt, ending on EOS if EOS was sampled."""
+    def generate(
+        self, prompts: list[list[int]], seed: int, model_inputs: dict | None = None
+    ) -> list[list[int]]:
+        """Completion token ids for each prompt, ending on EOS if EOS was sampled.
+
+        ``model_inputs`` (prompts with images): the processor's left-padded batch of
+        the same prompts (``input_ids``, ``attention_mask``, ``pixel_values``, ...);
+        engines that cannot take images raise ``NotImplementedError``.
+        """
         ...
+
+
+def refuse_model_inputs(engine, model_inputs) -> None:
+    if model_inputs is not None:
+        raise NotImplementedError(
+            f"{type(engine).__name__} samples from token ids only and cannot take images: "
+            "use `gold_generation_engine: hf` for a vision-language student"
+        )
 
 
 def trim_completion(ids: list[int], eos_ids: set[int], pad_id: int | None = None) -> list[int]:

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from axolotl_gold.batching import left_pad
-from axolotl_gold.engines.base import SamplingSettings, trim_completion
+from axolotl_gold.engines.base import SamplingSettings, refuse_model_inputs, trim_completion
 from axolotl_gold.engines.hf import HFGenerateEngine, generation_mode
 
 
@@ -121,7 +121,10 @@ class FastHFEngine(HFGenerateEngine):
         self.graphs_captured = 0
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+    def generate(
+        self, prompts: list[list[int]], seed: int, model_inputs: dict | None = None
+    ) -> list[list[int]]:
+        refuse_model_inputs(self, model_inputs)
         self.calls += 1
         if not prompts:
             return []

@@ -11,6 +11,15 @@ from axolotl_gold.batching import left_pad
 from axolotl_gold.engines.base import SamplingSettings, trim_completion
 
 
+def _to_model(value, param: torch.Tensor):
+    """On the model's device; floating tensors (pixel values) in its dtype."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.is_floating_point():
+        return value.to(param.device, dtype=param.dtype)
+    return value.to(param.device)
+
+
 @contextlib.contextmanager
 def generation_mode(model):
     """Eval mode with the KV cache on and gradient checkpointing off, then restore."""
@@ -81,17 +90,25 @@ class HFGenerateEngine:
         return kwargs
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+    def generate(
+        self, prompts: list[list[int]], seed: int, model_inputs: dict | None = None
+    ) -> list[list[int]]:
         self.calls += 1
         if not prompts:
             return []
         model = self.get_model()
-        device = next(model.parameters()).device
+        param = next(model.parameters())
+        device = param.device
         step = self.batch_size or len(prompts)
         out: list[list[int]] = []
         devices = [device] if device.type == "cuda" else []
         with generation_mode(model), torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
+            if model_inputs is not None:  # prompts with images: one processor batch
+                inputs = {k: _to_model(v, param) for k, v in model_inputs.items()}
+                sequences = model.generate(**inputs, **self._kwargs())
+                new_tokens = sequences[:, inputs["input_ids"].shape[1]:].tolist()
+                return [trim_completion(t, self.eos_ids, self.pad_id) for t in new_tokens]
             for start in range(0, len(prompts), step):
                 chunk = prompts[start : start + step]
                 ids, mask = left_pad(chunk, self.pad_id)

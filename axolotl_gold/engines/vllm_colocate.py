@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from axolotl_gold.engines.base import SamplingSettings, trim_completion
+from axolotl_gold.engines.base import SamplingSettings, refuse_model_inputs, trim_completion
 
 LOG = logging.getLogger(__name__)
 
@@ -167,7 +167,10 @@ class VLLMColocateEngine:
             self._synced_step = step
 
     # ------------------------------------------------------------------ sampling
-    def generate(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+    def generate(
+        self, prompts: list[list[int]], seed: int, model_inputs: dict | None = None
+    ) -> list[list[int]]:
+        refuse_model_inputs(self, model_inputs)
         self.calls += 1
         if not prompts:
             return []

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from axolotl_gold.engines.base import SamplingSettings
+from axolotl_gold.engines.base import SamplingSettings, refuse_model_inputs
 from axolotl_gold.engines.vllm_colocate import student_weights
 
 
@@ -95,7 +95,10 @@ class VLLMServerEngine:
             torch.distributed.barrier()
         self._synced_step = step
 
-    def generate(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+    def generate(
+        self, prompts: list[list[int]], seed: int, model_inputs: dict | None = None
+    ) -> list[list[int]]:
+        refuse_model_inputs(self, model_inputs)
         self.calls += 1
         if not prompts:
             return []
