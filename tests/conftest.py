@@ -22,3 +22,10 @@ def tiny_cross_pair(tmp_path_factory):
     from axolotl_gold.demo.models import build_tiny_pair
 
     return build_tiny_pair(str(tmp_path_factory.mktemp("tiny_cross")), cross_tokenizer=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlms(tmp_path_factory):
+    from axolotl_gold.demo.vlm import build_tiny_vlms
+
+    return build_tiny_vlms(str(tmp_path_factory.mktemp("tiny_vlm")), n_train=16, n_eval=4)

@@ -19,4 +19,5 @@ def test_example_validates(path, tmp_path):
     out = validate_config(cfg)
     assert out.teacher_model
     assert out.generation_batch_size * out.num_generations == out.micro_batch_size * out.gradient_accumulation_steps
-    assert all(d["type"] == "axolotl_gold.chat_template" for d in out.datasets)
+    expected = "axolotl_gold.vision_chat" if out.processor_type else "axolotl_gold.chat_template"
+    assert all(d["type"] == expected for d in out.datasets)

@@ -54,6 +54,14 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_build_vlm(args) -> int:
+    from axolotl_gold.demo.vlm import build_tiny_vlms
+
+    for name, path in build_tiny_vlms(args.out, seed=args.seed).items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def cmd_score(args) -> int:
     _set_threads()
     from axolotl_gold.demo.score import score_model
@@ -102,6 +110,11 @@ def main(argv=None) -> int:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="rebuild even if OUT is up to date")
     b.set_defaults(func=cmd_build)
+
+    v = sub.add_parser("build-vlm", help="tiny VLM student/teachers and an image dataset under OUT")
+    v.add_argument("out")
+    v.add_argument("--seed", type=int, default=0)
+    v.set_defaults(func=cmd_build_vlm)
 
     s = sub.add_parser("score", help="greedy exact-match accuracy of a model or adapter directory")
     s.add_argument("model_dir")
