@@ -221,9 +221,10 @@ class GoldTrainer(AxolotlTrainer):
         """Append the window's draws and prompts to ``gold_windows.jsonl`` (main process)."""
         if not self.accelerator.is_main_process:
             return
-        digest = hashlib.sha1(
-            json.dumps([r.prompt_ids for s in window.slices for r in s]).encode()
-        ).hexdigest()
+        h = hashlib.sha1(json.dumps([r.prompt_ids for s in window.slices for r in s]).encode())
+        for image in (i for s in window.slices for r in s for i in r.images):
+            h.update(image.tobytes())  # image rows: the pixels, not only their tokens
+        digest = h.hexdigest()
         record = {
             "step": step,
             "on_policy": draws,
