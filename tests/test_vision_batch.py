@@ -216,3 +216,16 @@ def test_vision_tower_is_frozen_lora_adapters_included(tiny_vlms):
     assert freeze_vision_tower(lora) > 0
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("language_model" in n and "lora_" in n for n in trainable)
+
+
+def test_plugin_check_runs_the_pair_check_before_loading(tiny_vlms):
+    from axolotl_gold.plugin import check_teacher_compatible
+
+    cfg = {
+        "base_model": tiny_vlms["student"],
+        "teacher_model": tiny_vlms["teacher_gemma3"],
+        "processor_type": "AutoProcessor",
+    }
+    with pytest.raises(GoldConfigError, match="use_uld_loss: true"):
+        check_teacher_compatible(cfg)
+    check_teacher_compatible({**cfg, "teacher_model": tiny_vlms["teacher"]})
