@@ -195,12 +195,6 @@ def validate_gold_settings(data: dict) -> None:
             "`generation_batch_size` (or omit it to derive it) or the batch keys."
         )
 
-    if _zero_stage(data.get("deepspeed")) == 3:
-        raise GoldConfigError(
-            "`deepspeed` selects ZeRO stage 3, which axolotl-gold does not support yet "
-            "(partitioned lm_head and teacher): use a ZeRO-1/2 config such as "
-            "`deepspeed_configs/zero2.json`, or DDP without `deepspeed`."
-        )
     if data.get("use_vllm"):
         utilization = float(_get(data, "vllm_gpu_memory_utilization", 0.3))
         if not 0.0 < utilization < 1.0:

@@ -41,12 +41,37 @@ def bypassable_head(model: nn.Module) -> nn.Linear | None:
 
 
 @contextlib.contextmanager
-def _head_as_identity(head: nn.Linear):
-    head.forward = lambda hidden: hidden  # instance attribute shadows the method
+def _head_as_identity(model: nn.Module, head: nn.Linear):
+    """The head module swapped for an identity during the forward pass.
+
+    The head is not called at all (not even with an identity ``forward``): under
+    ZeRO-3 a module call runs DeepSpeed's hooks, whose release would re-partition
+    the head weight the loss is about to use.
+    """
+    parent, attr = _owner(unwrap(model), head)
+    setattr(parent, attr, _identity_like(head))
     try:
         yield
     finally:
-        del head.forward
+        setattr(parent, attr, head)
+
+
+def _identity_like(head: nn.Module) -> nn.Identity:
+    identity = nn.Identity()
+    kind = type(head._parameters)
+    if kind is not type(identity._parameters):
+        # DeepSpeed ZeRO-3 gives every module its own parameter dict type (it flags
+        # modules in a forward pass through it): the stand-in gets one too
+        identity._parameters = kind(parent_module=identity)
+    return identity
+
+
+def _owner(root: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
+    for module in root.modules():
+        for attr, value in module.named_children():
+            if value is child:
+                return module, attr
+    raise ValueError("the output head is not a submodule of the model")
 
 
 @dataclass
@@ -61,7 +86,7 @@ def completion_states(model: nn.Module, batch: dict, use_head_bypass: bool) -> C
     """Run ``model`` on a scoring batch and keep the completion region only."""
     width = batch["completion_labels"].shape[1]
     head = bypassable_head(model) if use_head_bypass else None
-    ctx = _head_as_identity(head) if head is not None else contextlib.nullcontext()
+    ctx = _head_as_identity(model, head) if head is not None else contextlib.nullcontext()
     with ctx:
         kwargs = dict(batch.get("vision") or {})  # pixel_values etc. of a vision batch
         if "position_ids" in batch:

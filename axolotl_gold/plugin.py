@@ -6,6 +6,8 @@ teacher and the losses load inside the hooks that need them.
 
 from __future__ import annotations
 
+import contextlib
+
 from axolotl.integrations.base import BasePlugin
 
 from axolotl_gold.args import GoldConfigError, route_chat_datasets
@@ -56,8 +58,15 @@ class GoldPlugin(BasePlugin):
             check_datasets(cfg, settings, trainer.train_dataset, trainer.eval_dataset)
             if not cfg.get("gold_train_vision_tower"):
                 freeze_vision_tower(trainer.model)
-        teacher = load_teacher(cfg, trainer.accelerator.device)
+        from axolotl_gold.zero3 import inference_engine, partitioned_loading, zero3_enabled
+
+        zero3 = zero3_enabled(trainer.accelerator)
+        from accelerate import PartialState as _PS; print("GOLDDEBUG", trainer.accelerator.num_processes, trainer.accelerator.state.distributed_type, trainer.args.world_size, _PS().num_processes, trainer.args.accelerator_config, flush=True)
+        with partitioned_loading(trainer.accelerator) if zero3 else contextlib.nullcontext():
+            teacher = load_teacher(cfg, trainer.accelerator.device)
         objective = build_objective(cfg, settings, trainer.model, teacher, trainer.processing_class)
+        if zero3:  # loaded partitioned: its forward runs through an inference engine
+            teacher = inference_engine(teacher, trainer.accelerator)
         trainer.setup_gold(
             settings,
             teacher,

@@ -16,6 +16,7 @@ checkpoints) is Axolotl's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,14 +27,17 @@ import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 
 from axolotl_gold.batching import GoldCollator
+from axolotl_gold.buffer import policy_draws
 from axolotl_gold.engines.base import SamplingSettings
 from axolotl_gold.engines.fast_hf import FastHFEngine
 from axolotl_gold.engines.hf import HFGenerateEngine
+from axolotl_gold.forward import bypassable_head
 from axolotl_gold.sampler import WindowSampler
 from axolotl_gold.settings import GoldSettings
 from axolotl_gold.step import loss_sum, prepare_window, scoring_batch
 from axolotl_gold.teacher import disable_dropout
 from axolotl_gold.vision_batch import GoldVisionCollator
+from axolotl_gold.zero3 import gathered_heads, generation_weights, zero3_enabled
 
 WINDOW_LOG = "gold_windows.jsonl"
 
@@ -75,6 +79,7 @@ class GoldTrainer(AxolotlTrainer):
         self.teacher = teacher
         self.objective = objective
         self.vision = vision
+        self.zero3 = zero3_enabled(self.accelerator)
         if vision is not None:
             collator = GoldVisionCollator(vision, ds_cfg, settings.max_completion_length)
         else:
@@ -97,7 +102,10 @@ class GoldTrainer(AxolotlTrainer):
             top_k=settings.top_k,
         )
         engine_cls = select_engine(
-            settings.generation_engine, self.accelerator.device, images=vision is not None
+            settings.generation_engine,
+            self.accelerator.device,
+            # gathered ZeRO-3 weights move between calls: no captured CUDA graphs
+            images=vision is not None or self.zero3,
         )
         if settings.use_vllm and settings.vllm_mode == "server":
             from axolotl_gold.engines.vllm_server import VLLMServerEngine
@@ -189,18 +197,8 @@ class GoldTrainer(AxolotlTrainer):
             return [], None
 
         calls_before = self.student_engine.calls
-        prepared = prepare_window(
-            [b["gold_rollouts"] for b in batches],
-            step=self.state.global_step,
-            seed=self.gold.seed,
-            rank=self.accelerator.process_index,
-            lmbda=self.gold.lmbda,
-            pad_id=self.pad_id,
-            student_engine=self.student_engine,
-            teacher_engine=self.teacher_engine,
-            objective=self.objective,
-            vision=self.vision,
-        )
+        with self._generation_weights(len(batches)):
+            prepared = self._prepare_window(batches, device)
         window = prepared.window
         total = torch.tensor(prepared.local_tokens, device=device, dtype=torch.long)
         if self.accelerator.num_processes > 1:
@@ -216,6 +214,34 @@ class GoldTrainer(AxolotlTrainer):
         calls = self.student_engine.calls - calls_before
         self._record_window(self.state.global_step, draws, window, int(total), calls)
         return prepared.micro_batches, total
+
+    def _prepare_window(self, batches, device):
+        return prepare_window(
+            [b["gold_rollouts"] for b in batches],
+            step=self.state.global_step,
+            seed=self.gold.seed,
+            rank=self.accelerator.process_index,
+            lmbda=self.gold.lmbda,
+            pad_id=self.pad_id,
+            student_engine=self.student_engine,
+            teacher_engine=self.teacher_engine,
+            objective=self.objective,
+            vision=self.vision,
+        )
+
+    def _generation_weights(self, num_slices: int):
+        """ZeRO-3: the student's full weights, gathered once for the window's rollouts
+        (only when a slice is sampled on-policy; the draws are known in advance)."""
+        draws = policy_draws(self.gold.seed, self.state.global_step, num_slices, self.gold.lmbda)
+        if not self.zero3 or not any(draws):
+            return contextlib.nullcontext()
+        return generation_weights(self.model_wrapped)
+
+    def _head_weights(self):
+        """ZeRO-3 with the fused loss: both output heads gathered for a micro-step."""
+        if not self.zero3 or not self.gold.fused_loss:
+            return contextlib.nullcontext()
+        return gathered_heads(bypassable_head(self.model), bypassable_head(self.teacher))
 
     def _record_window(self, step, draws, window, tokens, calls) -> None:
         """Append the window's draws and prompts to ``gold_windows.jsonl`` (main process)."""
@@ -262,7 +288,8 @@ class GoldTrainer(AxolotlTrainer):
             return super().training_step(model, inputs, num_items_in_batch)
         teacher_before = self._gold_sums["gold/time_teacher_s"]
         start = perf_counter()
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        with self._head_weights():  # across forward and backward
+            loss = super().training_step(model, inputs, num_items_in_batch)
         teacher_time = self._gold_sums["gold/time_teacher_s"] - teacher_before
         self._gold_sums["gold/time_student_s"] += perf_counter() - start - teacher_time
         return loss
@@ -275,7 +302,7 @@ class GoldTrainer(AxolotlTrainer):
         batch = scoring_batch(rows, self.pad_id, self.vision)
         batch.update(self.objective.teacher_inputs(rows) or {})
         batch = self._prepare_inputs(batch)
-        with torch.no_grad():
+        with torch.no_grad(), self._head_weights():
             loss_sum, tokens = self._gold_loss_sum(model, batch)
         return (loss_sum / tokens.clamp(min=1)).detach(), None, None
 

@@ -78,12 +78,18 @@ def run_train(cfg: dict, workdir: Path, num_processes: int = 1, timeout: int = 6
     if num_processes == 1:
         cmd = [str(BIN / "axolotl"), "train", str(path)]
     else:
-        # torchrun sets RANK/WORLD_SIZE; with ACCELERATE_USE_CPU accelerate runs DDP over gloo
-        env["ACCELERATE_USE_CPU"] = "true"
+        # torchrun sets RANK/WORLD_SIZE; with ACCELERATE_USE_CPU accelerate runs DDP over
+        # gloo; a DeepSpeed run goes through DeepSpeed's CPU accelerator (gloo) instead
+        entry = ["-m", "axolotl.cli.train"]
+        if cfg.get("deepspeed"):
+            env["ACCELERATE_USE_DEEPSPEED"] = "true"
+            entry = [str(Path(__file__).with_name("cpu_deepspeed_train.py"))]
+        else:
+            env["ACCELERATE_USE_CPU"] = "true"
         cmd = [
             str(BIN / "torchrun"), "--nproc_per_node", str(num_processes),
             "--master_port", str(29500 + os.getpid() % 1000),
-            "-m", "axolotl.cli.train", str(path),
+            *entry, str(path),
         ]
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     (workdir / "log.txt").write_text(proc.stdout + "\n" + proc.stderr)

@@ -1,0 +1,100 @@
+"""DeepSpeed ZeRO-3: the teacher partitioned for inference, gathered weights where
+GOLD reads them directly.
+
+Under ZeRO-3 every parameter lives in shards across processes and is gathered by
+module hooks only while its module runs. GOLD reads three things outside a module
+call, so this module gathers them explicitly:
+
+- rollouts: the student's full weights for the window's one ``generate`` call
+  (DeepSpeed's own ``unwrap_model_for_generation``: gathered once, hooks off);
+- the fused loss: both output heads' weights, applied chunk by chunk by the loss,
+  gathered across the micro-step's forward and backward (the student's head
+  gradient is then reduce-scattered by DeepSpeed's gradient hooks as usual);
+- the teacher: loaded partitioned (``from_pretrained`` under ``zero.Init``, which
+  transformers applies when ZeRO-3 is on) and wrapped in an inference engine (no
+  optimizer) so its forward gathers layer by layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+from torch import nn
+
+
+def zero3_enabled(accelerator) -> bool:
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def _resolve_auto(value, default):
+    return default if value == "auto" else value
+
+
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+@contextlib.contextmanager
+def partitioned_loading(accelerator):
+    """``from_pretrained`` inside transformers' ``zero.Init`` with a batch size that
+    passes DeepSpeed's check (micro batch x accumulation x processes)."""
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    config = deepspeed_config()
+    if config is None:
+        yield
+        return
+    saved = {key: config.get(key) for key in _BATCH_KEYS}
+    _consistent_batch(config, accelerator.num_processes)
+    try:
+        yield
+    finally:
+        config.update(saved)
+
+
+def _consistent_batch(config: dict, world_size: int) -> None:
+    micro = config.get("train_micro_batch_size_per_gpu")
+    accum = config.get("gradient_accumulation_steps")
+    if isinstance(micro, int) and isinstance(accum, int):
+        config["train_batch_size"] = micro * accum * world_size
+
+
+def inference_engine(model: nn.Module, accelerator):
+    """``model`` (already partitioned) inside a DeepSpeed engine without optimizer."""
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    _consistent_batch(config, accelerator.num_processes)
+    zero = config.setdefault("zero_optimization", {})
+    text = getattr(model.config, "get_text_config", lambda: model.config)()
+    hidden = getattr(text, "hidden_size", None) or 1024
+    zero["reduce_bucket_size"] = _resolve_auto(zero.get("reduce_bucket_size"), hidden * hidden)
+    zero["stage3_prefetch_bucket_size"] = _resolve_auto(
+        zero.get("stage3_prefetch_bucket_size"), int(0.9 * hidden * hidden)
+    )
+    zero["stage3_param_persistence_threshold"] = _resolve_auto(
+        zero.get("stage3_param_persistence_threshold"), 10 * hidden
+    )
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def generation_weights(engine):
+    """Context: the student's weights gathered (full) for one generation call."""
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    return unwrap_model_for_generation(engine)
+
+
+def gathered_heads(*heads: nn.Module | None):
+    """Context: the given output heads' parameters gathered (read-only: no broadcast)."""
+    import deepspeed
+
+    params = [p for head in heads if head is not None for p in head.parameters(recurse=False)]
+    if not params:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
