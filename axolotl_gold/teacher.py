@@ -20,6 +20,12 @@ def is_vision_config(config) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
+def auto_model_class(config):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
+
+
 def teacher_dtype(cfg) -> torch.dtype:
     kwargs = cfg.get("teacher_model_init_kwargs") or {}
     dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
@@ -34,7 +40,7 @@ def teacher_dtype(cfg) -> torch.dtype:
 
 def load_teacher(cfg, device: torch.device) -> nn.Module:
     """The teacher of ``cfg.teacher_model`` on ``device``, with no gradients."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
     kwargs = dict(cfg.get("teacher_model_init_kwargs") or {})
     kwargs.pop("torch_dtype", None)
@@ -42,8 +48,7 @@ def load_teacher(cfg, device: torch.device) -> nn.Module:
     if cfg.get("teacher_model_revision"):
         kwargs["revision"] = cfg["teacher_model_revision"]
     config = AutoConfig.from_pretrained(cfg["teacher_model"], revision=kwargs.get("revision"))
-    auto = AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
-    teacher = auto.from_pretrained(cfg["teacher_model"], **kwargs)
+    teacher = auto_model_class(config).from_pretrained(cfg["teacher_model"], **kwargs)
     teacher.requires_grad_(False)
     teacher.eval()
     disable_dropout(teacher)

@@ -37,7 +37,7 @@ from axolotl_gold.settings import GoldSettings
 from axolotl_gold.step import loss_sum, prepare_window, scoring_batch
 from axolotl_gold.teacher import disable_dropout
 from axolotl_gold.vision_batch import GoldVisionCollator
-from axolotl_gold.zero3 import gathered_heads, generation_weights, zero3_enabled
+from axolotl_gold.zero3 import gathered_heads, generation_weights, inference_engine, zero3_enabled
 
 WINDOW_LOG = "gold_windows.jsonl"
 
@@ -196,6 +196,11 @@ class GoldTrainer(AxolotlTrainer):
         if not batches:
             return [], None
 
+        if self.zero3 and not hasattr(self.teacher, "optimizer"):
+            # the teacher (loaded partitioned) gets its inference engine once the
+            # student's engine exists
+            ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            self.teacher = inference_engine(self.teacher, ds_config, self.accelerator.num_processes)
         calls_before = self.student_engine.calls
         with self._generation_weights(len(batches)):
             prepared = self._prepare_window(batches, device)

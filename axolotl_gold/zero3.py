@@ -36,21 +36,54 @@ _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_a
 
 
 @contextlib.contextmanager
+def full_loading():
+    """``from_pretrained`` outside transformers' ``zero.Init``: the engine partitions it."""
+    import transformers.modeling_utils as modeling_utils
+    from transformers.integrations import deepspeed as hf_ds
+
+    # Axolotl's ZeRO-3 loader replaces transformers' check with `lambda: True` for good
+    saved = (modeling_utils.is_deepspeed_zero3_enabled, hf_ds.is_deepspeed_zero3_enabled)
+    modeling_utils.is_deepspeed_zero3_enabled = lambda: False
+    hf_ds.is_deepspeed_zero3_enabled = lambda: False
+    try:
+        yield
+    finally:
+        modeling_utils.is_deepspeed_zero3_enabled, hf_ds.is_deepspeed_zero3_enabled = saved
+
+
+@contextlib.contextmanager
 def partitioned_loading(accelerator):
-    """``from_pretrained`` inside transformers' ``zero.Init`` with a batch size that
-    passes DeepSpeed's check (micro batch x accumulation x processes)."""
+    """``from_pretrained`` inside transformers' ``zero.Init`` (weights loaded shard by
+    shard), with the run's resolved settings.
+
+    transformers builds ``zero.Init`` from its own copy of the DeepSpeed config, which
+    can still hold ``"auto"`` entries after the student loaded: an ``"auto"`` fp16 flag
+    reads as true and would partition the teacher in float16, and the batch size must
+    pass DeepSpeed's check (micro batch x accumulation x processes). Both are set
+    from the accelerator's resolved config while the teacher loads.
+    """
     from transformers.integrations.deepspeed import deepspeed_config
 
     config = deepspeed_config()
     if config is None:
         yield
         return
-    saved = {key: config.get(key) for key in _BATCH_KEYS}
+    resolved = accelerator.state.deepspeed_plugin.deepspeed_config
+    saved = copy.deepcopy({key: config.get(key) for key in (*_BATCH_KEYS, "fp16", "bf16")})
+    for key in ("fp16", "bf16"):
+        config[key] = {**(config.get(key) or {}), "enabled": bool((resolved.get(key) or {}).get("enabled") is True)}
+    for key in _BATCH_KEYS:
+        if isinstance(resolved.get(key), int):
+            config[key] = resolved[key]
     _consistent_batch(config, accelerator.num_processes)
     try:
         yield
     finally:
-        config.update(saved)
+        for key, value in saved.items():
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
 
 
 def _consistent_batch(config: dict, world_size: int) -> None:
@@ -60,14 +93,15 @@ def _consistent_batch(config: dict, world_size: int) -> None:
         config["train_batch_size"] = micro * accum * world_size
 
 
-def inference_engine(model: nn.Module, accelerator):
-    """``model`` (already partitioned) inside a DeepSpeed engine without optimizer."""
+def inference_engine(model: nn.Module, ds_config: dict, world_size: int):
+    """``model`` (partitioned, or partitioned now) in a DeepSpeed engine without
+    optimizer; ``ds_config`` is the training run's DeepSpeed config."""
     import deepspeed
 
-    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    config = copy.deepcopy(ds_config)
     for key in ("optimizer", "scheduler"):
         config.pop(key, None)
-    _consistent_batch(config, accelerator.num_processes)
+    _consistent_batch(config, world_size)
     zero = config.setdefault("zero_optimization", {})
     text = getattr(model.config, "get_text_config", lambda: model.config)()
     hidden = getattr(text, "hidden_size", None) or 1024
@@ -94,7 +128,9 @@ def gathered_heads(*heads: nn.Module | None):
     """Context: the given output heads' parameters gathered (read-only: no broadcast)."""
     import deepspeed
 
-    params = [p for head in heads if head is not None for p in head.parameters(recurse=False)]
-    if not params:
-        return contextlib.nullcontext()
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    stack = contextlib.ExitStack()
+    for head in heads:  # one gather per head: a coalesced gather needs one dtype
+        params = list(head.parameters(recurse=False)) if head is not None else []
+        if params:
+            stack.enter_context(deepspeed.zero.GatheredParameters(params, modifier_rank=None))
+    return stack
