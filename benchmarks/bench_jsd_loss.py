@@ -4,7 +4,10 @@ Methods:
   plain    full [N, V] logits for both models, generalized_jsd_token_loss(...).sum(), autograd
   chunked  axolotl_gold's chunked_jsd_loss_sum (torch, closed-form gradient per chunk;
            torch.compile fuses the elementwise work on CUDA)
-  chunked-eager  the same without torch.compile (not run unless named in --methods)
+           (on CUDA without head biases, the per-chunk divergence and gradient run in our
+           Triton kernel, losses/triton_jsd.py)
+  chunked-compiled  the same with the torch.compile tensor version instead of the kernel
+  chunked-eager  the same without torch.compile or the kernel (not run unless named in --methods)
   liger    liger-kernel's fused linear JSD through fused_jsd_loss_sum(backend="liger"); CUDA only
   floor    only the lm_head matmuls, chunked like `chunked`: student forward, teacher forward,
            student backward into hidden and weight. No loss can be cheaper than this.
@@ -35,7 +38,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("plain", "chunked", "liger", "floor")
+METHODS = ("plain", "chunked", "chunked-compiled", "liger", "floor")
 OPTIONAL_METHODS = ("chunked-eager",)
 
 
@@ -123,11 +126,13 @@ def run_child(args) -> dict:
             student_hidden.grad, student_weight.grad = grad_hidden, grad_weight
         return torch.zeros(())
 
-    if args.child == "chunked-eager":
+    if args.child in ("chunked-eager", "chunked-compiled"):
         import axolotl_gold.losses.chunked as chunked_module
 
-        chunked_module.COMPILE_ON_CUDA = False
-    fn = {"plain": plain, "chunked": chunked, "chunked-eager": chunked, "liger": liger, "floor": floor}[args.child]
+        chunked_module.USE_TRITON = False
+        chunked_module.COMPILE_ON_CUDA = args.child == "chunked-compiled"
+    fn = {"plain": plain, "chunked": chunked, "chunked-eager": chunked, "chunked-compiled": chunked,
+          "liger": liger, "floor": floor}[args.child]
 
     def sync():
         if cuda:

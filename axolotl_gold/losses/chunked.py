@@ -150,6 +150,29 @@ def _run_step(device, *args):
         return _chunk_step(*args)
 
 
+# On CUDA without head biases, a Triton kernel does the per-chunk divergence and logit
+# gradient in three passes over the logits (``triton_jsd.py``). False: the compiled tensor
+# version above.
+USE_TRITON = True
+
+
+def _use_triton(device, student_bias, teacher_bias) -> bool:
+    from axolotl_gold.losses import triton_jsd
+
+    return USE_TRITON and student_bias is None and teacher_bias is None and triton_jsd.available(device)
+
+
+def _triton_step(hidden_chunk, student_weight, teacher_hidden, teacher_weight, beta, temperature):
+    """(loss sum, dL/d(student logits) in the weight's dtype, None): the kernel overwrites the
+    student's logits with their gradient, so a chunk holds two ``[n, V]`` buffers."""
+    from axolotl_gold.losses.triton_jsd import jsd_rows_and_grad_
+
+    logits = hidden_chunk @ student_weight.t()
+    teacher_logits = teacher_hidden.to(teacher_weight.dtype) @ teacher_weight.t()
+    rows = jsd_rows_and_grad_(logits, teacher_logits, beta, temperature)
+    return rows.sum(), logits, None
+
+
 _mixed_addmm_works = True
 
 
@@ -202,13 +225,19 @@ class _ChunkedJSDFunction(torch.autograd.Function):
         )
         grad_bias = torch.zeros(student_weight.shape[0], dtype=acc_dtype, device=device) if need_bias else None
 
+        kernel = _use_triton(device, student_bias, teacher_bias)
         for start in range(0, num_tokens, chunk_size):
             end = min(start + chunk_size, num_tokens)
             hidden_chunk = student_hidden[start:end].to(student_weight.dtype)
-            chunk_loss, grad_logits, chunk_bias_grad = _run_step(
-                device, hidden_chunk, student_weight, student_bias, teacher_hidden[start:end], teacher_weight,
-                teacher_bias, beta, temperature, need_grad, need_bias, acc_dtype,
-            )
+            if kernel:
+                chunk_loss, grad_logits, chunk_bias_grad = _triton_step(
+                    hidden_chunk, student_weight, teacher_hidden[start:end], teacher_weight, beta, temperature
+                )
+            else:
+                chunk_loss, grad_logits, chunk_bias_grad = _run_step(
+                    device, hidden_chunk, student_weight, student_bias, teacher_hidden[start:end],
+                    teacher_weight, teacher_bias, beta, temperature, need_grad, need_bias, acc_dtype,
+                )
             loss += chunk_loss
             if not need_grad:
                 continue

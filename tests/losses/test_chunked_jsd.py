@@ -203,18 +203,50 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 
 @requires_cuda
-@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("path", ["triton", "compiled", "eager"])
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("beta,temperature", GRID)
-def test_cuda_float32_matches_float64_plain_loss(monkeypatch, beta, temperature, compiled):
+def test_cuda_float32_matches_float64_plain_loss(monkeypatch, beta, temperature, bias, path):
     import axolotl_gold.losses.chunked as chunked_module
 
-    monkeypatch.setattr(chunked_module, "COMPILE_ON_CUDA", compiled)
-    inputs = make_inputs(torch.float32, device="cuda")
+    monkeypatch.setattr(chunked_module, "USE_TRITON", path == "triton")
+    monkeypatch.setattr(chunked_module, "COMPILE_ON_CUDA", path == "compiled")
+    inputs = make_inputs(torch.float32, device="cuda", bias=bias)
     loss, got = loss_and_grads(chunked(beta, temperature, 8), inputs)
     want_loss, want = loss_and_grads(lambda x: plain_loss_sum(x, beta, temperature, torch.float64), inputs)
-    assert chunked_module.COMPILE_ON_CUDA == compiled  # compiling did not fail over to eager
+    assert chunked_module.COMPILE_ON_CUDA == (path == "compiled")  # no silent fallback to eager
     torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-5)
     assert_grads_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("beta,temperature", GRID)
+def test_triton_kernel_matches_compiled_in_bf16_at_vocab_scale(monkeypatch, beta, temperature):
+    """Large vocabulary (many blocks per row, a ragged last block), bf16 as in training."""
+    import axolotl_gold.losses.chunked as chunked_module
+    from axolotl_gold.losses.chunked import chunked_jsd_loss_sum
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    v, h, ht, n = 50_003, 64, 96, 300
+    x = {
+        "student_hidden": torch.randn(n, h, device="cuda", generator=g).bfloat16(),
+        "student_weight": (torch.randn(v, h, device="cuda", generator=g) * 0.3).bfloat16(),
+        "teacher_hidden": torch.randn(n, ht, device="cuda", generator=g).bfloat16(),
+        "teacher_weight": (torch.randn(v, ht, device="cuda", generator=g) * 0.3).bfloat16(),
+    }
+    results = []
+    for use_triton in (True, False):
+        monkeypatch.setattr(chunked_module, "USE_TRITON", use_triton)
+        sh = x["student_hidden"].clone().requires_grad_()
+        sw = x["student_weight"].clone().requires_grad_()
+        loss = chunked_jsd_loss_sum(sh, sw, x["teacher_hidden"], x["teacher_weight"],
+                                    beta=beta, temperature=temperature, chunk_size=128)
+        loss.backward()
+        results.append((loss.float(), sh.grad.float(), sw.grad.float()))
+    (l1, gh1, gw1), (l2, gh2, gw2) = results
+    torch.testing.assert_close(l1, l2, rtol=2e-3, atol=1e-2)
+    for a, b in ((gh1, gh2), (gw1, gw2)):
+        assert float((a - b).norm() / b.norm()) < 1e-2
 
 
 def _liger_importable():
