@@ -16,8 +16,6 @@ version where Triton is missing or the head has a bias.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 try:
@@ -25,6 +23,10 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
+
+
+BLOCK = 4096  # vocabulary entries per loop step of a row
+NUM_WARPS = 16
 
 
 def available(device: torch.device) -> bool:
@@ -36,38 +38,37 @@ if triton is not None:
     @triton.jit
     def _jsd_rows_kernel(
         s_ptr, t_ptr, loss_ptr, V, stride_s, stride_t,
-        inv_tau, log_beta, log_1m_beta, beta, grad_scale,
+        inv_tau, beta, grad_scale,
         MODE: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        # MODE 0: beta == 0 (forward KL(T || S)); 1: beta == 1 (reverse KL(S || T)); 2: between
+        # MODE 0: beta == 0 (forward KL(T || S)); 1: beta == 1 (reverse KL(S || T)); 2: between.
+        # Transcendentals are the cost: one exp per element and logits row for the
+        # log-sum-exp, then exp(ls), exp(lt) and one log for the mixture per pass.
         row = tl.program_id(0).to(tl.int64)
         s_row = s_ptr + row * stride_s
         t_row = t_ptr + row * stride_t
         cols = tl.arange(0, BLOCK)
 
-        # pass 1: log-sum-exp of both rows
-        # a finite floor: lanes that have seen only padding stay exact (exp(-inf - m) = 0)
-        m_s = tl.full([BLOCK], -1e30, tl.float32)
-        m_t = tl.full([BLOCK], -1e30, tl.float32)
-        z_s = tl.zeros([BLOCK], tl.float32)
-        z_t = tl.zeros([BLOCK], tl.float32)
+        # pass 1: log-sum-exp of both rows (block maxima, one rescale per block)
+        m_s = float("-inf")
+        m_t = float("-inf")
+        z_s = 0.0
+        z_t = 0.0
         for start in range(0, V, BLOCK):
             idx = start + cols
             mask = idx < V
             s = tl.load(s_row + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_tau
             t = tl.load(t_row + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_tau
-            new_s = tl.maximum(m_s, s)
-            new_t = tl.maximum(m_t, t)
-            z_s = z_s * tl.exp(m_s - new_s) + tl.exp(s - new_s)
-            z_t = z_t * tl.exp(m_t - new_t) + tl.exp(t - new_t)
+            new_s = tl.maximum(m_s, tl.max(s, 0))
+            new_t = tl.maximum(m_t, tl.max(t, 0))
+            z_s = z_s * tl.exp(m_s - new_s) + tl.sum(tl.exp(s - new_s), 0)
+            z_t = z_t * tl.exp(m_t - new_t) + tl.sum(tl.exp(t - new_t), 0)
             m_s = new_s
             m_t = new_t
-        ms = tl.max(m_s, 0)
-        mt = tl.max(m_t, 0)
-        lse_s = ms + tl.log(tl.sum(z_s * tl.exp(m_s - ms), 0))
-        lse_t = mt + tl.log(tl.sum(z_t * tl.exp(m_t - mt), 0))
+        lse_s = m_s + tl.log(z_s)
+        lse_t = m_t + tl.log(z_t)
 
-        # pass 2: the divergence (and, for MODE 1 and 2, the row sum the gradient needs)
+        # pass 2: the divergence (and the row sum the gradient needs)
         acc_a = tl.zeros([BLOCK], tl.float32)
         acc_b = tl.zeros([BLOCK], tl.float32)
         for start in range(0, V, BLOCK):
@@ -82,12 +83,11 @@ if triton is not None:
             elif MODE == 1:
                 acc_a += tl.where(mask, ps * (ls - lt), 0.0)
             else:
-                a = ls + log_1m_beta
-                b = lt + log_beta
-                hi = tl.maximum(a, b)
-                lm = hi + tl.log(tl.exp(a - hi) + tl.exp(b - hi))
-                acc_a += tl.where(mask, pt * (lt - lm), 0.0)  # KL(T || M)
-                acc_b += tl.where(mask, ps * (ls - lm), 0.0)  # KL(S || M)
+                pm = (1.0 - beta) * ps + beta * pt
+                lm = tl.log(pm)
+                live = mask & (pm > 0.0)  # both probabilities underflowed: no contribution
+                acc_a += tl.where(live, pt * (lt - lm), 0.0)  # KL(T || M)
+                acc_b += tl.where(live, ps * (ls - lm), 0.0)  # KL(S || M)
         kl_a = tl.sum(acc_a, 0)
         kl_b = tl.sum(acc_b, 0)
         if MODE == 2:
@@ -107,11 +107,8 @@ if triton is not None:
             elif MODE == 1:
                 grad = ps * ((ls - lt) - kl_a) * grad_scale
             else:
-                a = ls + log_1m_beta
-                b = lt + log_beta
-                hi = tl.maximum(a, b)
-                lm = hi + tl.log(tl.exp(a - hi) + tl.exp(b - hi))
-                grad = ps * ((ls - lm) - kl_b) * grad_scale
+                pm = (1.0 - beta) * ps + beta * tl.exp(lt)
+                grad = tl.where(ps > 0.0, ps * ((ls - tl.log(pm)) - kl_b) * grad_scale, 0.0)
             tl.store(s_row + idx, grad.to(s_ptr.dtype.element_ty), mask=mask)
 
 
@@ -130,10 +127,7 @@ def jsd_rows_and_grad_(
     scale = inv_tau if mode != 2 else (1.0 - beta) * inv_tau
     _jsd_rows_kernel[(n,)](
         student_logits, teacher_logits, loss, vocab, student_logits.stride(0), teacher_logits.stride(0),
-        inv_tau,
-        math.log(beta) if 0.0 < beta else 0.0,
-        math.log1p(-beta) if beta < 1.0 else 0.0,
-        beta, scale,
-        MODE=mode, BLOCK=4096, num_warps=16,
+        inv_tau, beta, scale,
+        MODE=mode, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     return loss
