@@ -1,8 +1,8 @@
 """A Triton kernel for one chunk of the fused JSD: logits in, row losses and logit grads out.
 
 Given the student's and the teacher's logits of a chunk (``[n, V]``, bf16 or fp16 as
-the matmuls wrote them), three kernels make three passes over the vocabulary in fp32,
-each row split over ``SPLITS`` programs whose partial sums the next kernel combines:
+the matmuls wrote them), one program per row makes three passes over the vocabulary
+in fp32:
 
 1. the log-sum-exp of both rows (online max and sum);
 2. the divergence terms (``KL(T || M)`` and ``KL(S || M)`` with ``M`` the beta mixture);
@@ -25,9 +25,8 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
 
-BLOCK = 4096  # vocabulary entries per loop step
-NUM_WARPS = 8
-SPLITS = 4  # programs per row (a power of two)
+BLOCK = 4096  # vocabulary entries per loop step of a row
+NUM_WARPS = 8  # best of the sweep in benchmarks/bench_triton_jsd.py on an H200
 
 
 def available(device: torch.device) -> bool:
@@ -37,22 +36,25 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _lse_partials_kernel(
-        s_ptr, t_ptr, part_ptr, V, stride_s, stride_t, span, inv_tau,
-        SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+    def _jsd_rows_kernel(
+        s_ptr, t_ptr, loss_ptr, V, stride_s, stride_t,
+        inv_tau, beta, grad_scale,
+        MODE: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        """Pass 1 on one split of a row: (max, sum of exp) of both rows' scaled logits."""
+        # MODE 0: beta == 0 (forward KL(T || S)); 1: beta == 1 (reverse KL(S || T)); 2: between.
+        # Transcendentals are the cost: one exp per element and logits row for the
+        # log-sum-exp, then exp(ls), exp(lt) and one log for the mixture per pass.
         row = tl.program_id(0).to(tl.int64)
-        split = tl.program_id(1)
         s_row = s_ptr + row * stride_s
         t_row = t_ptr + row * stride_t
         cols = tl.arange(0, BLOCK)
+
+        # pass 1: log-sum-exp of both rows (block maxima, one rescale per block)
         m_s = float("-inf")
         m_t = float("-inf")
         z_s = 0.0
         z_t = 0.0
-        lo = split * span
-        for start in range(lo, lo + span, BLOCK):
+        for start in range(0, V, BLOCK):
             idx = start + cols
             mask = idx < V
             s = tl.load(s_row + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_tau
@@ -63,42 +65,13 @@ if triton is not None:
             z_t = z_t * tl.exp(m_t - new_t) + tl.sum(tl.exp(t - new_t), 0)
             m_s = new_s
             m_t = new_t
-        out = part_ptr + (row * SPLITS + split) * 4
-        tl.store(out, m_s)
-        tl.store(out + 1, z_s)
-        tl.store(out + 2, m_t)
-        tl.store(out + 3, z_t)
+        lse_s = m_s + tl.log(z_s)
+        lse_t = m_t + tl.log(z_t)
 
-    @triton.jit
-    def _row_lse(part_ptr, row, SPLITS: tl.constexpr):
-        """Combine a row's split partials into the two log-sum-exps."""
-        base = part_ptr + row * SPLITS * 4 + tl.arange(0, SPLITS) * 4
-        m_s = tl.load(base)
-        z_s = tl.load(base + 1)
-        m_t = tl.load(base + 2)
-        z_t = tl.load(base + 3)
-        ms = tl.max(m_s, 0)
-        mt = tl.max(m_t, 0)
-        lse_s = ms + tl.log(tl.sum(tl.where(z_s > 0, z_s * tl.exp(m_s - ms), 0.0), 0))
-        lse_t = mt + tl.log(tl.sum(tl.where(z_t > 0, z_t * tl.exp(m_t - mt), 0.0), 0))
-        return lse_s, lse_t
-
-    @triton.jit
-    def _kl_partials_kernel(
-        s_ptr, t_ptr, part_ptr, kl_ptr, V, stride_s, stride_t, span, inv_tau, beta,
-        MODE: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        """Pass 2 on one split: the divergence terms (MODE 0: beta 0, 1: beta 1, 2: between)."""
-        row = tl.program_id(0).to(tl.int64)
-        split = tl.program_id(1)
-        lse_s, lse_t = _row_lse(part_ptr, row, SPLITS)
-        s_row = s_ptr + row * stride_s
-        t_row = t_ptr + row * stride_t
-        cols = tl.arange(0, BLOCK)
+        # pass 2: the divergence (and the row sum the gradient needs)
         acc_a = tl.zeros([BLOCK], tl.float32)
         acc_b = tl.zeros([BLOCK], tl.float32)
-        lo = split * span
-        for start in range(lo, lo + span, BLOCK):
+        for start in range(0, V, BLOCK):
             idx = start + cols
             mask = idx < V
             ls = tl.load(s_row + idx, mask=mask, other=0.0).to(tl.float32) * inv_tau - lse_s
@@ -115,33 +88,15 @@ if triton is not None:
                 live = mask & (pm > 0.0)  # both probabilities underflowed: no contribution
                 acc_a += tl.where(live, pt * (lt - lm), 0.0)  # KL(T || M)
                 acc_b += tl.where(live, ps * (ls - lm), 0.0)  # KL(S || M)
-        out = kl_ptr + (row * SPLITS + split) * 2
-        tl.store(out, tl.sum(acc_a, 0))
-        tl.store(out + 1, tl.sum(acc_b, 0))
+        kl_a = tl.sum(acc_a, 0)
+        kl_b = tl.sum(acc_b, 0)
+        if MODE == 2:
+            tl.store(loss_ptr + row, beta * kl_a + (1.0 - beta) * kl_b)
+        else:
+            tl.store(loss_ptr + row, kl_a)
 
-    @triton.jit
-    def _grad_kernel(
-        s_ptr, t_ptr, part_ptr, kl_ptr, loss_ptr, V, stride_s, stride_t, span, inv_tau, beta, grad_scale,
-        MODE: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        """Pass 3 on one split: dL/d(student logits) over the student's logits; split 0
-        also writes the row's loss."""
-        row = tl.program_id(0).to(tl.int64)
-        split = tl.program_id(1)
-        lse_s, lse_t = _row_lse(part_ptr, row, SPLITS)
-        kl_base = kl_ptr + row * SPLITS * 2 + tl.arange(0, SPLITS) * 2
-        kl_a = tl.sum(tl.load(kl_base), 0)
-        kl_b = tl.sum(tl.load(kl_base + 1), 0)
-        if split == 0:
-            if MODE == 2:
-                tl.store(loss_ptr + row, beta * kl_a + (1.0 - beta) * kl_b)
-            else:
-                tl.store(loss_ptr + row, kl_a)
-        s_row = s_ptr + row * stride_s
-        t_row = t_ptr + row * stride_t
-        cols = tl.arange(0, BLOCK)
-        lo = split * span
-        for start in range(lo, lo + span, BLOCK):
+        # pass 3: dL/d(student logits), over the student's logits
+        for start in range(0, V, BLOCK):
             idx = start + cols
             mask = idx < V
             ls = tl.load(s_row + idx, mask=mask, other=0.0).to(tl.float32) * inv_tau - lse_s
@@ -170,17 +125,9 @@ def jsd_rows_and_grad_(
     mode = 0 if beta == 0.0 else 1 if beta == 1.0 else 2
     inv_tau = 1.0 / temperature
     scale = inv_tau if mode != 2 else (1.0 - beta) * inv_tau
-    # each row in SPLITS programs (more of the GPU busy than one program per row)
-    span = triton.cdiv(triton.cdiv(vocab, SPLITS), BLOCK) * BLOCK
-    partials = torch.empty(n, SPLITS, 4, dtype=torch.float32, device=student_logits.device)
-    kl = torch.empty(n, SPLITS, 2, dtype=torch.float32, device=student_logits.device)
-    grid = (n, SPLITS)
-    common = dict(SPLITS=SPLITS, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    s_stride, t_stride = student_logits.stride(0), teacher_logits.stride(0)
-    _lse_partials_kernel[grid](student_logits, teacher_logits, partials, vocab, s_stride, t_stride, span,
-                               inv_tau, **common)
-    _kl_partials_kernel[grid](student_logits, teacher_logits, partials, kl, vocab, s_stride, t_stride, span,
-                              inv_tau, beta, MODE=mode, **common)
-    _grad_kernel[grid](student_logits, teacher_logits, partials, kl, loss, vocab, s_stride, t_stride, span,
-                       inv_tau, beta, scale, MODE=mode, **common)
+    _jsd_rows_kernel[(n,)](
+        student_logits, teacher_logits, loss, vocab, student_logits.stride(0), teacher_logits.stride(0),
+        inv_tau, beta, scale,
+        MODE=mode, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    )
     return loss
