@@ -75,6 +75,8 @@ class GoldArgs(BaseModel):
     gold_generation_engine: Literal["auto", "hf", "static"] = "auto"
     # --- vision-language students -------------------------------------------
     gold_train_vision_tower: bool = False
+    # --- DeepSpeed ---------------------------------------------------------
+    gold_experimental_zero3: bool = False
     use_vllm: bool = False
     vllm_mode: Literal["colocate", "server"] = "colocate"
     vllm_gpu_memory_utilization: float = 0.3
@@ -195,6 +197,8 @@ def validate_gold_settings(data: dict) -> None:
             "`generation_batch_size` (or omit it to derive it) or the batch keys."
         )
 
+    if _zero_stage(data.get("deepspeed")) == 3:
+        _validate_zero3(data)
     if data.get("use_vllm"):
         utilization = float(_get(data, "vllm_gpu_memory_utilization", 0.3))
         if not 0.0 < utilization < 1.0:
@@ -221,6 +225,35 @@ def validate_gold_settings(data: dict) -> None:
         raise GoldConfigError(
             "set both `uld_hybrid_matched_weight` and `uld_hybrid_unmatched_weight` (fixed "
             "hybrid weights) or neither (adaptive weights)."
+        )
+
+
+def _validate_zero3(data: dict) -> None:
+    """ZeRO-3 is opt-in while its `axolotl train` path is not verified on GPUs."""
+    if not data.get("gold_experimental_zero3"):
+        raise GoldConfigError(
+            "`deepspeed` selects ZeRO stage 3, whose GOLD support is experimental: rollouts "
+            "with gathered weights, the teacher partitioned for inference and the gathered "
+            "output heads are verified on 2 GPUs outside Axolotl, but `axolotl train` under "
+            "ZeRO-3 is so far verified only on the CPU, where its gradients were not "
+            "reproducible. Set `gold_experimental_zero3: true` to use it anyway, or use a "
+            "ZeRO-1/2 config (e.g. `deepspeed_configs/zero2.json`) or DDP."
+        )
+    if data.get("use_vllm"):
+        raise GoldConfigError(
+            "`use_vllm: true` with ZeRO-3 is not supported (the weight sync reads whole "
+            "parameters): set `use_vllm: false` (HF generation gathers the weights once per "
+            "window) or use ZeRO-1/2."
+        )
+    if data.get("gold_generation_engine") == "static":
+        raise GoldConfigError(
+            "`gold_generation_engine: static` captures CUDA graphs over the weights, which ZeRO-3 "
+            "gathers anew for every window: set `gold_generation_engine: hf` (or `auto`)."
+        )
+    if data.get("processor_type"):
+        raise GoldConfigError(
+            "vision-language students (`processor_type`) are not supported with ZeRO-3 yet: "
+            "use ZeRO-1/2 or DDP."
         )
 
 

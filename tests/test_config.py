@@ -56,7 +56,16 @@ def test_valid_config_derives_generation_batch_size_and_routes_dataset(tiny_pair
         ({"use_uld_loss": True, "gold_jsd_backend": "liger"}, r"`gold_jsd_backend: liger` selects Liger's fused JSD"),
         ({"use_uld_loss": True, "seq_kd": True}, r"set `seq_kd: false`"),
         ({"uld_hybrid_matched_weight": 0.5}, r"set both `uld_hybrid_matched_weight`"),
-        ({"deepspeed": {"zero_optimization": {"stage": 3}}}, r"ZeRO stage 3"),
+        ({"deepspeed": {"zero_optimization": {"stage": 3}}}, r"ZeRO stage 3.*`gold_experimental_zero3: true`"),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 3}}, "gold_experimental_zero3": True, "use_vllm": True},
+            r"`use_vllm: true` with ZeRO-3",
+        ),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 3}}, "gold_experimental_zero3": True,
+             "gold_generation_engine": "static"},
+            r"`gold_generation_engine: hf`",
+        ),
         ({"loss_temperature": 0.0}, r"`loss_temperature` must be > 0"),
     ],
 )

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 from axolotl_run import gold_config, log_history, run_train, windows
 
 pytestmark = pytest.mark.e2e
-ZERO3 = Path(__file__).resolve().parents[1] / "deepspeed_configs" / "zero3.json"
 
 
 def _weights(folder) -> dict[str, torch.Tensor]:
@@ -116,20 +115,17 @@ def _sgd_delta(tiny_pair, tmp_path, name, mbs, accum, procs, **extra):
 
 @pytest.mark.parametrize("loss", ["jsd", "uld"])
 def test_gradients_do_not_depend_on_the_window_split(request, tmp_path, loss):
-    """One optimizer step with (micro batch 8, accumulation 1), (2, 4), 2 processes x
-    (2, 2) (DDP over gloo) and 2 processes x (2, 2) under DeepSpeed ZeRO-3 gives the same
-    gradient: the loss is normalized once per window."""
+    """One optimizer step with (micro batch 8, accumulation 1), (2, 4) and 2 processes x
+    (2, 2) (DDP over gloo) gives the same gradient: the loss is normalized once per window."""
     pair = request.getfixturevalue("tiny_pair" if loss == "jsd" else "tiny_cross_pair")
     extra = {"use_uld_loss": True, "uld_use_hybrid_loss": True} if loss == "uld" else {}
     ref, w_ref = _sgd_delta(pair, tmp_path, "mb8", 8, 1, 1, **extra)
     acc, w_acc = _sgd_delta(pair, tmp_path, "mb2ga4", 2, 4, 1, **extra)
     ddp, _ = _sgd_delta(pair, tmp_path, "2proc", 2, 2, 2, **extra)
-    # DeepSpeed ZeRO-3 (partitioned student and teacher, gathered heads), 2 processes
-    zero3, w_z3 = _sgd_delta(pair, tmp_path, "zero3", 2, 2, 2, deepspeed=str(ZERO3), **extra)
-    assert w_ref[0]["scored_tokens"] == w_acc[0]["scored_tokens"] == w_z3[0]["scored_tokens"]
+    assert w_ref[0]["scored_tokens"] == w_acc[0]["scored_tokens"]
     norm = math.sqrt(sum(float(d.pow(2).sum()) for d in ref.values()))
     assert norm > 0
-    for name, other in (("(2,4)", acc), ("2x(2,2) DDP", ddp), ("2x(2,2) ZeRO-3", zero3)):
+    for name, other in (("(2,4)", acc), ("2x(2,2) DDP", ddp)):
         diff = math.sqrt(sum(float((other[k] - ref[k]).pow(2).sum()) for k in ref))
         print(f"{loss} {name}: relative L2 difference to (8,1) = {diff / norm:.2e}")
         assert diff / norm < 1e-4, diff / norm
