@@ -234,10 +234,10 @@ def _validate_zero3(data: dict) -> None:
         raise GoldConfigError(
             "`deepspeed` selects ZeRO stage 3, whose GOLD support is experimental: rollouts "
             "with gathered weights, the teacher partitioned for inference and the gathered "
-            "output heads are verified on 2 GPUs outside Axolotl, but `axolotl train` under "
-            "ZeRO-3 is so far verified only on the CPU, where its gradients were not "
-            "reproducible. Set `gold_experimental_zero3: true` to use it anyway, or use a "
-            "ZeRO-1/2 config (e.g. `deepspeed_configs/zero2.json`) or DDP."
+            "output heads are verified on 2 GPUs outside Axolotl, and `axolotl train` under "
+            "ZeRO-3 only on CPU processes (where DeepSpeed itself is not reproducible, plain "
+            "SFT included). Set `gold_experimental_zero3: true` to use it, or use a ZeRO-1/2 "
+            "config (e.g. `deepspeed_configs/zero2.json`) or DDP."
         )
     if data.get("use_vllm"):
         raise GoldConfigError(

@@ -6,9 +6,10 @@
   the same step on one process without DeepSpeed. On 2 H200s it gave the same rollouts
   and a relative difference of 1.8e-4 (float32); on the CPU 3.4e-5, run after run.
 - ``axolotl train`` with ``gold_experimental_zero3``: the run completes (smoke test).
-  Its gradients on the CPU are not reproducible from run to run (about one run in
-  four is garbage; plain SFT under the same launcher is reproducible), which is why
-  ZeRO-3 is opt-in; see the README.
+  Gradients are not compared here: DeepSpeed on CPU processes through Axolotl is not
+  reproducible from run to run, plain SFT without GOLD included (4 of 7 runs differed;
+  in one failing GOLD run a rank's partition of a student weight held 7e12 before any
+  update). The plain loop above, which builds the models without ``zero.Init``, is.
 """
 
 import os
