@@ -35,7 +35,6 @@ class GoldPlugin(BasePlugin):
     def pre_model_load(self, cfg) -> None:
         if gold_enabled(cfg):
             check_teacher_compatible(cfg)
-            import_model_classes(cfg)
 
     def get_trainer_cls(self, cfg):
         if not gold_enabled(cfg):
@@ -62,7 +61,7 @@ class GoldPlugin(BasePlugin):
         from axolotl_gold.zero3 import full_loading, zero3_enabled
 
         zero3 = zero3_enabled(trainer.accelerator)
-        # ZeRO-3: loaded partitioned (zero.Init), in the run's precision
+        # ZeRO-3: loaded whole; the trainer partitions it in an inference engine
         with full_loading() if zero3 else contextlib.nullcontext():
             teacher = load_teacher(cfg, trainer.accelerator.device)
         objective = build_objective(cfg, settings, trainer.model, teacher, trainer.processing_class)
@@ -74,26 +73,6 @@ class GoldPlugin(BasePlugin):
             vision=vision,
             ds_cfg=dataset_config(cfg),
         )
-
-
-def import_model_classes(cfg) -> None:
-    """Import the teacher's (and student's) model classes before the student loads.
-
-    Under ZeRO-3 the student loads inside DeepSpeed's ``zero.Init``, which wraps the
-    ``__init__`` of every module class that exists when it starts and unwraps them
-    when it ends; a class first imported *inside* it keeps the wrapper, so a teacher
-    of that class built later would be partitioned by a context that is gone.
-    """
-    from transformers import AutoConfig
-
-    from axolotl_gold.teacher import auto_model_class
-
-    for path in (cfg["teacher_model"], cfg.get("base_model_config") or cfg["base_model"]):
-        config = AutoConfig.from_pretrained(path, revision=cfg.get("teacher_model_revision") if path == cfg["teacher_model"] else None)
-        auto = auto_model_class(config)
-        mapping = getattr(auto, "_model_mapping", None)
-        if mapping is not None and type(config) in mapping:
-            mapping[type(config)]  # the lazy mapping imports the class's module
 
 
 def dataset_config(cfg) -> dict:

@@ -48,15 +48,8 @@ class CrossTokenizerInputs:
     alignment_fallback: str | None = None  # "positional" for tokenizers without offsets
     teacher_vision: object | None = None  # the teacher's VisionEncoder (rows with images)
 
-    def _vision_row(self, row: Rollout) -> bool:
-        return self.teacher_vision is not None and bool(row.images)
-
-    def teacher_prompt_text(self, row: Rollout) -> str:
-        return self.teacher_vision.render(row.prompt_messages)
-
     def teacher_prompt(self, row: Rollout) -> list[int]:
-        if self._vision_row(row):  # its own template, its own image tokens, the same images
-            return self.teacher_vision.prompt_ids(self.teacher_prompt_text(row), row.images)
+        """The teacher's prompt ids of a text row (image rows: see ``__call__``)."""
         tok = self.teacher_tokenizer
         if self.prompt_mode == "teacher_template" and row.prompt_messages and tok.chat_template:
             text = tok.apply_chat_template(
@@ -97,21 +90,22 @@ class CrossTokenizerInputs:
         return list(t_ids), s_groups, t_groups
 
     def __call__(self, rows: list[Rollout]) -> dict:
-        prompts, completions, s_groups, t_groups = [], [], [], []
+        completions, s_groups, t_groups = [], [], []
         for row in rows:
             t_ids, sg, tg = self.align_row(row)
-            prompts.append(self.teacher_prompt(row))
             completions.append(t_ids)
             s_groups.append(sg)
             t_groups.append(tg)
-        pad = self.teacher_tokenizer.pad_token_id
-        if pad is None:
-            pad = self.teacher_tokenizer.eos_token_id
-        if any(self._vision_row(r) for r in rows):
-            texts = [self.teacher_prompt_text(r) for r in rows]
-            teacher = self.teacher_vision.scoring_batch(prompts, completions, texts, [r.images for r in rows])
+        if self.teacher_vision is not None and any(r.images for r in rows):
+            # its own template and image tokens, the same images; encoded once, in the batch
+            vision = self.teacher_vision
+            texts = [vision.render(r.prompt_messages) for r in rows]
+            teacher = vision.scoring_batch(None, completions, texts, [r.images for r in rows])
         else:
-            teacher = build_scoring_batch(prompts, completions, pad)
+            pad = self.teacher_tokenizer.pad_token_id
+            if pad is None:
+                pad = self.teacher_tokenizer.eos_token_id
+            teacher = build_scoring_batch([self.teacher_prompt(r) for r in rows], completions, pad)
         return {
             "teacher": teacher,
             "uld_student_ids": [list(r.completion_ids) for r in rows],

@@ -80,8 +80,7 @@ class VisionEncoder:
             kwargs["images"] = images
         return dict(self.processor(**kwargs))
 
-    def prompt_ids(self, text: str, images: list) -> list[int]:
-        ids = self._process([text], [images])["input_ids"][0].tolist()
+    def _fits(self, ids: list[int]) -> list[int]:
         if len(ids) > self.max_prompt_length:
             raise GoldConfigError(
                 f"a prompt with its image tokens is {len(ids)} tokens, more than the "
@@ -91,12 +90,17 @@ class VisionEncoder:
             )
         return ids
 
+    def prompt_ids(self, text: str, images: list) -> list[int]:
+        return self._fits(self._process([text], [images])["input_ids"][0].tolist())
+
+    @staticmethod
+    def _unpadded(out: dict) -> list[list[int]]:
+        return [ids[mask.bool()].tolist() for ids, mask in zip(out["input_ids"], out["attention_mask"])]
+
     def model_inputs(self, texts: list[str], images: list[list], prompts: list[list[int]]) -> dict:
         """The processor's tensors for a left-padded prompt batch (what ``generate`` takes)."""
         out = self._process(texts, images)
-        ids, mask = out["input_ids"], out["attention_mask"]
-        for row, prompt in enumerate(prompts):
-            got = ids[row][mask[row].bool()].tolist()
+        for row, (got, prompt) in enumerate(zip(self._unpadded(out), prompts)):
             if got != list(prompt):
                 raise RuntimeError(
                     f"the processor encoded prompt {row} differently on a second call "
@@ -106,10 +110,18 @@ class VisionEncoder:
 
     def scoring_batch(self, prompts, completions, texts, images) -> dict:
         """The text scoring batch plus ``vision`` (no ``position_ids``: multimodal
-        models place image tokens themselves, e.g. Qwen2-VL's 3D rotary positions)."""
+        models place image tokens themselves, e.g. Qwen2-VL's 3D rotary positions).
+
+        ``prompts=None``: this processor encodes the prompts here, once (a cross-family
+        teacher's own prompt tokens); otherwise they are checked against its output.
+        """
+        if prompts is None:
+            out = self._process(texts, images)
+            prompts = [self._fits(ids) for ids in self._unpadded(out)]
+        else:
+            out = self.model_inputs(texts, images, prompts)
         batch = build_scoring_batch(prompts, completions, self.pad_id)
         batch.pop("position_ids")
-        out = self.model_inputs(texts, images, prompts)
         width = batch["completion_labels"].shape[1]
         rows, prompt_width = out["input_ids"].shape
         vision = {}

@@ -10,9 +10,9 @@ call, so this module gathers them explicitly:
 - the fused loss: both output heads' weights, applied chunk by chunk by the loss,
   gathered across the micro-step's forward and backward (the student's head
   gradient is then reduce-scattered by DeepSpeed's gradient hooks as usual);
-- the teacher: loaded partitioned (``from_pretrained`` under ``zero.Init``, which
-  transformers applies when ZeRO-3 is on) and wrapped in an inference engine (no
-  optimizer) so its forward gathers layer by layer.
+- the teacher: loaded whole (outside transformers' ``zero.Init``, which Axolotl's
+  ZeRO-3 loader leaves switched on for good) and partitioned by an inference engine
+  without optimizer, created once the student's engine exists.
 """
 
 from __future__ import annotations
@@ -32,9 +32,6 @@ def _resolve_auto(value, default):
     return default if value == "auto" else value
 
 
-_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-
-
 @contextlib.contextmanager
 def full_loading():
     """``from_pretrained`` outside transformers' ``zero.Init``: the engine partitions it."""
@@ -49,41 +46,6 @@ def full_loading():
         yield
     finally:
         modeling_utils.is_deepspeed_zero3_enabled, hf_ds.is_deepspeed_zero3_enabled = saved
-
-
-@contextlib.contextmanager
-def partitioned_loading(accelerator):
-    """``from_pretrained`` inside transformers' ``zero.Init`` (weights loaded shard by
-    shard), with the run's resolved settings.
-
-    transformers builds ``zero.Init`` from its own copy of the DeepSpeed config, which
-    can still hold ``"auto"`` entries after the student loaded: an ``"auto"`` fp16 flag
-    reads as true and would partition the teacher in float16, and the batch size must
-    pass DeepSpeed's check (micro batch x accumulation x processes). Both are set
-    from the accelerator's resolved config while the teacher loads.
-    """
-    from transformers.integrations.deepspeed import deepspeed_config
-
-    config = deepspeed_config()
-    if config is None:
-        yield
-        return
-    resolved = accelerator.state.deepspeed_plugin.deepspeed_config
-    saved = copy.deepcopy({key: config.get(key) for key in (*_BATCH_KEYS, "fp16", "bf16")})
-    for key in ("fp16", "bf16"):
-        config[key] = {**(config.get(key) or {}), "enabled": bool((resolved.get(key) or {}).get("enabled") is True)}
-    for key in _BATCH_KEYS:
-        if isinstance(resolved.get(key), int):
-            config[key] = resolved[key]
-    _consistent_batch(config, accelerator.num_processes)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                config.pop(key, None)
-            else:
-                config[key] = value
 
 
 def _consistent_batch(config: dict, world_size: int) -> None:

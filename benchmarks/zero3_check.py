@@ -25,6 +25,7 @@ from a plain loop, because Axolotl is not installed on the GPU machine; the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -144,7 +145,7 @@ def correctness(args, rank, world, device):
     ref_engine = HFGenerateEngine(lambda: ref_student, sampling, pad, {eos})
     ref_prepared = window_prepare(args, rows, ref_engine, pad)
     run_window(ref_prepared, ref_student, ref_teacher, 1, objective, device,
-               lambda loss: loss.backward(), lambda: _null())
+               lambda loss: loss.backward(), contextlib.nullcontext)
     ref_completions = [r.completion_ids for s in ref_prepared.window.slices for r in s]
     same_rollouts = ref_completions == [c for part in gathered for c in part]
     ref_delta = {n: -p.grad.detach().cpu() for n, p in ref_student.named_parameters()}
@@ -153,12 +154,6 @@ def correctness(args, rank, world, device):
     diff = sum(float((z3_delta[n] - ref_delta[n]).pow(2).sum()) for n in ref_delta) ** 0.5
     return {"same_rollouts": same_rollouts, "relative_l2": diff / norm, "grad_norm": norm,
             "engine_calls": rollouts.calls, "scored_tokens_per_rank": prepared.local_tokens}
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def window_prepare(args, rows, engine, pad):
@@ -223,7 +218,8 @@ def memory(args, rank, world, device, zero3: bool):
         student = build(STUDENT, vocab, torch.bfloat16, seed=1, device=device)
         teacher_model = build(TEACHER, vocab, torch.bfloat16, seed=2, device=device).requires_grad_(False)
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6)
-        call, heads, backward, gen_ctx, get = student, _null, lambda loss: loss.backward(), _null, lambda: student
+        call, heads, backward, get = student, contextlib.nullcontext, lambda loss: loss.backward(), lambda: student
+        gen_ctx = contextlib.nullcontext
         step = optimizer.step
     rollouts = HFGenerateEngine(get, sampling, pad, {eos}, min_new_tokens=args.mem_completion)
     mem_args.micro = args.mem_micro
