@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -76,15 +79,19 @@ def run_train(cfg: dict, workdir: Path, num_processes: int = 1, timeout: int = 6
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     if num_processes == 1:
+        if torch.cuda.device_count() > 1:  # `axolotl train` launches one process per visible GPU
+            env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
         cmd = [str(BIN / "axolotl"), "train", str(path)]
     else:
-        # torchrun sets RANK/WORLD_SIZE; with ACCELERATE_USE_CPU accelerate runs DDP over
-        # gloo; a DeepSpeed run goes through DeepSpeed's CPU accelerator (gloo) instead
+        # torchrun sets RANK/WORLD_SIZE. On GPUs accelerate picks NCCL by itself. On CPUs,
+        # with ACCELERATE_USE_CPU accelerate runs DDP over gloo, and a DeepSpeed run goes
+        # through DeepSpeed's CPU accelerator (gloo) instead.
         entry = ["-m", "axolotl.cli.train"]
         if cfg.get("deepspeed"):
             env["ACCELERATE_USE_DEEPSPEED"] = "true"
-            entry = [str(Path(__file__).with_name("cpu_deepspeed_train.py"))]
-        else:
+            if not torch.cuda.is_available():
+                entry = [str(Path(__file__).with_name("cpu_deepspeed_train.py"))]
+        elif not torch.cuda.is_available():
             env["ACCELERATE_USE_CPU"] = "true"
         cmd = [
             str(BIN / "torchrun"), "--nproc_per_node", str(num_processes),
@@ -105,3 +112,29 @@ def windows(out: Path) -> list[dict]:
 def log_history(out: Path, step: int) -> list[dict]:
     state = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
     return state["log_history"]
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def sgd_delta(pair, tmp_path, name, mbs, accum, procs, **extra):
+    """Weights after one SGD step (lr 1, no clipping) minus before: minus the gradient of
+    one off-policy window (``lmbda`` 0: the dataset's completions, no sampling)."""
+    cfg = gold_config(
+        pair, tmp_path / name, lmbda=0.0, num_generations=1, micro_batch_size=mbs,
+        gradient_accumulation_steps=accum, max_steps=1, save_steps=1, optimizer="sgd",
+        learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0, warmup_steps=0, **extra,
+    )
+    out = run_train(cfg, tmp_path / name, num_processes=procs)
+    before, after = weights(pair["student"]), weights(out)
+    return {k: after[k] - before[k] for k in before}, windows(out)
+
+
+def relative_l2(other: dict, ref: dict) -> float:
+    norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in ref.values()))
+    assert norm > 0
+    return math.sqrt(sum(float((other[k] - ref[k]).double().pow(2).sum()) for k in ref)) / norm

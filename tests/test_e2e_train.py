@@ -10,19 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from axolotl_run import gold_config, log_history, run_train, windows
+from axolotl_run import gold_config, log_history, relative_l2, run_train, sgd_delta, windows
+from axolotl_run import weights as _weights
 
 pytestmark = pytest.mark.e2e
-
-
-def _weights(folder) -> dict[str, torch.Tensor]:
-    files = sorted(Path(folder).glob("*.safetensors"))
-    out = {}
-    for f in files:
-        out.update(load_file(str(f)))
-    return out
 
 
 def _sha(folder) -> str:
@@ -101,34 +93,20 @@ def test_cross_tokenizer_uld(tiny_cross_pair, tmp_path):
     assert [r["engine_calls"] for r in records] == [int(any(r["on_policy"])) for r in records]
 
 
-def _sgd_delta(tiny_pair, tmp_path, name, mbs, accum, procs, **extra):
-    """Weights after one SGD step (lr 1, no clipping) minus before: minus the gradient."""
-    cfg = gold_config(
-        tiny_pair, tmp_path / name, lmbda=0.0, num_generations=1, micro_batch_size=mbs,
-        gradient_accumulation_steps=accum, max_steps=1, save_steps=1, optimizer="sgd",
-        learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0, warmup_steps=0, **extra,
-    )
-    out = run_train(cfg, tmp_path / name, num_processes=procs)
-    before, after = _weights(tiny_pair["student"]), _weights(out)
-    return {k: after[k] - before[k] for k in before}, windows(out)
-
-
 @pytest.mark.parametrize("loss", ["jsd", "uld"])
 def test_gradients_do_not_depend_on_the_window_split(request, tmp_path, loss):
     """One optimizer step with (micro batch 8, accumulation 1), (2, 4) and 2 processes x
     (2, 2) (DDP over gloo) gives the same gradient: the loss is normalized once per window."""
     pair = request.getfixturevalue("tiny_pair" if loss == "jsd" else "tiny_cross_pair")
     extra = {"use_uld_loss": True, "uld_use_hybrid_loss": True} if loss == "uld" else {}
-    ref, w_ref = _sgd_delta(pair, tmp_path, "mb8", 8, 1, 1, **extra)
-    acc, w_acc = _sgd_delta(pair, tmp_path, "mb2ga4", 2, 4, 1, **extra)
-    ddp, _ = _sgd_delta(pair, tmp_path, "2proc", 2, 2, 2, **extra)
+    ref, w_ref = sgd_delta(pair, tmp_path, "mb8", 8, 1, 1, **extra)
+    acc, w_acc = sgd_delta(pair, tmp_path, "mb2ga4", 2, 4, 1, **extra)
+    ddp, _ = sgd_delta(pair, tmp_path, "2proc", 2, 2, 2, **extra)
     assert w_ref[0]["scored_tokens"] == w_acc[0]["scored_tokens"]
-    norm = math.sqrt(sum(float(d.pow(2).sum()) for d in ref.values()))
-    assert norm > 0
     for name, other in (("(2,4)", acc), ("2x(2,2) DDP", ddp)):
-        diff = math.sqrt(sum(float((other[k] - ref[k]).pow(2).sum()) for k in ref))
-        print(f"{loss} {name}: relative L2 difference to (8,1) = {diff / norm:.2e}")
-        assert diff / norm < 1e-4, diff / norm
+        rel = relative_l2(other, ref)
+        print(f"{loss} {name}: relative L2 difference to (8,1) = {rel:.2e}")
+        assert rel < 1e-4, rel
 
 
 def test_resume_replays_prompts_and_draws(tiny_pair, tmp_path):

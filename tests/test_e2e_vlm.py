@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from axolotl_run import gold_config, log_history, run_train, windows
-from test_e2e_train import _sha, _train_losses, _weights
+from axolotl_run import weights as _weights
+from test_e2e_train import _sha, _train_losses
 
 pytestmark = pytest.mark.e2e
 
