@@ -75,8 +75,6 @@ class GoldArgs(BaseModel):
     gold_generation_engine: Literal["auto", "hf", "static"] = "auto"
     # --- vision-language students -------------------------------------------
     gold_train_vision_tower: bool = False
-    # --- DeepSpeed ---------------------------------------------------------
-    gold_experimental_zero3: bool = False
     use_vllm: bool = False
     vllm_mode: Literal["colocate", "server"] = "colocate"
     vllm_gpu_memory_utilization: float = 0.3
@@ -229,16 +227,7 @@ def validate_gold_settings(data: dict) -> None:
 
 
 def _validate_zero3(data: dict) -> None:
-    """ZeRO-3 is opt-in while its `axolotl train` path is not verified on GPUs."""
-    if not data.get("gold_experimental_zero3"):
-        raise GoldConfigError(
-            "`deepspeed` selects ZeRO stage 3, whose GOLD support is experimental: rollouts "
-            "with gathered weights, the teacher partitioned for inference and the gathered "
-            "output heads are verified on 2 GPUs outside Axolotl, and `axolotl train` under "
-            "ZeRO-3 only on CPU processes (where DeepSpeed itself is not reproducible, plain "
-            "SFT included). Set `gold_experimental_zero3: true` to use it, or use a ZeRO-1/2 "
-            "config (e.g. `deepspeed_configs/zero2.json`) or DDP."
-        )
+    """What ZeRO-3 (student partitioned, teacher in an inference engine) cannot combine with."""
     if data.get("use_vllm"):
         raise GoldConfigError(
             "`use_vllm: true` with ZeRO-3 is not supported (the weight sync reads whole "

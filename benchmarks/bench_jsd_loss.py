@@ -57,6 +57,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--methods", default=",".join(METHODS), help="comma-separated, from " + ",".join(METHODS + OPTIONAL_METHODS)
     )
+    parser.add_argument(
+        "--triton", default="", help="BLOCK:WARPS for the Triton kernel; default: the module's settings",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.teacher_hidden is None:
@@ -126,6 +129,11 @@ def run_child(args) -> dict:
             student_hidden.grad, student_weight.grad = grad_hidden, grad_weight
         return torch.zeros(())
 
+    if args.triton:
+        from axolotl_gold.losses import triton_jsd
+
+        block, warps = (int(x) for x in args.triton.split(":"))
+        triton_jsd.BLOCK, triton_jsd.NUM_WARPS = block, warps
     if args.child in ("chunked-eager", "chunked-compiled"):
         import axolotl_gold.losses.chunked as chunked_module
 
@@ -167,14 +175,16 @@ def run_child(args) -> dict:
     else:
         peak = _peak_rss_bytes()
         extra, bound = max(peak - base, 0), peak <= peak_before
+    import axolotl_gold.losses.chunked as chunked_module
+
     return {"method": args.child, "ms": statistics.median(times), "extra_bytes": extra,
-            "upper_bound": bound, "loss": float(loss)}
+            "upper_bound": bound, "loss": float(loss), "mixed_addmm": chunked_module._mixed_addmm_works}
 
 
 def spawn(args, method) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--child", method]
     for name in ("device", "tokens", "hidden", "teacher_hidden", "vocab", "dtype", "chunk_size", "repeats",
-                 "beta", "temperature"):
+                 "beta", "temperature", "triton"):
         argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     env = dict(os.environ)
     # glibc otherwise keeps freed blocks of up to 32 MiB in its heap, which RSS would count as used.
@@ -203,7 +213,7 @@ def main(argv=None):
 
     print(f"tokens={args.tokens} hidden={args.hidden} teacher_hidden={args.teacher_hidden} vocab={args.vocab} "
           f"dtype={args.dtype} device={args.device} chunk_size={args.chunk_size} beta={args.beta} "
-          f"temperature={args.temperature}; median of {args.repeats} runs after warm-up, forward + backward\n")
+          f"temperature={args.temperature} triton={args.triton or 'default'}; median of {args.repeats} runs after warm-up, forward + backward\n")
     memory_label = "peak extra GPU memory" if args.device != "cpu" else "peak extra RSS"
     print(f"| method | ms | x plain | x floor | {memory_label} (MiB) | loss |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -219,6 +229,8 @@ def main(argv=None):
         memory = ("<= " if r["upper_bound"] else "") + f"{r['extra_bytes'] / 2**20:.0f}"
         loss = "-" if method == "floor" else f"{r['loss']:.6g}"
         print(f"| {method} | {r['ms']:.1f} | {ratio_plain} | {ratio_floor} | {memory} | {loss} |")
+    if any(r.get("mixed_addmm") is False for r in results.values()):
+        print("\nnote: cuBLAS bf16 x bf16 -> float32 addmm was unavailable; a slower fallback ran")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/bin/bash
-# Device machine only (see benchmarks/README or the closing notes): unpack the carried
-# Axolotl site (.axsite/site.tar.xz, built from the wheels setup.sh installs) and put
+# Device machine only: unpack the carried
+# Axolotl site (.axsite/site.tar.xz, from scripts/build_device_site.sh) and put
 # `axolotl`, `accelerate` and `torchrun` next to the interpreter, as an install would.
 set -e
 tar -xJf .axsite/site.tar.xz -C /tmp

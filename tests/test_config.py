@@ -1,5 +1,7 @@
 """Config validation through Axolotl's real loader: errors name the key to change."""
 
+from pathlib import Path
+
 import pytest
 
 from axolotl_run import with_overrides
@@ -41,6 +43,11 @@ def test_valid_config_derives_generation_batch_size_and_routes_dataset(tiny_pair
     assert out.lmbda == 0.5 and out.beta == 0.5
 
 
+def test_zero3_config_is_accepted(tiny_pair, tmp_path):
+    zero3 = Path(__file__).resolve().parents[1] / "deepspeed_configs" / "zero3.json"
+    assert _validate(_cfg(tiny_pair, tmp_path, deepspeed=str(zero3))).deepspeed
+
+
 @pytest.mark.parametrize(
     "overrides,pattern",
     [
@@ -56,14 +63,12 @@ def test_valid_config_derives_generation_batch_size_and_routes_dataset(tiny_pair
         ({"use_uld_loss": True, "gold_jsd_backend": "liger"}, r"`gold_jsd_backend: liger` selects Liger's fused JSD"),
         ({"use_uld_loss": True, "seq_kd": True}, r"set `seq_kd: false`"),
         ({"uld_hybrid_matched_weight": 0.5}, r"set both `uld_hybrid_matched_weight`"),
-        ({"deepspeed": {"zero_optimization": {"stage": 3}}}, r"ZeRO stage 3.*`gold_experimental_zero3: true`"),
         (
-            {"deepspeed": {"zero_optimization": {"stage": 3}}, "gold_experimental_zero3": True, "use_vllm": True},
+            {"deepspeed": {"zero_optimization": {"stage": 3}}, "use_vllm": True},
             r"`use_vllm: true` with ZeRO-3",
         ),
         (
-            {"deepspeed": {"zero_optimization": {"stage": 3}}, "gold_experimental_zero3": True,
-             "gold_generation_engine": "static"},
+            {"deepspeed": {"zero_optimization": {"stage": 3}}, "gold_generation_engine": "static"},
             r"`gold_generation_engine: hf`",
         ),
         ({"loss_temperature": 0.0}, r"`loss_temperature` must be > 0"),

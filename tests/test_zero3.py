@@ -5,11 +5,12 @@
   the fused loss) and compares the rollouts and the weight change of one SGD step with
   the same step on one process without DeepSpeed. On 2 H200s it gave the same rollouts
   and a relative difference of 1.8e-4 (float32); on the CPU 3.4e-5, run after run.
-- ``axolotl train`` with ``gold_experimental_zero3``: the run completes (smoke test).
+- ``axolotl train`` under ZeRO-3: the run completes (smoke test).
   Gradients are not compared here: DeepSpeed on CPU processes through Axolotl is not
   reproducible from run to run, plain SFT without GOLD included (4 of 7 runs differed;
   in one failing GOLD run a rank's partition of a student weight held 7e12 before any
-  update). The plain loop above, which builds the models without ``zero.Init``, is.
+  update). The plain loop above, which builds the models without ``zero.Init``, is, and
+  so is ``axolotl train`` on 2 GPUs: ``test_zero3_gpu.py`` compares its gradients.
 """
 
 import os
@@ -47,7 +48,7 @@ def test_zero3_step_matches_one_process():
 def test_axolotl_train_under_zero3_runs(tiny_pair, tmp_path):
     # one on-policy window (rollouts from gathered weights), one update, an evaluation
     cfg = gold_config(
-        tiny_pair, tmp_path, deepspeed=str(ZERO3), gold_experimental_zero3=True, lmbda=1.0,
+        tiny_pair, tmp_path, deepspeed=str(ZERO3), lmbda=1.0,
         max_steps=1, save_steps=1, val_set_size=0.25, eval_strategy="steps", eval_steps=1,
     )
     out = run_train(cfg, tmp_path, num_processes=2)

@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (the device machine)"),
 ]
 ZERO3 = Path(__file__).resolve().parents[1] / "deepspeed_configs" / "zero3.json"
-ZERO3_KEYS = {"deepspeed": str(ZERO3), "gold_experimental_zero3": True}
+ZERO3_KEYS = {"deepspeed": str(ZERO3)}
 
 
 @pytest.mark.parametrize("loss,repeats", [("jsd", 3), ("uld", 1)])

@@ -176,21 +176,31 @@ def _triton_step(hidden_chunk, student_weight, teacher_hidden, teacher_weight, b
 _mixed_addmm_works = True
 
 
-def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
-    """grad_weight (float32 [V, H]) += grad_logits.T @ hidden, the operands maybe bf16."""
+def _accumulate_weight_grad(
+    grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor, first: bool
+) -> None:
+    """grad_weight (float32 [V, H]) += grad_logits.T @ hidden, the operands maybe bf16;
+    ``first``: grad_weight is uninitialized, so it is overwritten (no zero-fill pass)."""
     global _mixed_addmm_works
+    beta = 0.0 if first else 1.0  # beta 0: the old contents are not read (NaNs included)
     if grad_logits.dtype == grad_weight.dtype:
-        grad_weight.addmm_(grad_logits.t(), hidden)
+        torch.addmm(grad_weight, grad_logits.t(), hidden, beta=beta, out=grad_weight)
         return
     if grad_weight.is_cuda and _mixed_addmm_works:
         # cuBLAS can add a bf16 product into a float32 output directly, saving a [V, H]
         # temporary and a pass over it per chunk; older torch builds lack out_dtype.
         try:
-            torch.addmm(grad_weight, grad_logits.t(), hidden, out_dtype=grad_weight.dtype, out=grad_weight)
+            torch.addmm(
+                grad_weight, grad_logits.t(), hidden, beta=beta, out_dtype=grad_weight.dtype, out=grad_weight
+            )
             return
         except (TypeError, RuntimeError):
             _mixed_addmm_works = False
-    grad_weight += grad_logits.t() @ hidden
+    product = grad_logits.t() @ hidden
+    if first:
+        grad_weight.copy_(product)
+    else:
+        grad_weight += product
 
 
 class _ChunkedJSDFunction(torch.autograd.Function):
@@ -221,8 +231,10 @@ class _ChunkedJSDFunction(torch.autograd.Function):
         grad_hidden = torch.empty_like(student_hidden) if need_hidden else None
         # Float32 accumulators: summing many bf16 chunk products in bf16 loses the small ones.
         grad_weight = (
-            torch.zeros(student_weight.shape, dtype=acc_dtype, device=device) if need_weight else None
+            torch.empty(student_weight.shape, dtype=acc_dtype, device=device) if need_weight else None
         )
+        if need_weight and num_tokens == 0:
+            grad_weight.zero_()
         grad_bias = torch.zeros(student_weight.shape[0], dtype=acc_dtype, device=device) if need_bias else None
 
         kernel = _use_triton(device, student_bias, teacher_bias)
@@ -246,7 +258,7 @@ class _ChunkedJSDFunction(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[start:end] = grad_logits @ student_weight
             if need_weight:
-                _accumulate_weight_grad(grad_weight, grad_logits, hidden_chunk)
+                _accumulate_weight_grad(grad_weight, grad_logits, hidden_chunk, first=start == 0)
             del grad_logits
 
         # Cast now, so that the float32 accumulator is gone before backward: for a 128k x 4096

@@ -12,6 +12,12 @@ That is three reads of each logits row and one write, against the roughly ten
 elementwise passes (and fp32 temporaries) of the tensor version; the matmuls around
 it are unchanged. CUDA only; ``chunked.py`` falls back to the compiled tensor
 version where Triton is missing or the head has a bias.
+
+Passes 2 and 3 are bound by arithmetic, not memory (``benchmarks/bench_triton_jsd.py``
+times each pass): so the work is in base 2 (``exp2``/``log2`` are the hardware's, and
+``log2(e) / tau`` folds into the one multiply-add that normalizes a logit), full blocks
+are loaded without masks (only the ragged last block is masked), and a mixture
+probability that underflows is clamped rather than tested and selected.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ except ImportError:  # pragma: no cover - CPU-only installs
 
 BLOCK = 4096  # vocabulary entries per loop step of a row
 NUM_WARPS = 8  # best of the sweep in benchmarks/bench_triton_jsd.py on an H200
+LOG2E = 1.4426950408889634
 
 
 def available(device: torch.device) -> bool:
@@ -34,22 +41,65 @@ def available(device: torch.device) -> bool:
 
 
 if triton is not None:
+    _LN2 = tl.constexpr(0.6931471805599453)
+    # Mixture probabilities below this count as this: log2 stays finite, so a term whose
+    # weight underflowed to 0 contributes 0 (not 0 * inf); such terms are below 1e-28.
+    _TINY = tl.constexpr(1.0e-30)
+
+    @triton.jit
+    def _log2_probs(s_row, t_row, idx, mask, c, lse2_s, lse2_t, MASKED: tl.constexpr):
+        """Base-2 log-probabilities of a block of both rows (masked lanes: finite junk)."""
+        if MASKED:
+            s = tl.load(s_row + idx, mask=mask, other=0.0)
+            t = tl.load(t_row + idx, mask=mask, other=0.0)
+        else:
+            s = tl.load(s_row + idx)
+            t = tl.load(t_row + idx)
+        return s.to(tl.float32) * c - lse2_s, t.to(tl.float32) * c - lse2_t
+
+    @triton.jit
+    def _kl_terms(ls, lt, beta, MODE: tl.constexpr):
+        """Per-entry divergence terms in bits: (KL(T||M) or the only KL, KL(S||M))."""
+        if MODE == 0:
+            a = tl.exp2(lt) * (lt - ls)
+            return a, a
+        elif MODE == 1:
+            a = tl.exp2(ls) * (ls - lt)
+            return a, a
+        else:
+            ps = tl.exp2(ls)
+            pt = tl.exp2(lt)
+            lm = tl.log2(tl.maximum((1.0 - beta) * ps + beta * pt, _TINY))
+            return pt * (lt - lm), ps * (ls - lm)
+
+    @triton.jit
+    def _logit_grad(ls, lt, beta, g_scale, g_shift, MODE: tl.constexpr):
+        """dL/d(student logit) = p_s (g_scale * d - g_shift), d the log-ratio in bits
+        (MODE 0: (p_s - p_t) * g_scale)."""
+        ps = tl.exp2(ls)
+        if MODE == 0:
+            return (ps - tl.exp2(lt)) * g_scale
+        elif MODE == 1:
+            return ps * ((ls - lt) * g_scale - g_shift)
+        else:
+            lm = tl.log2(tl.maximum((1.0 - beta) * ps + beta * tl.exp2(lt), _TINY))
+            return ps * ((ls - lm) * g_scale - g_shift)
 
     @triton.jit
     def _jsd_rows_kernel(
         s_ptr, t_ptr, loss_ptr, V, stride_s, stride_t,
-        inv_tau, beta, grad_scale,
+        c, beta, grad_scale,
         MODE: tl.constexpr, BLOCK: tl.constexpr,
     ):
         # MODE 0: beta == 0 (forward KL(T || S)); 1: beta == 1 (reverse KL(S || T)); 2: between.
-        # Transcendentals are the cost: one exp per element and logits row for the
-        # log-sum-exp, then exp(ls), exp(lt) and one log for the mixture per pass.
+        # c = log2(e) / tau: a logit times c is its tempered value in bits.
         row = tl.program_id(0).to(tl.int64)
         s_row = s_ptr + row * stride_s
         t_row = t_ptr + row * stride_t
         cols = tl.arange(0, BLOCK)
+        full = V - V % BLOCK  # blocks before this one need no mask
 
-        # pass 1: log-sum-exp of both rows (block maxima, one rescale per block)
+        # pass 1: log-sum-exp of both rows in bits (block maxima, one rescale per block)
         m_s = float("-inf")
         m_t = float("-inf")
         z_s = 0.0
@@ -57,59 +107,56 @@ if triton is not None:
         for start in range(0, V, BLOCK):
             idx = start + cols
             mask = idx < V
-            s = tl.load(s_row + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_tau
-            t = tl.load(t_row + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_tau
+            s = tl.load(s_row + idx, mask=mask, other=float("-inf")).to(tl.float32) * c
+            t = tl.load(t_row + idx, mask=mask, other=float("-inf")).to(tl.float32) * c
             new_s = tl.maximum(m_s, tl.max(s, 0))
             new_t = tl.maximum(m_t, tl.max(t, 0))
-            z_s = z_s * tl.exp(m_s - new_s) + tl.sum(tl.exp(s - new_s), 0)
-            z_t = z_t * tl.exp(m_t - new_t) + tl.sum(tl.exp(t - new_t), 0)
+            z_s = z_s * tl.exp2(m_s - new_s) + tl.sum(tl.exp2(s - new_s), 0)
+            z_t = z_t * tl.exp2(m_t - new_t) + tl.sum(tl.exp2(t - new_t), 0)
             m_s = new_s
             m_t = new_t
-        lse_s = m_s + tl.log(z_s)
-        lse_t = m_t + tl.log(z_t)
+        lse2_s = m_s + tl.log2(z_s)
+        lse2_t = m_t + tl.log2(z_t)
 
-        # pass 2: the divergence (and the row sum the gradient needs)
+        # pass 2: the divergence (and the row sum the gradient needs), in bits
         acc_a = tl.zeros([BLOCK], tl.float32)
         acc_b = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, V, BLOCK):
-            idx = start + cols
+        for start in range(0, full, BLOCK):
+            ls, lt = _log2_probs(s_row, t_row, start + cols, None, c, lse2_s, lse2_t, False)
+            a, b = _kl_terms(ls, lt, beta, MODE)
+            acc_a += a
+            acc_b += b
+        if full < V:
+            idx = full + cols
             mask = idx < V
-            ls = tl.load(s_row + idx, mask=mask, other=0.0).to(tl.float32) * inv_tau - lse_s
-            lt = tl.load(t_row + idx, mask=mask, other=0.0).to(tl.float32) * inv_tau - lse_t
-            ps = tl.exp(ls)
-            pt = tl.exp(lt)
-            if MODE == 0:
-                acc_a += tl.where(mask, pt * (lt - ls), 0.0)
-            elif MODE == 1:
-                acc_a += tl.where(mask, ps * (ls - lt), 0.0)
-            else:
-                pm = (1.0 - beta) * ps + beta * pt
-                lm = tl.log(pm)
-                live = mask & (pm > 0.0)  # both probabilities underflowed: no contribution
-                acc_a += tl.where(live, pt * (lt - lm), 0.0)  # KL(T || M)
-                acc_b += tl.where(live, ps * (ls - lm), 0.0)  # KL(S || M)
-        kl_a = tl.sum(acc_a, 0)
-        kl_b = tl.sum(acc_b, 0)
+            ls, lt = _log2_probs(s_row, t_row, idx, mask, c, lse2_s, lse2_t, True)
+            a, b = _kl_terms(ls, lt, beta, MODE)
+            acc_a += tl.where(mask, a, 0.0)
+            acc_b += tl.where(mask, b, 0.0)
+        kl_a = tl.sum(acc_a, 0) * _LN2
+        kl_b = tl.sum(acc_b, 0) * _LN2
         if MODE == 2:
             tl.store(loss_ptr + row, beta * kl_a + (1.0 - beta) * kl_b)
+            shift = kl_b * grad_scale
         else:
             tl.store(loss_ptr + row, kl_a)
+            shift = kl_a * grad_scale
+        if MODE == 0:
+            g_scale = grad_scale
+        else:
+            g_scale = grad_scale * _LN2
 
         # pass 3: dL/d(student logits), over the student's logits
-        for start in range(0, V, BLOCK):
+        out = s_ptr.dtype.element_ty
+        for start in range(0, full, BLOCK):
             idx = start + cols
+            ls, lt = _log2_probs(s_row, t_row, idx, None, c, lse2_s, lse2_t, False)
+            tl.store(s_row + idx, _logit_grad(ls, lt, beta, g_scale, shift, MODE).to(out))
+        if full < V:
+            idx = full + cols
             mask = idx < V
-            ls = tl.load(s_row + idx, mask=mask, other=0.0).to(tl.float32) * inv_tau - lse_s
-            lt = tl.load(t_row + idx, mask=mask, other=0.0).to(tl.float32) * inv_tau - lse_t
-            ps = tl.exp(ls)
-            if MODE == 0:
-                grad = (ps - tl.exp(lt)) * grad_scale
-            elif MODE == 1:
-                grad = ps * ((ls - lt) - kl_a) * grad_scale
-            else:
-                pm = (1.0 - beta) * ps + beta * tl.exp(lt)
-                grad = tl.where(ps > 0.0, ps * ((ls - tl.log(pm)) - kl_b) * grad_scale, 0.0)
-            tl.store(s_row + idx, grad.to(s_ptr.dtype.element_ty), mask=mask)
+            ls, lt = _log2_probs(s_row, t_row, idx, mask, c, lse2_s, lse2_t, True)
+            tl.store(s_row + idx, _logit_grad(ls, lt, beta, g_scale, shift, MODE).to(out), mask=mask)
 
 
 def jsd_rows_and_grad_(
@@ -127,7 +174,7 @@ def jsd_rows_and_grad_(
     scale = inv_tau if mode != 2 else (1.0 - beta) * inv_tau
     _jsd_rows_kernel[(n,)](
         student_logits, teacher_logits, loss, vocab, student_logits.stride(0), teacher_logits.stride(0),
-        inv_tau, beta, scale,
+        LOG2E * inv_tau, beta, scale,
         MODE=mode, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     return loss

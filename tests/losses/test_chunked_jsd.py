@@ -249,24 +249,6 @@ def test_triton_kernel_matches_compiled_in_bf16_at_vocab_scale(monkeypatch, beta
         assert float((a - b).norm() / b.norm()) < 1e-2
 
 
-@requires_cuda
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_triton_persistent_grid_equals_one_program_per_row(monkeypatch, beta):
-    """Few programs looping over many rows compute exactly what one program per row does."""
-    from axolotl_gold.losses import triton_jsd
-
-    g = torch.Generator(device="cuda").manual_seed(1)
-    s = (torch.randn(333, 20_011, device="cuda", generator=g) * 3).bfloat16()
-    t = (torch.randn(333, 20_011, device="cuda", generator=g) * 3).bfloat16()
-    out = []
-    for per_sm in (None, 0.05, 1.0):
-        monkeypatch.setattr(triton_jsd, "PROGRAMS_PER_SM", per_sm)
-        grad = s.clone()
-        out.append((triton_jsd.jsd_rows_and_grad_(grad, t, beta, 0.7), grad))
-    for loss, grad in out[1:]:
-        assert torch.equal(loss, out[0][0]) and torch.equal(grad, out[0][1])
-
-
 def _liger_importable():
     try:
         import liger_kernel.chunked_loss.jsd_loss  # noqa: F401
