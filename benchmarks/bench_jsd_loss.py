@@ -21,10 +21,13 @@ Each method runs in its own subprocess so that memory readings do not mix:
         method's true peak is at most that.
 Both include the warm-up run and the produced gradients.
 
+The ratio to the floor is also taken in one process (--interleave N): chunked and floor
+alternately, N rounds, the median of the per-round ratios.
+
 CPU, small:  python benchmarks/bench_jsd_loss.py
 GPU, Qwen2.5-0.5B student / 1.5B teacher sized:
   python benchmarks/bench_jsd_loss.py --device cuda --tokens 4096 --hidden 896 \\
-      --teacher-hidden 1536 --vocab 151936 --dtype bf16 --chunk-size 1024
+      --teacher-hidden 1536 --vocab 151936 --dtype bf16 --chunk-size 1024 --interleave 30
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--triton", default="", help="BLOCK:WARPS for the Triton kernel; default: the module's settings",
+    )
+    parser.add_argument(
+        "--interleave", type=int, default=0,
+        help="also time chunked and floor alternately in one process for this many rounds (both must be in --methods)",
     )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -139,9 +146,6 @@ def run_child(args) -> dict:
 
         chunked_module.USE_TRITON = False
         chunked_module.COMPILE_ON_CUDA = args.child == "chunked-compiled"
-    fn = {"plain": plain, "chunked": chunked, "chunked-eager": chunked, "chunked-compiled": chunked,
-          "liger": liger, "floor": floor}[args.child]
-
     def sync():
         if cuda:
             torch.cuda.synchronize()
@@ -149,6 +153,29 @@ def run_child(args) -> dict:
     def clear():
         student_hidden.grad = None
         student_weight.grad = None
+
+    def timed(f) -> float:
+        sync()
+        start = time.perf_counter()
+        f()
+        sync()
+        clear()
+        return (time.perf_counter() - start) * 1e3
+
+    if args.child == "interleaved":
+        # chunked and floor alternately in this one process, so clock and thermal drift hit
+        # both alike: per round the ratio of the two, then the median over rounds.
+        for f in (chunked, floor):
+            f()
+            clear()
+        rounds = [(timed(chunked), timed(floor)) for _ in range(args.repeats)]
+        ratios = sorted(c / f for c, f in rounds)
+        return {"method": "interleaved", "chunked_ms": statistics.median(c for c, _ in rounds),
+                "floor_ms": statistics.median(f for _, f in rounds), "ratio": statistics.median(ratios),
+                "ratio_min": ratios[0], "ratio_max": ratios[-1], "rounds": len(rounds)}
+
+    fn = {"plain": plain, "chunked": chunked, "chunked-eager": chunked, "chunked-compiled": chunked,
+          "liger": liger, "floor": floor}[args.child]
 
     sync()
     if cuda:
@@ -161,14 +188,7 @@ def run_child(args) -> dict:
     for _ in range(warmups):
         loss = fn()
         clear()
-    times = []
-    for _ in range(args.repeats):
-        sync()
-        start = time.perf_counter()
-        loss = fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-        clear()
+    times = [timed(fn) for _ in range(args.repeats)]
 
     if cuda:
         extra, bound = torch.cuda.max_memory_allocated() - base, False
@@ -181,11 +201,11 @@ def run_child(args) -> dict:
             "upper_bound": bound, "loss": float(loss), "mixed_addmm": chunked_module._mixed_addmm_works}
 
 
-def spawn(args, method) -> dict:
+def spawn(args, method, **overrides) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--child", method]
     for name in ("device", "tokens", "hidden", "teacher_hidden", "vocab", "dtype", "chunk_size", "repeats",
                  "beta", "temperature", "triton"):
-        argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+        argv += ["--" + name.replace("_", "-"), str(overrides.get(name, getattr(args, name)))]
     env = dict(os.environ)
     # glibc otherwise keeps freed blocks of up to 32 MiB in its heap, which RSS would count as used.
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
@@ -229,6 +249,14 @@ def main(argv=None):
         memory = ("<= " if r["upper_bound"] else "") + f"{r['extra_bytes'] / 2**20:.0f}"
         loss = "-" if method == "floor" else f"{r['loss']:.6g}"
         print(f"| {method} | {r['ms']:.1f} | {ratio_plain} | {ratio_floor} | {memory} | {loss} |")
+    if args.interleave and "chunked" in methods and "floor" in methods:
+        r = spawn(args, "interleaved", repeats=args.interleave)
+        if "error" in r:
+            print(f"\ninterleaved timing failed: {r['error']}")
+        else:
+            print(f"\nchunked and floor interleaved in one process, {r['rounds']} rounds: chunked "
+                  f"{r['chunked_ms']:.2f} ms, floor {r['floor_ms']:.2f} ms; chunked / floor per round: "
+                  f"median {r['ratio']:.3f}, range {r['ratio_min']:.3f} to {r['ratio_max']:.3f}")
     if any(r.get("mixed_addmm") is False for r in results.values()):
         print("\nnote: cuBLAS bf16 x bf16 -> float32 addmm was unavailable; a slower fallback ran")
 

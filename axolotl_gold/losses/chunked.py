@@ -261,18 +261,26 @@ class _ChunkedJSDFunction(torch.autograd.Function):
                 _accumulate_weight_grad(grad_weight, grad_logits, hidden_chunk, first=start == 0)
             del grad_logits
 
-        # Cast now, so that the float32 accumulator is gone before backward: for a 128k x 4096
-        # lm_head it is 2 GiB, and backward would need a second float32 copy to scale it.
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(student_weight.dtype)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(student_bias.dtype)
+        # The float32 accumulators are cast to the parameters' dtypes in backward, by the same
+        # pass that scales them by grad_output (one read of the accumulator, one write), not
+        # by a cast here and a scaling there (a second pass over the largest gradient). Until
+        # backward this holds 4 bytes per lm_head entry instead of 2; the peak is unchanged,
+        # as a cast here would hold the accumulator and its copy together for a moment too.
+        ctx.grad_dtypes = tuple(
+            None if p is None else p.dtype for p in (student_hidden, student_weight, student_bias)
+        )
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        grads = tuple(None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors)
+        grads = []
+        for grad, dtype in zip(ctx.saved_tensors, ctx.grad_dtypes):
+            if grad is None:
+                grads.append(None)
+                continue
+            out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+            grads.append(torch.mul(grad, grad_output.to(grad.dtype), out=out))
         return (*grads, None, None, None, None, None, None, None)
 
 
