@@ -61,7 +61,8 @@ def parse_args(argv=None):
         "--methods", default=",".join(METHODS), help="comma-separated, from " + ",".join(METHODS + OPTIONAL_METHODS)
     )
     parser.add_argument(
-        "--triton", default="", help="BLOCK:WARPS for the Triton kernel; default: the module's settings",
+        "--triton", default="", help="BLOCK:WARPS[:GROUP] for the Triton kernel (GROUP: chunks per lm_head backward matmul); "
+        "default: the modules' settings",
     )
     parser.add_argument(
         "--interleave", type=int, default=0,
@@ -139,8 +140,12 @@ def run_child(args) -> dict:
     if args.triton:
         from axolotl_gold.losses import triton_jsd
 
-        block, warps = (int(x) for x in args.triton.split(":"))
+        import axolotl_gold.losses.chunked as chunked_module
+
+        block, warps, *group = (int(x) for x in args.triton.split(":"))
         triton_jsd.BLOCK, triton_jsd.NUM_WARPS = block, warps
+        if group:
+            chunked_module.MATMUL_GROUP = group[0]
     if args.child in ("chunked-eager", "chunked-compiled"):
         import axolotl_gold.losses.chunked as chunked_module
 

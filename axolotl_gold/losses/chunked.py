@@ -162,12 +162,20 @@ def _use_triton(device, student_bias, teacher_bias) -> bool:
     return USE_TRITON and student_bias is None and teacher_bias is None and triton_jsd.available(device)
 
 
-def _triton_step(hidden_chunk, student_weight, teacher_hidden, teacher_weight, beta, temperature):
+# With the kernel, the logit gradients of this many consecutive chunks are kept and pushed
+# through the lm_head by one pair of matmuls: half the passes over the float32 weight-gradient
+# accumulator (each one reads and writes 4 bytes per lm_head entry) for one more [chunk, V]
+# buffer. 1: a pair of matmuls per chunk.
+MATMUL_GROUP = 2
+
+
+def _triton_step(hidden_chunk, student_weight, teacher_hidden, teacher_weight, beta, temperature, out=None):
     """(loss sum, dL/d(student logits) in the weight's dtype, None): the kernel overwrites the
-    student's logits with their gradient, so a chunk holds two ``[n, V]`` buffers."""
+    student's logits (in ``out`` if given) with their gradient, so a chunk holds two ``[n, V]``
+    buffers."""
     from axolotl_gold.losses.triton_jsd import jsd_rows_and_grad_
 
-    logits = hidden_chunk @ student_weight.t()
+    logits = torch.matmul(hidden_chunk, student_weight.t(), out=out)
     teacher_logits = teacher_hidden.to(teacher_weight.dtype) @ teacher_weight.t()
     rows = jsd_rows_and_grad_(logits, teacher_logits, beta, temperature)
     return rows.sum(), logits, None
@@ -238,12 +246,21 @@ class _ChunkedJSDFunction(torch.autograd.Function):
         grad_bias = torch.zeros(student_weight.shape[0], dtype=acc_dtype, device=device) if need_bias else None
 
         kernel = _use_triton(device, student_bias, teacher_bias)
+        group = MATMUL_GROUP if kernel and need_grad and num_tokens > chunk_size else 1
+        held = None  # [group * chunk_size, V]: the logit gradients of rows group_start..start
+        group_start = 0
         for start in range(0, num_tokens, chunk_size):
             end = min(start + chunk_size, num_tokens)
             hidden_chunk = student_hidden[start:end].to(student_weight.dtype)
             if kernel:
+                if group > 1 and held is None:
+                    held = torch.empty(
+                        group * chunk_size, student_weight.shape[0], dtype=student_weight.dtype, device=device
+                    )
+                out = None if held is None else held[start - group_start : end - group_start]
                 chunk_loss, grad_logits, chunk_bias_grad = _triton_step(
-                    hidden_chunk, student_weight, teacher_hidden[start:end], teacher_weight, beta, temperature
+                    hidden_chunk, student_weight, teacher_hidden[start:end], teacher_weight, beta, temperature,
+                    out=out,
                 )
             else:
                 chunk_loss, grad_logits, chunk_bias_grad = _run_step(
@@ -255,10 +272,18 @@ class _ChunkedJSDFunction(torch.autograd.Function):
                 continue
             if need_bias:
                 grad_bias += chunk_bias_grad
+            if held is not None:
+                if end - group_start < held.shape[0] and end < num_tokens:
+                    continue  # room for another chunk
+                grad_logits = held[: end - group_start]
             if need_hidden:
-                grad_hidden[start:end] = grad_logits @ student_weight
+                grad_hidden[group_start:end] = grad_logits @ student_weight
             if need_weight:
-                _accumulate_weight_grad(grad_weight, grad_logits, hidden_chunk, first=start == 0)
+                hidden_rows = hidden_chunk if group_start == start else student_hidden[group_start:end].to(
+                    student_weight.dtype
+                )
+                _accumulate_weight_grad(grad_weight, grad_logits, hidden_rows, first=group_start == 0)
+            group_start = end
             del grad_logits
 
         # The float32 accumulators are cast to the parameters' dtypes in backward, by the same
