@@ -13,8 +13,9 @@ elementwise passes (and fp32 temporaries) of the tensor version; the matmuls aro
 it are unchanged. CUDA only; ``chunked.py`` falls back to the compiled tensor
 version where Triton is missing or the head has a bias.
 
-Passes 2 and 3 are bound by arithmetic, not memory (``benchmarks/bench_triton_jsd.py``
-times each pass): so the work is in base 2 (``exp2``/``log2`` are the hardware's, and
+Passes 2 and 3 were bound by arithmetic, not memory (timed pass by pass on an H200:
+0.22 ms for pass 1, 0.36 for pass 2, 0.31 for pass 3 of a 1024 x 151,936 chunk, though
+pass 3 also writes): so the work is in base 2 (``exp2``/``log2`` are the hardware's, and
 ``log2(e) / tau`` folds into the one multiply-add that normalizes a logit), full blocks
 are loaded without masks (only the ragged last block is masked), and a mixture
 probability that underflows is clamped rather than tested and selected.
