@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from axolotl_gold.settings import LOSS_CHUNK_SIZE
+
 GOLD_DATASET_TYPE = "axolotl_gold.chat_template"
 VISION_DATASET_TYPE = "axolotl_gold.vision_chat"
 
@@ -69,7 +71,7 @@ class GoldArgs(BaseModel):
     # --- loss implementation -----------------------------------------------
     gold_fused_loss: bool = True
     gold_jsd_backend: Literal["torch", "liger", "auto"] = "torch"
-    gold_loss_chunk_size: int = 1024
+    gold_loss_chunk_size: int = LOSS_CHUNK_SIZE
 
     # --- rollout engine ----------------------------------------------------
     gold_generation_engine: Literal["auto", "hf", "static"] = "auto"

@@ -13,6 +13,7 @@ import torch
 
 from axolotl_gold.forward import CompletionStates
 from axolotl_gold.losses import fused_jsd_loss_sum, generalized_jsd_token_loss
+from axolotl_gold.settings import LOSS_CHUNK_SIZE
 
 
 @dataclass
@@ -25,7 +26,7 @@ class JsdObjective:
 
     beta: float = 0.5
     temperature: float = 1.0
-    chunk_size: int = 1024
+    chunk_size: int = LOSS_CHUNK_SIZE
     vocab_size: int | None = None
     backend: str = "torch"  # or "liger" / "auto" (Liger's fused linear JSD on CUDA)
 

@@ -187,7 +187,7 @@ _mixed_addmm_works = True
 def _accumulate_weight_grad(
     grad_weight: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor, first: bool
 ) -> None:
-    """grad_weight (float32 [V, H]) += grad_logits.T @ hidden, the operands maybe bf16;
+    """grad_weight (float32 [V, H], or the operands' dtype) += grad_logits.T @ hidden, the operands maybe bf16;
     ``first``: grad_weight is uninitialized, so it is overwritten (no zero-fill pass)."""
     global _mixed_addmm_works
     beta = 0.0 if first else 1.0  # beta 0: the old contents are not read (NaNs included)
@@ -237,16 +237,24 @@ class _ChunkedJSDFunction(torch.autograd.Function):
         acc_dtype = _compute_dtype(student_weight.dtype)
         loss = torch.zeros((), dtype=acc_dtype, device=device)
         grad_hidden = torch.empty_like(student_hidden) if need_hidden else None
-        # Float32 accumulators: summing many bf16 chunk products in bf16 loses the small ones.
+        kernel = _use_triton(device, student_bias, teacher_bias)
+        group = MATMUL_GROUP if kernel and need_grad and num_tokens > chunk_size else 1
+        # Float32 accumulator when the weight gradient is a sum of several products: summing
+        # bf16 products in bf16 loses the small ones. One product (all tokens in one group)
+        # is written in the weight's dtype directly, as autograd on the plain loss does
+        # (cuBLAS accumulates in float32 inside the product).
+        one_product = num_tokens <= group * chunk_size
         grad_weight = (
-            torch.empty(student_weight.shape, dtype=acc_dtype, device=device) if need_weight else None
+            torch.empty(
+                student_weight.shape, dtype=student_weight.dtype if one_product else acc_dtype, device=device
+            )
+            if need_weight
+            else None
         )
         if need_weight and num_tokens == 0:
             grad_weight.zero_()
         grad_bias = torch.zeros(student_weight.shape[0], dtype=acc_dtype, device=device) if need_bias else None
 
-        kernel = _use_triton(device, student_bias, teacher_bias)
-        group = MATMUL_GROUP if kernel and need_grad and num_tokens > chunk_size else 1
         held = None  # [group * chunk_size, V]: the logit gradients of rows group_start..start
         group_start = 0
         for start in range(0, num_tokens, chunk_size):

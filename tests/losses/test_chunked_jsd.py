@@ -220,14 +220,17 @@ def test_cuda_float32_matches_float64_plain_loss(monkeypatch, beta, temperature,
 
 
 @requires_cuda
+@pytest.mark.parametrize("n", [300, 200])
 @pytest.mark.parametrize("beta,temperature", GRID)
-def test_triton_kernel_matches_compiled_in_bf16_at_vocab_scale(monkeypatch, beta, temperature):
-    """Large vocabulary (many blocks per row, a ragged last block), bf16 as in training."""
+def test_triton_kernel_matches_compiled_in_bf16_at_vocab_scale(monkeypatch, beta, temperature, n):
+    """Large vocabulary (many blocks per row, a ragged last block), bf16 as in training.
+    n 300: 3 chunks, the kernel path sums 2 products in float32; n 200: 2 chunks, one
+    product written in bf16 directly (the compiled path sums 2 in float32 either way)."""
     import axolotl_gold.losses.chunked as chunked_module
     from axolotl_gold.losses.chunked import chunked_jsd_loss_sum
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    v, h, ht, n = 50_003, 64, 96, 300
+    v, h, ht = 50_003, 64, 96
     x = {
         "student_hidden": torch.randn(n, h, device="cuda", generator=g).bfloat16(),
         "student_weight": (torch.randn(v, h, device="cuda", generator=g) * 0.3).bfloat16(),
