@@ -78,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-accum", type=int, default=None, help="4; tiny 2")
     p.add_argument("--vocab", type=int, default=None, help="151936; tiny 512")
     p.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
-    p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of our fused loss")
+    p.add_argument("--chunk-size", type=int, default=2048, help="tokens per chunk of our fused loss (the plugin's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check", action="store_true",
                    help="first check FastHFEngine greedy == model.generate on a tiny fp32 model")
