@@ -1,6 +1,7 @@
 """Distillation losses: pure torch, no axolotl import."""
 
-from axolotl_gold.losses.chunked import chunked_jsd_loss_sum, fused_jsd_loss_sum
+from axolotl_gold.losses.chunked import chunked_jsd_loss_sum
+from axolotl_gold.losses.fused import fused_jsd_loss_sum
 from axolotl_gold.losses.jsd import generalized_jsd_loss, generalized_jsd_token_loss
 
 __all__ = [

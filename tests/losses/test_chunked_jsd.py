@@ -286,11 +286,11 @@ def test_liger_matches_torch_on_cuda(dtype, beta, temperature):
 
 @requires_cuda_liger
 def test_auto_picks_liger_only_for_float32_trainable_head(monkeypatch):
-    import axolotl_gold.losses.chunked as chunked_module
+    import axolotl_gold.losses.fused as fused_module
 
     calls = []
-    real = chunked_module._liger_jsd_loss_sum
-    monkeypatch.setattr(chunked_module, "_liger_jsd_loss_sum", lambda *a: calls.append(a) or real(*a))
+    real = fused_module._liger_jsd_loss_sum
+    monkeypatch.setattr(fused_module, "_liger_jsd_loss_sum", lambda *a: calls.append(a) or real(*a))
     inputs = make_inputs(torch.float32, device="cuda", tokens=300)
     loss_and_grads(fused(0.5, 1.0, 64, "auto"), inputs)
     assert len(calls) == 1
