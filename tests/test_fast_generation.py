@@ -125,3 +125,66 @@ def test_cuda_graph_greedy_matches_generate():
     prompts = _prompts()
     assert fast.generate(prompts, seed=0) == hf.generate(prompts, seed=0)
     assert fast.graphs_captured == 1
+
+
+def _under_accelerate_autocast(model):
+    """The student as Accelerate runs it for `bf16: true`: float32 weights, forward in autocast."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
+
+
+def test_float32_student_under_autocast_runs_and_matches_generate():
+    # was: index_copy_(): self and source expected to have the same dtype (RoPE keeps
+    # keys in float32, values come out of the projection in bfloat16)
+    model = _under_accelerate_autocast(_model())
+    hf, fast = _engines(model, max_new=16)
+    prompts = _prompts()
+    assert fast.generate(prompts, seed=0) == hf.generate(prompts, seed=0)
+    assert fast.fallbacks == 0
+
+
+def test_eager_attention_gets_an_additive_mask():
+    # eager attention adds the 4-D mask to its scores: a boolean mask was silently wrong
+    model = _model()
+    model.config._attn_implementation = "eager"
+    hf, fast = _engines(model, max_new=24)
+    prompts = _prompts()
+    assert fast.generate(prompts, seed=0) == hf.generate(prompts, seed=0)
+    assert fast.fallbacks == 0
+
+
+def _sliding_model(window):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2, sliding_window=window,
+    )
+    model = MistralForCausalLM(cfg).eval()
+    model.lm_head.weight.data.mul_(40.0)
+    return model
+
+
+@pytest.mark.parametrize("window,served", [(4, False), (64, True)])
+def test_sliding_window_model(window, served):
+    # a window narrower than prompt + completion: HF generate serves it (it crashed in the
+    # decode step); a window wider than the sequence is full attention, served statically
+    model = _sliding_model(window)
+    hf, fast = _engines(model, max_new=12)
+    prompts = _prompts()
+    assert fast.generate(prompts, seed=0) == hf.generate(prompts, seed=0)
+    assert fast.fallbacks == (0 if served else 1)
+    assert fast.calls == 1
+
+
+def test_unserved_attention_falls_back_to_generate():
+    model = _model()
+    model.config._attn_implementation = "flex_attention"
+    from axolotl_gold.engines.static_support import blocker
+
+    assert "flex_attention" in blocker(model, 10)
+    model.config._attn_implementation = "sdpa"
+    assert blocker(model, 10) is None

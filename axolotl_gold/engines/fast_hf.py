@@ -5,10 +5,12 @@ attention mask and a host sync (its stopping check); for a 0.5B model at batch 1
 host work, not the GPU, sets the pace. Here one decode step is a fixed-shape function of
 static buffers, so on CUDA it is captured once per call as a CUDA graph and replayed:
 
-- the KV cache is HF's ``StaticCache``, sized prompt width + ``max_new_tokens``; its
-  write position is a device tensor that the step itself advances;
-- the attention mask is a 4D boolean ``[B, 1, 1, L]`` built on the device from the
-  prompt's padding and a device step counter (HF passes a 4D mask through unchanged);
+- the KV cache is HF's ``StaticCache``, sized prompt width + ``max_new_tokens``, storing
+  in the dtype attention computes in (``static_support``); its write position is a
+  device tensor that the step itself advances;
+- the attention mask is a 4D ``[B, 1, 1, L]`` mask built on the device from the
+  prompt's padding and a device step counter (HF passes a 4D mask through unchanged,
+  so it is built in the form the attention implementation reads);
 - sampling (temperature, top-k, top-p, then an exponential race, as vLLM does) runs on
   the device from a seeded generator, and EOS is checked on the host only every
   ``eos_check_every`` tokens.
@@ -16,17 +18,25 @@ static buffers, so on CUDA it is captured once per call as a CUDA graph and repl
 The prompt (prefill) runs once through HF's own forward with a 2D mask, exactly as
 ``generate`` does. On CPU, or with ``use_cuda_graph=False``, the same loop runs eagerly;
 the tests check that greedy output equals ``model.generate``'s.
+
+Where it cannot serve a model (an attention implementation other than sdpa / eager,
+sliding-window layers narrower than the sequence), the window goes through HF
+``generate`` instead, with a warning naming the reason (``fallbacks`` counts them).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 
 from axolotl_gold.batching import left_pad
 from axolotl_gold.engines.base import SamplingSettings, refuse_model_inputs, trim_completion
-from axolotl_gold.engines.hf import HFGenerateEngine, generation_mode
+from axolotl_gold.engines.hf import HFGenerateEngine
+from axolotl_gold.engines.static_support import attention_mask_for, blocker, static_cache
+
+LOG = logging.getLogger(__name__)
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -83,7 +93,7 @@ class _DecodeStep:
     def __call__(self) -> torch.Tensor:
         # the token fed now sits at cache column width + step and attends to itself
         new = (self.columns >= self.width) & (self.columns <= self.width + self.step)
-        mask = self.base_mask | new
+        mask = attention_mask_for(self.model, self.base_mask | new)
         out = self.model(
             input_ids=self.tokens,
             attention_mask=mask,
@@ -119,36 +129,34 @@ class FastHFEngine(HFGenerateEngine):
         self.eos_check_every = max(1, eos_check_every)
         self.use_cuda_graph = use_cuda_graph
         self.graphs_captured = 0
+        self.fallbacks = 0
 
-    @torch.no_grad()
-    def generate(
-        self, prompts: list[list[int]], seed: int, model_inputs: dict | None = None
-    ) -> list[list[int]]:
+    def _sample(self, model, prompts, seed, model_inputs) -> list[list[int]]:
         refuse_model_inputs(self, model_inputs)
-        self.calls += 1
-        if not prompts:
-            return []
-        model = self.get_model()
+        reason = blocker(model, max(map(len, prompts)) + self.sampling.max_new_tokens)
+        if reason is not None:
+            if not self.fallbacks:
+                LOG.warning("gold: the static generation engine cannot serve %s: "
+                            "sampling with HF generate instead", reason)
+            self.fallbacks += 1
+            return super()._sample(model, prompts, seed, model_inputs)
         device = next(model.parameters()).device
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
         step = self.batch_size or len(prompts)
         out: list[list[int]] = []
-        with generation_mode(model):
-            for start in range(0, len(prompts), step):
-                out.extend(self._generate_chunk(model, prompts[start : start + step], device, generator))
+        for start in range(0, len(prompts), step):
+            out.extend(self._generate_chunk(model, prompts[start : start + step], device, generator))
         return out
 
     def _generate_chunk(self, model, prompts, device, generator) -> list[list[int]]:
-        from transformers import StaticCache
-
         max_new = self.sampling.max_new_tokens
         ids, mask = left_pad(prompts, self.pad_id)
         ids, mask = ids.to(device), mask.to(device)
         batch, width = ids.shape
         if max_new <= 0:
             return [[] for _ in prompts]
-        cache = StaticCache(config=model.config, max_cache_len=width + max_new)
+        cache = static_cache(model.config, width + max_new)
         eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=device)
         generated = torch.full((batch, max_new), self.pad_id, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)

@@ -22,13 +22,16 @@ def _to_model(value, param: torch.Tensor):
 
 @contextlib.contextmanager
 def generation_mode(model):
-    """Eval mode with the KV cache on and gradient checkpointing off, then restore."""
+    """Eval mode with the KV cache on, then restore.
+
+    Gradient checkpointing is left as the user set it: HF layers checkpoint only in
+    training mode, so eval mode alone turns it off. (Disabling and re-enabling it
+    every window added an input hook each time and replaced the user's
+    ``gradient_checkpointing_kwargs``.)
+    """
     was_training = model.training
-    checkpointing = getattr(model, "is_gradient_checkpointing", False)
     config = getattr(model, "config", None)
     use_cache = getattr(config, "use_cache", None)
-    if checkpointing:
-        model.gradient_checkpointing_disable()
     if config is not None:
         config.use_cache = True
     model.eval()
@@ -37,11 +40,36 @@ def generation_mode(model):
     finally:
         if config is not None and use_cache is not None:
             config.use_cache = use_cache
-        if checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
         model.train(was_training)
+
+
+_UNSET = object()
+
+
+@contextlib.contextmanager
+def plain_generation_config(model):
+    """``generate`` reads only our sampling settings, not the checkpoint's extras.
+
+    HF fills every setting left unset from ``model.generation_config``: a checkpoint's
+    ``repetition_penalty``, ``min_p``, ``no_repeat_ngram_size``... would make the
+    rollouts something other than samples of the student's policy (and differ from
+    the static engine and vLLM). A blank config is swapped in on the model and on
+    every wrapped model inside it (peft copies its own onto the base model).
+    """
+    from transformers import GenerationConfig
+
+    holders = [model] + [m for m in model.modules() if m is not model and "generation_config" in vars(m)]
+    saved = [(m, vars(m).get("generation_config", _UNSET)) for m in holders]
+    for m, _ in saved:
+        m.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for m, value in saved:
+            if value is _UNSET:
+                vars(m).pop("generation_config", None)
+            else:
+                m.generation_config = value
 
 
 class HFGenerateEngine:
@@ -97,12 +125,16 @@ class HFGenerateEngine:
         if not prompts:
             return []
         model = self.get_model()
+        with generation_mode(model):
+            return self._sample(model, prompts, seed, model_inputs)
+
+    def _sample(self, model, prompts, seed, model_inputs) -> list[list[int]]:
         param = next(model.parameters())
         device = param.device
         step = self.batch_size or len(prompts)
         out: list[list[int]] = []
         devices = [device] if device.type == "cuda" else []
-        with generation_mode(model), torch.random.fork_rng(devices=devices):
+        with plain_generation_config(model), torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             if model_inputs is not None:  # prompts with images: one processor batch
                 inputs = {k: _to_model(v, param) for k, v in model_inputs.items()}
