@@ -177,13 +177,17 @@ def validate_gold_settings(data: dict) -> None:
     if num_generations < 1:
         raise GoldConfigError(f"`num_generations` must be >= 1, got {num_generations}.")
     micro = int(_get(data, "micro_batch_size", 1))
-    accum = int(_get(data, "gradient_accumulation_steps", 1))
+    accum = accumulation_steps(data, micro)
     window = micro * accum
+    if not data.get("gradient_accumulation_steps") and data.get("batch_size"):
+        accum_key = f"`gradient_accumulation_steps` (`batch_size` {data['batch_size']} // {micro})"
+    else:
+        accum_key = "`gradient_accumulation_steps`"
     gen_batch = data.get("generation_batch_size")
     if gen_batch is None:
         if window % num_generations:
             raise GoldConfigError(
-                f"the optimizer window `micro_batch_size` x `gradient_accumulation_steps` = "
+                f"the optimizer window `micro_batch_size` x {accum_key} = "
                 f"{micro} x {accum} = {window} is not a multiple of `num_generations` "
                 f"({num_generations}): change one of them so that "
                 "`generation_batch_size` * `num_generations` equals the window."
@@ -193,10 +197,16 @@ def validate_gold_settings(data: dict) -> None:
         raise GoldConfigError(
             f"`generation_batch_size` * `num_generations` = {gen_batch} x {num_generations} "
             f"= {int(gen_batch) * num_generations} must equal `micro_batch_size` x "
-            f"`gradient_accumulation_steps` = {micro} x {accum} = {window}: change "
+            f"{accum_key} = {micro} x {accum} = {window}: change "
             "`generation_batch_size` (or omit it to derive it) or the batch keys."
         )
 
+    if data.get("fsdp") or data.get("fsdp_config") or data.get("fsdp_version"):
+        raise GoldConfigError(
+            "FSDP (`fsdp` / `fsdp_config` / `fsdp_version`) is not supported with GOLD yet: "
+            "remove the FSDP keys and shard with DeepSpeed ZeRO-3 instead "
+            "(`deepspeed: deepspeed_configs/zero3.json`), or train with DDP."
+        )
     if _zero_stage(data.get("deepspeed")) == 3:
         _validate_zero3(data)
     if data.get("use_vllm"):
@@ -226,6 +236,38 @@ def validate_gold_settings(data: dict) -> None:
             "set both `uld_hybrid_matched_weight` and `uld_hybrid_unmatched_weight` (fixed "
             "hybrid weights) or neither (adaptive weights)."
         )
+
+
+def accumulation_steps(data: dict, micro: int) -> int:
+    """Gradient accumulation: the key, else ``batch_size // micro_batch_size``."""
+    accum = data.get("gradient_accumulation_steps")
+    if accum:
+        return int(accum)
+    batch_size = data.get("batch_size")
+    if not batch_size:
+        return 1
+    if int(batch_size) % micro:
+        raise GoldConfigError(
+            f"`batch_size` ({batch_size}) is not a multiple of `micro_batch_size` ({micro}): "
+            "set `gradient_accumulation_steps` instead, or make `batch_size` a multiple."
+        )
+    return int(batch_size) // micro
+
+
+def honour_batch_size(data: dict) -> dict:
+    """``batch_size`` without ``gradient_accumulation_steps`` becomes accumulation steps.
+
+    Axolotl 0.19 means to derive ``batch_size // micro_batch_size`` (``normalize_config``),
+    but its schema fills ``gradient_accumulation_steps: 1`` first, so ``batch_size`` alone
+    silently trains with accumulation 1. The window is the unit GOLD samples for, so the
+    user's ``batch_size`` is honoured (on the raw YAML, from the plugin's ``register``;
+    Axolotl refuses the two keys together, and re-derives ``batch_size`` itself).
+    """
+    if data.get("batch_size") and not data.get("gradient_accumulation_steps"):
+        micro = int(_get(data, "micro_batch_size", 1))
+        data["gradient_accumulation_steps"] = accumulation_steps(data, micro)
+        data.pop("batch_size")
+    return data
 
 
 def _validate_zero3(data: dict) -> None:

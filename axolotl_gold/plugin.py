@@ -10,7 +10,7 @@ import contextlib
 
 from axolotl.integrations.base import BasePlugin
 
-from axolotl_gold.args import GoldConfigError, route_chat_datasets
+from axolotl_gold.args import GoldConfigError, honour_batch_size, route_chat_datasets
 
 
 def gold_enabled(cfg) -> bool:
@@ -23,6 +23,7 @@ class GoldPlugin(BasePlugin):
     def register(self, cfg) -> None:
         if gold_enabled(cfg):
             route_chat_datasets(cfg)
+            honour_batch_size(cfg)
 
     def load_datasets(self, cfg, preprocess: bool = False):
         if gold_enabled(cfg):

@@ -140,3 +140,27 @@ def test_uld_tokenizer_without_offsets_needs_a_fallback(tiny_cross_pair):
     with pytest.raises(GoldConfigError, match="`uld_alignment_fallback: positional`"):
         build_objective(cfg, settings, model, teacher, slow)
     assert build_objective(cfg, settings, model, teacher, student_tok).inputs is not None
+
+
+def test_batch_size_key_sets_the_window_as_axolotl_derives_it(tiny_pair, tmp_path):
+    # micro 4 with batch_size 32 is accumulation 8, a window of 32 (Axolotl 0.19's schema
+    # default of 1 would otherwise win and train with accumulation 1)
+    cfg = _cfg(tiny_pair, tmp_path, micro_batch_size=4, gradient_accumulation_steps=None,
+               batch_size=32, num_generations=8)
+    out = _validate(cfg)
+    assert out["gradient_accumulation_steps"] == 8
+    assert out["generation_batch_size"] == 4
+    for batch_size, key in ((10, "batch_size"), (12, "gradient_accumulation_steps")):
+        bad = _cfg(tiny_pair, tmp_path, micro_batch_size=4, gradient_accumulation_steps=None,
+                   batch_size=batch_size, num_generations=8)
+        with pytest.raises(ValueError, match=key):
+            _validate(bad)
+
+
+@pytest.mark.parametrize("keys", [
+    {"fsdp_version": 2, "fsdp_config": {"offload_params": False}},
+    {"fsdp": ["full_shard", "auto_wrap"]},
+])
+def test_fsdp_is_refused_before_loading(tiny_pair, tmp_path, keys):
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO-3"):
+        _validate(_cfg(tiny_pair, tmp_path, **keys))
