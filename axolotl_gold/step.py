@@ -96,6 +96,12 @@ def completion_token_count(batch: dict) -> int:
     return int((batch["completion_labels"] != -100).sum())
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so host timers measure it (CUDA only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def loss_sum(student, teacher, batch: dict, objective, fused: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(objective summed over the batch's scored units, their count, teacher seconds).
 
@@ -103,11 +109,14 @@ def loss_sum(student, teacher, batch: dict, objective, fused: bool) -> tuple[tor
     there (another tokenizer), else the student's tensors.
     """
     student_states = completion_states(student, batch, use_head_bypass=fused)
+    device = batch["input_ids"].device
+    synchronize(device)  # the student's queued forward is not the teacher's time
     start = perf_counter()
     with torch.no_grad():
         teacher_states = completion_states(
             teacher, batch.get("teacher", batch), use_head_bypass=fused
         )
+    synchronize(device)
     teacher_seconds = perf_counter() - start
     total = objective(student_states, teacher_states, batch)
     return total, torch.as_tensor(objective.count(batch), device=total.device), teacher_seconds

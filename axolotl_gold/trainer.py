@@ -34,7 +34,7 @@ from axolotl_gold.engines.hf import HFGenerateEngine
 from axolotl_gold.forward import bypassable_head
 from axolotl_gold.sampler import WindowSampler
 from axolotl_gold.settings import GoldSettings
-from axolotl_gold.step import loss_sum, prepare_window, scoring_batch
+from axolotl_gold.step import loss_sum, prepare_window, scoring_batch, synchronize
 from axolotl_gold.teacher import disable_dropout
 from axolotl_gold.vision_batch import GoldVisionCollator
 from axolotl_gold.zero3 import gathered_heads, generation_weights, inference_engine, zero3_enabled
@@ -215,6 +215,8 @@ class GoldTrainer(AxolotlTrainer):
         self._gold_sums["gold/on_policy_fraction"] += sum(draws) / len(draws)
         self._gold_sums["gold/completion_length"] += sum(lengths) / max(len(lengths), 1)
         self._gold_sums["gold/time_generation_s"] += prepared.generation_seconds
+        self._gold_sums["gold/scored_tokens"] += int(total)
+        self._gold_sums["gold/completion_tokens"] += sum(lengths)
         self._gold_windows += 1
         calls = self.student_engine.calls - calls_before
         self._record_window(self.state.global_step, draws, window, int(total), calls)
@@ -295,6 +297,7 @@ class GoldTrainer(AxolotlTrainer):
         start = perf_counter()
         with self._head_weights():  # across forward and backward
             loss = super().training_step(model, inputs, num_items_in_batch)
+        synchronize(self.accelerator.device)  # the backward's device time is the student's
         teacher_time = self._gold_sums["gold/time_teacher_s"] - teacher_before
         self._gold_sums["gold/time_student_s"] += perf_counter() - start - teacher_time
         return loss
@@ -318,6 +321,9 @@ class GoldTrainer(AxolotlTrainer):
             for key, value in self._gold_sums.items():
                 logs[key] = round(value / n, 6)
             logs["gold/engine_calls_total"] = self.student_engine.calls
+            if torch.cuda.is_available():  # peak since the last log, this process
+                logs["gold/peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+                torch.cuda.reset_peak_memory_stats()
             self._gold_sums.clear()
             self._gold_windows = 0
         super().log(logs, start_time)
