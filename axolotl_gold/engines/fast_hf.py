@@ -208,8 +208,15 @@ class FastHFEngine(HFGenerateEngine):
         torch.cuda.current_stream().wait_stream(stream)
         logits.record_stream(torch.cuda.current_stream())  # made on the side stream, read on this one
         graph = torch.cuda.CUDAGraph()
-        # capture records kernels without running them: the cache and step are untouched
-        with torch.cuda.graph(graph, stream=stream):
-            graph_logits = decode()
+        # autocast (Accelerate's, around a float32 student) must not cache weight casts
+        # made inside the capture: they would be freed when the forward returns
+        cache_casts = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)
+        try:
+            # capture records kernels without running them: the cache and step are untouched
+            with torch.cuda.graph(graph, stream=stream):
+                graph_logits = decode()
+        finally:
+            torch.set_autocast_cache_enabled(cache_casts)
         self.graphs_captured += 1
         return logits, graph, graph_logits
