@@ -321,9 +321,8 @@ class GoldTrainer(AxolotlTrainer):
             for key, value in self._gold_sums.items():
                 logs[key] = round(value / n, 6)
             logs["gold/engine_calls_total"] = self.student_engine.calls
-            if torch.cuda.is_available():  # peak since the last log, this process
+            if torch.cuda.is_available():  # peak since the last log (Axolotl resets it), this process
                 logs["gold/peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-                torch.cuda.reset_peak_memory_stats()
             self._gold_sums.clear()
             self._gold_windows = 0
         super().log(logs, start_time)
