@@ -7,10 +7,13 @@ teacher and the losses load inside the hooks that need them.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 from axolotl.integrations.base import BasePlugin
 
 from axolotl_gold.args import GoldConfigError, honour_batch_size, route_chat_datasets
+
+LOG = logging.getLogger(__name__)
 
 
 def gold_enabled(cfg) -> bool:
@@ -24,6 +27,10 @@ class GoldPlugin(BasePlugin):
         if gold_enabled(cfg):
             route_chat_datasets(cfg)
             honour_batch_size(cfg)
+            # the earliest hook: Axolotl patches modeling code before `pre_model_load`
+            from axolotl_gold.teacher import record_teacher_modeling
+
+            record_teacher_modeling(cfg)
 
     def load_datasets(self, cfg, preprocess: bool = False):
         if gold_enabled(cfg):
@@ -36,6 +43,10 @@ class GoldPlugin(BasePlugin):
     def pre_model_load(self, cfg) -> None:
         if gold_enabled(cfg):
             check_teacher_compatible(cfg)
+
+    def post_model_load(self, cfg, model) -> None:
+        if gold_enabled(cfg):
+            float32_master_weights(cfg, model)
 
     def get_trainer_cls(self, cfg):
         if not gold_enabled(cfg):
@@ -74,6 +85,29 @@ class GoldPlugin(BasePlugin):
             vision=vision,
             ds_cfg=dataset_config(cfg),
         )
+
+
+def float32_master_weights(cfg, model) -> int:
+    """``fp16: true`` full fine-tune: the trainable weights in float32, as AMP requires.
+
+    Axolotl loads the model in float16 for ``fp16: true``; mixed-precision training then
+    stops at its first optimizer step ("Attempting to unscale FP16 gradients", Axolotl
+    issue #1031). float32 weights under float16 autocast is the AMP recipe (the forward
+    still computes in float16). Adapters (their own weights are float32) and DeepSpeed /
+    FSDP (their own fp16 handling) are left alone. Returns the tensors converted.
+    """
+    import torch
+
+    if not cfg.get("fp16") or cfg.get("adapter") or cfg.get("deepspeed") or cfg.get("fsdp_config"):
+        return 0
+    converted = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.float16:
+            param.data = param.data.float()
+            converted += 1
+    if converted:
+        LOG.info("gold: %d float16 trainable tensors held in float32 for fp16 mixed precision", converted)
+    return converted
 
 
 def dataset_config(cfg) -> dict:

@@ -2,7 +2,8 @@
 # Build .axsite/site.tar.xz: what `axolotl train` + GOLD + DeepSpeed imports and the device
 # machine lacks (Python 3.12, torch/transformers/peft/accelerate already there), as one
 # Python site (about 22 MB compressed, under the device's 64 MiB carry limit).
-# The list came from recording sys.modules in real `axolotl train` runs (1 process, and
+# mistral_common (imported by transformers when it checks a processor's tokenizer class)
+# needs jsonschema and tiktoken, which the device lacks. The list came from recording sys.modules in real `axolotl train` runs (1 process, and
 # 2 processes under ZeRO-3). Binaries no run touches are dropped: bitsandbytes' libraries
 # other than CUDA 13's, wandb's Go service, mistral_common's tokenizer data, pycountry's
 # locales, torchao's compiled kernels (built for another torch).
@@ -20,6 +21,7 @@ PKGS=(
   kernels-data==0.16.2 liger-kernel==0.8.1 mistral-common==1.11.5 more-itertools
   posthog==6.7.11 pycountry sniffio termcolor torchao==0.17.0 wandb==0.31.0
   zstandard==0.22.0 platformdirs python-dotenv==1.0.1 pytz
+  jsonschema jsonschema-specifications referencing rpds-py attrs tiktoken regex
   opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-proto==1.45.2
   opentelemetry-semantic-conventions==0.66b2 opentelemetry-exporter-http-transport==0.66b2
   opentelemetry-exporter-otlp-common==0.66b2 opentelemetry-exporter-otlp-proto-common==1.45.2

@@ -28,3 +28,24 @@ def test_inert_without_teacher():
     assert plugin.get_trainer_cls(cfg) is None
     assert plugin.load_datasets(cfg) is None
     plugin.post_trainer_create(cfg, trainer=None)  # returns before touching the trainer
+
+
+def test_fp16_full_fine_tune_trains_float32_master_weights():
+    import torch
+    from torch import nn
+
+    from axolotl_gold.plugin import float32_master_weights
+
+    def model():
+        m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).half()
+        m[1].requires_grad_(False)  # frozen weights stay as loaded
+        return m
+
+    full = model()
+    assert float32_master_weights(DictDefault(fp16=True), full) == 2
+    assert full[0].weight.dtype == torch.float32 and full[1].weight.dtype == torch.float16
+    for cfg in (DictDefault(fp16=True, adapter="lora"), DictDefault(bf16=True),
+                DictDefault(fp16=True, deepspeed="zero3.json")):
+        untouched = model()
+        assert float32_master_weights(cfg, untouched) == 0
+        assert untouched[0].weight.dtype == torch.float16

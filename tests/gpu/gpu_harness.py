@@ -169,7 +169,10 @@ def run_case(case: Case, assets, root: Path, deadline: float) -> dict:
         result.update(found)
         if rc != 0:
             error = last_error(log)
-            clear = case.flash and missing_module("flash_attn") and "flash_attention" in error
+            # Axolotl's own validation refuses it, naming `attn_implementation` (the
+            # message sits below pydantic's first line)
+            named = re.search(r"set `?(attn_implementation|flash_attention)", log) is not None
+            clear = case.flash and missing_module("flash_attn") and named
             result.update(status="clear-error" if clear else "failed", reason=f"exit {rc}: {error}", tail=log[-6000:])
         else:
             problems = check(case, pair, out, history)
