@@ -188,3 +188,19 @@ def test_unserved_attention_falls_back_to_generate():
     assert "flex_attention" in blocker(model, 10)
     model.config._attn_implementation = "sdpa"
     assert blocker(model, 10) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph decode step needs a CUDA device")
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_cuda_graph_float32_student_under_autocast(attention):
+    # what `axolotl train` runs with `bf16: true` and a full fine-tune: float32 weights,
+    # Accelerate's autocast around the forward, the decode step captured as a CUDA graph
+    from accelerate import Accelerator
+
+    model = _model("cuda")
+    model.config._attn_implementation = attention
+    model = Accelerator(mixed_precision="bf16").prepare_model(model)
+    hf, fast = _engines(model, max_new=24, eos_check_every=8)
+    prompts = _prompts()
+    assert fast.generate(prompts, seed=0) == hf.generate(prompts, seed=0)
+    assert fast.graphs_captured == 1 and fast.fallbacks == 0

@@ -110,11 +110,14 @@ def all_cases() -> list[Case]:
         Case("sliding-auto", {"gold_generation_engine": "auto"}, models="sliding"),
         Case("cross-uld-hybrid", {"use_uld_loss": True, "uld_use_hybrid_loss": True, "beta": 0.5}, models="cross"),
         Case("vlm-same-full", {**VLM, "beta": 0.5}, models="vlm-same"),
-        Case("vlm-same-lora", {**VLM, **LORA, "lora_target_linear": None,
+        # Axolotl's LoRA kernels do not know LLaVA's attention and say to turn them off (as
+        # example_yamls/gold_vlm_cross_family.yaml does)
+        Case("vlm-same-lora", {**VLM, **LORA, **LORA_KERNELS_OFF, "lora_target_linear": None,
                                "lora_target_modules": VLM_LORA_TARGET}, models="vlm-same"),
         Case("vlm-cross-full", {**VLM, "use_uld_loss": True, "uld_use_hybrid_loss": True, "beta": 0.5},
              models="vlm-cross"),
-        Case("vlm-cross-lora", {**VLM, **LORA, "lora_target_linear": None, "lora_target_modules": VLM_LORA_TARGET,
+        Case("vlm-cross-lora", {**VLM, **LORA, **LORA_KERNELS_OFF, "lora_target_linear": None,
+                                "lora_target_modules": VLM_LORA_TARGET,
                                 "use_uld_loss": True, "uld_use_hybrid_loss": True}, models="vlm-cross"),
     ]
     return cases
