@@ -127,11 +127,13 @@ def test_cuda_graph_greedy_matches_generate():
     assert fast.graphs_captured == 1
 
 
-def _under_accelerate_autocast(model):
+def _under_accelerate_autocast(model, cpu=True):
     """The student as Accelerate runs it for `bf16: true`: float32 weights, forward in autocast."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    return Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
+    AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton
+    return Accelerator(mixed_precision="bf16", cpu=cpu).prepare_model(model)
 
 
 def test_float32_student_under_autocast_runs_and_matches_generate():
@@ -195,11 +197,9 @@ def test_unserved_attention_falls_back_to_generate():
 def test_cuda_graph_float32_student_under_autocast(attention):
     # what `axolotl train` runs with `bf16: true` and a full fine-tune: float32 weights,
     # Accelerate's autocast around the forward, the decode step captured as a CUDA graph
-    from accelerate import Accelerator
-
     model = _model("cuda")
     model.config._attn_implementation = attention
-    model = Accelerator(mixed_precision="bf16").prepare_model(model)
+    model = _under_accelerate_autocast(model, cpu=False)
     hf, fast = _engines(model, max_new=24, eos_check_every=8)
     prompts = _prompts()
     assert fast.generate(prompts, seed=0) == hf.generate(prompts, seed=0)

@@ -96,8 +96,11 @@ class _ChunkedULD(torch.autograd.Function):
         grad_w = torch.zeros(s_weight.shape, dtype=acc_dtype, device=s_weight.device) if need_w else None
         total = torch.zeros((), dtype=acc_dtype, device=s_hidden.device)
         for s_side, t_side in chunks:
-            h = s_hidden.index_select(0, s_side.rows)
-            t_logits = _upcast(t_hidden.index_select(0, t_side.rows) @ t_weight.T)
+            # hidden states may come in another dtype than the head (a float32 final norm
+            # before a bfloat16 head): the product is in the head's dtype, as the model's own
+            # head computes it (the same rule as the chunked JSD)
+            h = s_hidden.index_select(0, s_side.rows).to(s_weight.dtype)
+            t_logits = _upcast(t_hidden.index_select(0, t_side.rows).to(t_weight.dtype) @ t_weight.T)
             s_logits = _upcast(h @ s_weight.T).requires_grad_(need_h or need_w)
             with torch.enable_grad():
                 loss, parts = _chunk_loss(s_logits, t_logits, s_side, t_side, config, mapping, unmatched)
@@ -110,7 +113,7 @@ class _ChunkedULD(torch.autograd.Function):
             if need_h or need_w:
                 g_logits = g_logits.to(s_weight.dtype)
                 if need_h:
-                    grad_h.index_add_(0, s_side.rows, g_logits @ s_weight)
+                    grad_h.index_add_(0, s_side.rows, (g_logits @ s_weight).to(grad_h.dtype))
                 if need_w and grad_w.dtype == s_weight.dtype:
                     grad_w.addmm_(g_logits.T, h)
                 elif need_w:

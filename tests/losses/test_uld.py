@@ -538,3 +538,21 @@ def test_real_tokenizer_pair_end_to_end(ULDLoss, hybrid_tokenizers):
     total, positions = our_loss(our_config(ref_cfg, chunk_size=4), ref_cfg, s, t)
     assert positions < len(s_ids) and positions < len(t_ids)  # multi-token groups exist
     torch.testing.assert_close(total / positions, expected.reshape(()), rtol=1e-9, atol=1e-12)
+
+
+def test_hidden_states_in_another_dtype_than_the_head():
+    # a LoRA student can hand float32 hidden states (float32 final norm) to a bfloat16
+    # head; the loss computes in the head's dtype, as the model's own head would
+    d = _batch(2, batch=2, dtype=torch.float32)
+    cfg = ULDConfig(chunk_size=4)
+    s_weight, t_weight = d["s_weight"].detach().bfloat16(), d["t_weight"].detach().bfloat16()
+    args = (d["s_ids"], d["t_ids"], d["s_groups"], d["t_groups"], cfg)
+    s_hidden = d["s_hidden"].detach().clone().requires_grad_(True)
+    mixed, _ = uld_loss_sum(s_hidden, s_weight.requires_grad_(True), d["t_hidden"], t_weight, *args)
+    mixed.backward()
+    assert s_hidden.grad.dtype == torch.float32 and s_weight.grad.dtype == torch.bfloat16
+    same_hidden = d["s_hidden"].detach().bfloat16().requires_grad_(True)
+    same, _ = uld_loss_sum(same_hidden, s_weight.detach(), d["t_hidden"].bfloat16(), t_weight, *args)
+    same.backward()
+    torch.testing.assert_close(mixed.detach(), same.detach().to(mixed.dtype))
+    torch.testing.assert_close(s_hidden.grad, same_hidden.grad.float())
