@@ -67,6 +67,8 @@ class GoldArgs(BaseModel):
     uld_skip_teacher_eos: bool = True
     uld_teacher_prompt: Literal["teacher_template", "student_text"] = "teacher_template"
     uld_alignment_fallback: Literal["positional"] | None = None
+    # the teacher's chat_template_kwargs (its own template); default: `chat_template_kwargs`
+    teacher_chat_template_kwargs: dict[str, Any] | None = None
 
     # --- loss implementation -----------------------------------------------
     gold_fused_loss: bool = True
@@ -87,6 +89,13 @@ class GoldArgs(BaseModel):
     vllm_server_host: str = "127.0.0.1"
     vllm_server_port: int = 8011
     vllm_server_timeout: float = 240.0
+
+    # --- evaluation and completion logs ----------------------------------
+    # evaluation samples the student on the held-out prompts (eval_loss), besides
+    # scoring their dataset completions (eval_offpolicy_loss)
+    gold_eval_on_policy: bool = True
+    # every N optimizer steps, the window's sampled completions to gold_completions.jsonl
+    gold_log_completions_steps: int = Field(default=0, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -114,6 +123,7 @@ _TEACHER_ONLY_KEYS = (
     "teacher_model_revision",
     "teacher_tokenizer",
     "loss_temperature",
+    "teacher_chat_template_kwargs",
 )
 
 
@@ -359,3 +369,36 @@ def route_chat_datasets(data: dict) -> dict:
             if isinstance(ds, dict) and ds.get("type") in (None, "chat_template"):
                 ds["type"] = target
     return data
+
+
+def runtime_added_tokens(cfg) -> list[tuple[str, str]]:
+    """``(key, token)`` for each token Axolotl adds to the student's tokenizer at load time.
+
+    ``special_tokens.<name>`` (``additional_special_tokens`` a list) and ``tokens``.
+    """
+    out = []
+    special = cfg.get("special_tokens") or {}
+    special = special.to_dict() if hasattr(special, "to_dict") else dict(special)
+    for name, value in special.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        out += [(f"special_tokens.{name}", str(v)) for v in values if v is not None]
+    out += [("tokens", str(t)) for t in cfg.get("tokens") or []]
+    return out
+
+
+def check_added_tokens(cfg, student_tokenizer, teacher_tokenizer) -> None:
+    """Same-tokenizer JSD: each token added at run time has the same id in the teacher.
+
+    Checked on the tokenizers as loaded (the student's after Axolotl added the tokens);
+    the teacher's embeddings are never resized, so a new token has no teacher logit.
+    """
+    teacher_vocab = teacher_tokenizer.get_vocab()
+    student_vocab = student_tokenizer.get_vocab()
+    for key, token in runtime_added_tokens(cfg):
+        if teacher_vocab.get(token) is None or teacher_vocab.get(token) != student_vocab.get(token):
+            raise GoldConfigError(
+                f"`{key}` adds {token!r} to the student's tokenizer, which the teacher's "
+                "vocabulary does not have at the same id, so the teacher has no logit for it: "
+                f"remove it from `{key.split('.')[0]}`, use a token both vocabularies have, or "
+                "set `use_uld_loss: true` for different vocabularies."
+            )

@@ -50,6 +50,34 @@ class GoldCollator:
         return {"gold_rollouts": rollouts}
 
 
+def merge_repeats(rows: list[Rollout]) -> tuple[list[Rollout], list[int]]:
+    """Consecutive identical rows as one row and its count.
+
+    An off-policy slice holds each prompt ``num_generations`` times with the same
+    dataset completion: scoring it once with weight ``count`` gives the same loss sum
+    and gradient for a fraction of the forward passes. Rows differing in anything
+    (ids, messages, text, images) stay apart.
+    """
+    merged: list[Rollout] = []
+    counts: list[int] = []
+    for row in rows:
+        if merged and row == merged[-1]:
+            counts[-1] += 1
+        else:
+            merged.append(row)
+            counts.append(1)
+    return merged, counts
+
+
+def completion_token_count(batch: dict) -> int:
+    """Completion tokens a batch scores, each row counted ``row_weights`` times (if set)."""
+    per_row = (batch["completion_labels"] != -100).sum(dim=1)
+    weights = batch.get("row_weights")
+    if weights is not None:
+        per_row = per_row * weights.to(per_row.device)
+    return int(per_row.sum())
+
+
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B, max_len]`` ids and attention mask, padding on the left."""
     width = max((len(s) for s in sequences), default=0)

@@ -3,8 +3,13 @@
 Selected with ``type: axolotl_gold.chat_template`` (GOLD also routes plain
 ``type: chat_template`` datasets here). The prompt is every message before the last
 assistant turn, rendered with the student's chat template and a generation prompt;
-the off-policy completion is that last assistant turn. A conversation that ends on
-a user turn is a prompt-only row, allowed when ``lmbda`` is 1 (every slice samples).
+the off-policy completion is that last assistant turn as the template renders it,
+ending on the token that ends a turn (see ``chat_turns``). Axolotl's
+``chat_template_kwargs`` (``enable_thinking: false``, ...) apply to both. A prompt
+over ``sequence_len - max_completion_length`` drops its earliest turns, keeping the
+system prompt; a row whose last user turn alone is too long is refused. A
+conversation that ends on a user turn is a prompt-only row, allowed when ``lmbda``
+is 1 (every slice samples).
 
 Each row becomes:
 
@@ -24,6 +29,7 @@ from typing import Any
 from axolotl.prompt_tokenizers import DatasetWrappingStrategy
 
 from axolotl_gold.args import GoldConfigError
+from axolotl_gold.chat_turns import end_of_completion_id, fit_prompt, stop_token_ids
 from axolotl_gold.vision import row_has_images
 
 _ROLE_ALIASES = {
@@ -71,34 +77,48 @@ def split_prompt_completion(messages: list[dict]) -> tuple[list[dict], str | Non
     return messages, None
 
 
-def render_prompt_ids(tokenizer, prompt_messages: list[dict]) -> list[int]:
+def render_prompt_ids(tokenizer, prompt_messages: list[dict], template_kwargs: dict | None = None) -> list[int]:
+    """Prompt ids as the chat template renders them, with the generation prompt.
+
+    The template writes its own BOS and header, so nothing is added on top.
+    """
     text = tokenizer.apply_chat_template(
-        prompt_messages, add_generation_prompt=True, tokenize=False
+        prompt_messages, add_generation_prompt=True, tokenize=False, **(template_kwargs or {})
     )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def completion_ids_for(tokenizer, prompt_messages, completion: str, template=None) -> list[int]:
-    """Token ids of the completion as the chat template renders it, ending on EOS.
+def completion_ids_for(
+    tokenizer, prompt_messages, completion: str, template=None, template_kwargs=None, stops=None
+) -> list[int]:
+    """Token ids of the completion as the chat template renders it, ending on its stop token.
 
-    The template's own end-of-turn marker is kept when rendering the full
-    conversation extends the rendered prompt; otherwise the plain text plus EOS.
-    ``template`` is whatever owns the chat template (a processor), default the tokenizer.
+    The completion is what rendering the full conversation adds to the rendered prompt
+    (generation prompt included), cut after the first stop token (``stop_token_ids``:
+    the template's turn end, such as Gemma's ``<end_of_turn>``, or eos). A template that
+    does not extend its prompt, or writes no stop token, gives the plain text plus the
+    template's turn end (eos when it has none). ``template`` is whatever owns the chat
+    template (a processor), default the tokenizer. ``stops``: ``(stop ids, end id)``,
+    computed once per dataset by the caller (default: from the template).
     """
-    eos = tokenizer.eos_token_id
     template = template or tokenizer
+    kwargs = template_kwargs or {}
+    if stops is None:
+        stops = (stop_token_ids(template, template_kwargs=kwargs), end_of_completion_id(template, kwargs))
+    stops, end = stops
     prompt_text = template.apply_chat_template(
-        prompt_messages, add_generation_prompt=True, tokenize=False
+        prompt_messages, add_generation_prompt=True, tokenize=False, **kwargs
     )
     full_text = template.apply_chat_template(
-        prompt_messages + [{"role": "assistant", "content": completion}], tokenize=False
+        prompt_messages + [{"role": "assistant", "content": completion}], tokenize=False, **kwargs
     )
     if full_text.startswith(prompt_text):
         ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
-        if eos in ids:
-            return ids[: ids.index(eos) + 1]
+        for k, token in enumerate(ids):
+            if token in stops:
+                return ids[: k + 1]
     ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    return ids + ([eos] if eos is not None else [])
+    return ids + ([end] if end is not None else [])
 
 
 class GoldChatStrategy(DatasetWrappingStrategy):
@@ -111,6 +131,13 @@ class GoldChatStrategy(DatasetWrappingStrategy):
         self.max_completion = int(cfg.get("max_completion_length") or 128)
         sequence_len = int(cfg.get("sequence_len") or 2048)
         self.max_prompt = sequence_len - self.max_completion
+        # Axolotl's own key, for prompts and completions alike (e.g. enable_thinking)
+        self.template_kwargs = dict(cfg.get("chat_template_kwargs") or {})
+        self.template_kwargs.update(self.ds_cfg.get("chat_template_kwargs") or {})
+        self.stops = (
+            stop_token_ids(tokenizer, template_kwargs=self.template_kwargs),
+            end_of_completion_id(tokenizer, self.template_kwargs),
+        )
         if tokenizer.chat_template is None:
             raise GoldConfigError(
                 "the student tokenizer has no chat template: set `chat_template` "
@@ -144,11 +171,24 @@ class GoldChatStrategy(DatasetWrappingStrategy):
                 f"dataset row {index} has no assistant turn (prompt-only), which needs "
                 f"`lmbda: 1.0` (every slice sampled on-policy); `lmbda` is {self.lmbda}."
             )
-        prompt_ids = render_prompt_ids(self.tokenizer, prompt_messages)
-        # keep the prompt's end: the last turns are what the completion answers
-        prompt_ids = prompt_ids[-self.max_prompt:]
+        fitted = fit_prompt(
+            lambda m: render_prompt_ids(self.tokenizer, m, self.template_kwargs),
+            prompt_messages,
+            self.max_prompt,
+        )
+        if fitted is None:
+            raise GoldConfigError(
+                f"dataset row {index}: its last user turn alone renders to more than "
+                f"{self.max_prompt} prompt tokens (`sequence_len - max_completion_length`): "
+                "raise `sequence_len`, lower `max_completion_length`, or drop the row."
+            )
+        # earlier turns dropped whole: the template's header and BOS stay
+        prompt_messages, prompt_ids = fitted
         completion_ids = (
-            completion_ids_for(self.tokenizer, prompt_messages, completion)[: self.max_completion]
+            completion_ids_for(
+                self.tokenizer, prompt_messages, completion, template_kwargs=self.template_kwargs,
+                stops=self.stops,
+            )[: self.max_completion]
             if completion is not None
             else []
         )

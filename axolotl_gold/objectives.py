@@ -3,6 +3,10 @@
 Sums, not means: the trainer divides once by the number of scored tokens of the
 whole optimizer window across micro-steps and processes, so gradients do not
 depend on how the window is split.
+
+A batch may carry ``row_weights`` ``[B]`` (integer repeat counts of merged rows): each
+row's terms then count that many times, in the sum and in ``count``. The loss
+kernels stay unweighted: rows are scored in one call per distinct weight.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from axolotl_gold.batching import completion_token_count
 from axolotl_gold.forward import CompletionStates
 from axolotl_gold.losses import fused_jsd_loss_sum, generalized_jsd_token_loss
 from axolotl_gold.settings import LOSS_CHUNK_SIZE
@@ -34,15 +39,31 @@ class JsdObjective:
         return None  # same tokenizer: the teacher reads the student's tensors
 
     def count(self, batch: dict) -> int:
-        return int((batch["completion_labels"] != -100).sum())
+        return completion_token_count(batch)
 
     def __call__(
         self, student: CompletionStates, teacher: CompletionStates, batch: dict
     ) -> torch.Tensor:
-        """Loss summed over the batch's completion tokens (labels != -100)."""
+        """Loss summed over the batch's completion tokens (labels != -100), each
+        row's tokens times its ``row_weights`` entry when the batch has one."""
         mask = batch["completion_labels"] != -100
         s_rows = student.values[mask]
         t_rows = teacher.values[mask].detach()
+        weights = batch.get("row_weights")
+        if weights is None:
+            return self._sum(student, teacher, s_rows, t_rows)
+        token_weights = weights.to(mask.device)[:, None].expand_as(mask)[mask]
+        distinct = token_weights.unique().tolist()
+        if len(distinct) <= 1:
+            scale = distinct[0] if distinct else 1
+            return scale * self._sum(student, teacher, s_rows, t_rows)
+        total = 0
+        for w in distinct:
+            keep = token_weights == w
+            total = total + w * self._sum(student, teacher, s_rows[keep], t_rows[keep])
+        return total
+
+    def _sum(self, student, teacher, s_rows, t_rows) -> torch.Tensor:
         v = self.vocab_size
         if student.head is not None and teacher.head is not None:
             return fused_jsd_loss_sum(
@@ -88,13 +109,12 @@ class UldObjective:
         return self.inputs(rows)
 
     def count(self, batch: dict) -> int:
-        return sum(len(groups) for groups in batch["uld_student_groups"])
+        weights = _row_weights(batch)
+        return sum(len(g) * w for g, w in zip(batch["uld_student_groups"], weights))
 
     def __call__(
         self, student: CompletionStates, teacher: CompletionStates, batch: dict
     ) -> torch.Tensor:
-        from axolotl_gold.losses.uld_fused import uld_loss_sum
-
         for name, states in (("student", student), ("teacher", teacher)):
             if states.head is None or states.head.bias is not None:
                 raise ValueError(
@@ -102,16 +122,42 @@ class UldObjective:
                     "nn.Linear (it computes logits chunk by chunk): remove `lm_head` from "
                     "`lora_target_modules` / `lora_modules_to_save`, or set `use_uld_loss: false`."
                 )
+        weights = _row_weights(batch)
+        distinct = sorted(set(weights))
+        if len(distinct) <= 1:
+            scale = distinct[0] if distinct else 1
+            return scale * self._sum(student, teacher, batch, None)
+        total = 0
+        for w in distinct:
+            rows = [i for i, x in enumerate(weights) if x == w]
+            total = total + w * self._sum(student, teacher, batch, rows)
+        return total
+
+    def _sum(self, student, teacher, batch: dict, rows: list[int] | None) -> torch.Tensor:
+        from axolotl_gold.losses.uld_fused import uld_loss_sum
+
+        def take(x):
+            if rows is None:
+                return x
+            return x[rows] if isinstance(x, torch.Tensor) else [x[i] for i in rows]
+
         total, _ = uld_loss_sum(
-            student.values,
+            take(student.values),
             student.head.weight,
-            teacher.values.detach(),
+            take(teacher.values.detach()),
             teacher.head.weight.detach(),
-            batch["uld_student_ids"],
-            batch["uld_teacher_ids"],
-            batch["uld_student_groups"],
-            batch["uld_teacher_groups"],
+            take(batch["uld_student_ids"]),
+            take(batch["uld_teacher_ids"]),
+            take(batch["uld_student_groups"]),
+            take(batch["uld_teacher_groups"]),
             config=self.config,
             mapping=self.mapping,
         )
         return total
+
+
+def _row_weights(batch: dict) -> list[int]:
+    weights = batch.get("row_weights")
+    if weights is None:
+        return [1] * len(batch["uld_student_groups"])
+    return [int(w) for w in weights.tolist()]

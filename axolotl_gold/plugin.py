@@ -73,6 +73,8 @@ class GoldPlugin(BasePlugin):
         from axolotl_gold.zero3 import full_loading, zero3_enabled
 
         zero3 = zero3_enabled(trainer.accelerator)
+        if not settings.use_uld_loss:
+            check_runtime_tokens(cfg, trainer.processing_class)
         # ZeRO-3: loaded whole; the trainer partitions it in an inference engine
         with full_loading() if zero3 else contextlib.nullcontext():
             teacher = load_teacher(cfg, trainer.accelerator.device)
@@ -172,6 +174,9 @@ def build_objective(cfg, settings, student, teacher, student_tokenizer):
         skip_student_eos=bool(get("uld_skip_student_eos", True)),
         skip_teacher_eos=bool(get("uld_skip_teacher_eos", True)),
         alignment_fallback=fallback,
+        teacher_template_kwargs=dict(
+            get("teacher_chat_template_kwargs", cfg.get("chat_template_kwargs") or {})
+        ),
     )
     config = ULDConfig(
         student_temperature=float(get("uld_student_temperature", 1.0)),
@@ -202,6 +207,22 @@ def shared_vocab_size(student, teacher) -> int | None:
     sv = _text_config(student.config).vocab_size
     tv = _text_config(teacher.config).vocab_size
     return None if sv == tv else min(sv, tv)
+
+
+def check_runtime_tokens(cfg, student_tokenizer) -> None:
+    """Tokens Axolotl added to the student's tokenizer (``special_tokens``, ``tokens``)
+    must be the teacher's too (same-tokenizer JSD); checked before the teacher loads."""
+    from transformers import AutoTokenizer
+
+    from axolotl_gold.args import check_added_tokens, runtime_added_tokens
+
+    if not runtime_added_tokens(cfg):
+        return
+    teacher_tok = AutoTokenizer.from_pretrained(
+        cfg.get("teacher_tokenizer") or cfg["teacher_model"],
+        revision=cfg.get("teacher_model_revision"),
+    )
+    check_added_tokens(cfg, getattr(student_tokenizer, "tokenizer", student_tokenizer), teacher_tok)
 
 
 def check_teacher_compatible(cfg) -> None:

@@ -38,6 +38,8 @@ class GoldSettings:
     vllm_mode: str = "colocate"
     vllm_server_url: str = "http://127.0.0.1:8011"
     vllm_server_timeout: float = 240.0
+    eval_on_policy: bool = True
+    log_completions_steps: int = 0
 
     @classmethod
     def from_cfg(cls, cfg) -> "GoldSettings":
@@ -76,4 +78,6 @@ class GoldSettings:
             vllm_max_model_len=cfg.get("vllm_max_model_len") or cfg.get("sequence_len"),
             # the engine samples in the precision the student trains in
             vllm_dtype="bfloat16" if cfg.get("bf16") is True else "float16" if cfg.get("fp16") else "float32",
+            eval_on_policy=bool(get("gold_eval_on_policy", True)),
+            log_completions_steps=int(get("gold_log_completions_steps", 0)),
         )

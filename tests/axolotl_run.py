@@ -124,11 +124,12 @@ def weights(folder) -> dict[str, torch.Tensor]:
 def sgd_delta(pair, tmp_path, name, mbs, accum, procs, **extra):
     """Weights after one SGD step (lr 1, no clipping) minus before: minus the gradient of
     one off-policy window (``lmbda`` 0: the dataset's completions, no sampling)."""
-    cfg = gold_config(
-        pair, tmp_path / name, lmbda=0.0, num_generations=1, micro_batch_size=mbs,
+    overrides = dict(
+        lmbda=0.0, num_generations=1, micro_batch_size=mbs,
         gradient_accumulation_steps=accum, max_steps=1, save_steps=1, optimizer="sgd",
-        learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0, warmup_steps=0, **extra,
+        learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0, warmup_steps=0,
     )
+    cfg = gold_config(pair, tmp_path / name, **{**overrides, **extra})
     out = run_train(cfg, tmp_path / name, num_processes=procs)
     before, after = weights(pair["student"]), weights(out)
     return {k: after[k] - before[k] for k in before}, windows(out)

