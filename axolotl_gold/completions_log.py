@@ -10,7 +10,8 @@ appends one JSON line per row to ``<output_dir>/gold_completions.jsonl``::
 ``loss`` is the training objective per scored unit of that row (token, or aligned
 position for ULD); ``reverse_kl`` (one vocabulary only) is KL(student || teacher)
 per completion token over the full vocabulary at the loss temperature. The same
-table goes to wandb when a wandb run is active (wandb is never imported here).
+table goes to the trackers the run reports to (wandb, trackio, TensorBoard, MLflow)
+when their callbacks have started them (none is imported here).
 """
 
 from __future__ import annotations
@@ -85,13 +86,41 @@ def append_jsonl(path: str, records: list[dict]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def log_to_trackers(records: list[dict], report_to) -> bool:
-    """The table to wandb when the run reports there and a wandb run is active
-    (Axolotl's callback started it). Returns whether it was logged."""
-    report_to = [report_to] if isinstance(report_to, str) else list(report_to or [])
+def markdown_table(records: list[dict]) -> str:
+    """The records as a markdown table (trackers that show text: TensorBoard, MLflow)."""
+
+    def cell(value) -> str:
+        text = "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", "\\n")
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in COLUMNS) + " |" for r in records]
+    return "\n".join(lines)
+
+
+def log_to_trackers(records: list[dict], report_to, callbacks=(), step: int = 0) -> list[str]:
+    """The table to each tracker the run reports to and has started (by Axolotl's / HF's
+    callbacks): wandb and trackio as tables, TensorBoard and MLflow as markdown text.
+    No tracker is imported here. Returns the trackers written to."""
+    report_to = {report_to} if isinstance(report_to, str) else set(report_to or [])
+    wanted = lambda name: bool({name, "all"} & report_to)  # noqa: E731
+    data = [[r[c] for c in COLUMNS] for r in records]
+    logged = []
     wandb = sys.modules.get("wandb")  # imported by its callback when in use
-    if not ({"wandb", "all"} & set(report_to)) or wandb is None or getattr(wandb, "run", None) is None:
-        return False
-    table = wandb.Table(columns=list(COLUMNS), data=[[r[c] for c in COLUMNS] for r in records])
-    wandb.log({"gold/completions": table}, commit=False)
-    return True
+    if wanted("wandb") and wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.log({"gold/completions": wandb.Table(columns=list(COLUMNS), data=data)}, commit=False)
+        logged.append("wandb")
+    trackio = sys.modules.get("trackio")
+    if wanted("trackio") and trackio is not None and hasattr(trackio, "Table"):
+        trackio.log({"gold/completions": trackio.Table(columns=list(COLUMNS), data=data)}, step=step)
+        logged.append("trackio")
+    for callback in callbacks:
+        writer = getattr(callback, "tb_writer", None)  # HF's TensorBoardCallback, once training began
+        if writer is not None and hasattr(writer, "add_text"):
+            writer.add_text("gold/completions", markdown_table(records), global_step=step)
+            logged.append("tensorboard")
+    mlflow = sys.modules.get("mlflow")
+    if wanted("mlflow") and mlflow is not None and mlflow.active_run() is not None:
+        mlflow.log_text(markdown_table(records), f"gold_completions/step_{step:07d}.md")
+        logged.append("mlflow")
+    return logged

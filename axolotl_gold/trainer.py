@@ -401,7 +401,7 @@ class GoldTrainer(AxolotlTrainer):
 
     # ------------------------------------------------------------------ completions log
     def _log_completions(self, window) -> None:
-        """The window's rows, scored one by one, to ``gold_completions.jsonl`` and wandb
+        """The window's rows, scored one by one, to ``gold_completions.jsonl`` and the trackers
         (see ``axolotl_gold.completions_log``); every process scores its own rows, the
         main process writes its own."""
         rows = [r for s in window.slices for r in s]
@@ -419,7 +419,9 @@ class GoldTrainer(AxolotlTrainer):
             lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
         )
         append_jsonl(os.path.join(self.args.output_dir, COMPLETIONS_LOG), records)
-        log_to_trackers(records, self.args.report_to)
+        log_to_trackers(
+            records, self.args.report_to, self.callback_handler.callbacks, self.state.global_step + 1
+        )
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -99,12 +99,39 @@ def test_records_jsonl_and_trackers(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "wandb", raising=False)
     assert not log_to_trackers(records, ["wandb"])  # not imported by anyone: not in use
     assert "wandb" not in sys.modules  # and not imported here
-    logged = []
-    fake = types.SimpleNamespace(
-        run=object(), Table=lambda columns, data: (columns, data), log=lambda d, commit: logged.append(d)
-    )
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    assert not log_to_trackers(records, ["tensorboard"])
-    assert log_to_trackers(records, ["wandb"])
-    columns, data = logged[0]["gold/completions"]
-    assert columns[:4] == ["step", "on_policy", "prompt", "completion"] and data[0][3] == "3 4 5"
+    assert not log_to_trackers(records, ["tensorboard"])  # no callback has started a writer
+
+
+def _records():
+    rows = [Rollout(prompt_ids=[1, 2], completion_ids=[3, 4, 5])]
+    return completion_records(4, rows, [True], [{"loss": 0.5, "reverse_kl": None}], lambda ids: "a|b\nc")
+
+
+def test_completions_table_to_a_real_wandb_run(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = wandb.init(dir=str(tmp_path), project="gold-test")
+    try:
+        assert log_to_trackers(_records(), ["wandb"], step=4) == ["wandb"]
+        assert log_to_trackers(_records(), ["tensorboard"], step=4) == []
+    finally:
+        run.finish()
+
+
+def test_completions_table_to_tensorboard_through_hf_callback(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(tmp_path)  # what on_train_begin sets from the training args
+    callback._init_summary_writer(None)
+    assert log_to_trackers(_records(), ["tensorboard"], [callback], step=4) == ["tensorboard"]
+    callback.tb_writer.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    events.Reload()
+    (event,) = events.Tensors("gold/completions/text_summary")
+    text = event.tensor_proto.string_val[0].decode()
+    assert event.step == 4
+    assert text.splitlines()[0].startswith("| step | on_policy | prompt | completion")
+    assert "a\\|b\\nc" in text  # cells escaped: one table row per record
