@@ -215,6 +215,7 @@ def check_runtime_tokens(cfg, student_tokenizer) -> None:
     from transformers import AutoTokenizer
 
     from axolotl_gold.args import check_added_tokens, runtime_added_tokens
+    from axolotl_gold.chat_turns import text_tokenizer
 
     if not runtime_added_tokens(cfg):
         return
@@ -222,7 +223,7 @@ def check_runtime_tokens(cfg, student_tokenizer) -> None:
         cfg.get("teacher_tokenizer") or cfg["teacher_model"],
         revision=cfg.get("teacher_model_revision"),
     )
-    check_added_tokens(cfg, getattr(student_tokenizer, "tokenizer", student_tokenizer), teacher_tok)
+    check_added_tokens(cfg, text_tokenizer(student_tokenizer), teacher_tok)
 
 
 def check_teacher_compatible(cfg) -> None:

@@ -31,6 +31,7 @@ from axolotl.core.trainers.base import AxolotlTrainer
 
 from axolotl_gold.batching import GoldCollator
 from axolotl_gold.buffer import policy_draws
+from axolotl_gold.chat_turns import stop_token_ids, text_tokenizer
 from axolotl_gold.completions_log import (
     COMPLETIONS_LOG,
     append_jsonl,
@@ -114,8 +115,6 @@ class GoldTrainer(AxolotlTrainer):
         self.pad_id = pad_id
         # ONE stop set (eos, generation_config eos, the template's turn end) for every
         # engine and for ULD's end-of-completion handling
-        from axolotl_gold.chat_turns import stop_token_ids
-
         eos_ids = stop_token_ids(tokenizer, getattr(self.model, "generation_config", None))
         if hasattr(objective, "inputs"):
             objective.inputs.student_stop_ids = eos_ids
@@ -413,7 +412,7 @@ class GoldTrainer(AxolotlTrainer):
             )
         if not self.accelerator.is_main_process:
             return
-        tokenizer = getattr(self._gold_tokenizer, "tokenizer", self._gold_tokenizer)
+        tokenizer = text_tokenizer(self._gold_tokenizer)
         records = completion_records(
             self.state.global_step + 1, rows, on_policy, scores,
             lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
