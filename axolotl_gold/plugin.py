@@ -11,7 +11,7 @@ import logging
 
 from axolotl.integrations.base import BasePlugin
 
-from axolotl_gold.args import GoldConfigError, honour_batch_size, route_chat_datasets
+from axolotl_gold.config.schema import GoldConfigError, honour_batch_size, route_chat_datasets
 
 LOG = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class GoldPlugin(BasePlugin):
             route_chat_datasets(cfg)
             honour_batch_size(cfg)
             # the earliest hook: Axolotl patches modeling code before `pre_model_load`
-            from axolotl_gold.teacher import record_teacher_modeling
+            from axolotl_gold.models.teacher import record_teacher_modeling
 
             record_teacher_modeling(cfg)
 
@@ -38,7 +38,7 @@ class GoldPlugin(BasePlugin):
         return None  # Axolotl's own dataset loading does the work
 
     def get_input_args(self) -> str:
-        return "axolotl_gold.args.GoldArgs"
+        return "axolotl_gold.config.schema.GoldArgs"
 
     def pre_model_load(self, cfg) -> None:
         if gold_enabled(cfg):
@@ -51,26 +51,26 @@ class GoldPlugin(BasePlugin):
     def get_trainer_cls(self, cfg):
         if not gold_enabled(cfg):
             return None
-        from axolotl_gold.trainer import GoldTrainer
+        from axolotl_gold.trainer.gold_trainer import GoldTrainer
 
         return GoldTrainer
 
     def post_trainer_create(self, cfg, trainer) -> None:
         if not gold_enabled(cfg):
             return
-        from axolotl_gold.settings import GoldSettings
-        from axolotl_gold.teacher import load_teacher
+        from axolotl_gold.config.settings import GoldSettings
+        from axolotl_gold.models.teacher import load_teacher
 
         settings = GoldSettings.from_cfg(cfg)
         vision = None
         if cfg.get("processor_type"):
-            from axolotl_gold.vision_setup import check_datasets, freeze_vision_tower, student_vision
+            from axolotl_gold.vision.setup import check_datasets, freeze_vision_tower, student_vision
 
             vision = student_vision(cfg, trainer.processing_class, settings)
             check_datasets(cfg, settings, trainer.train_dataset, trainer.eval_dataset)
             if not cfg.get("gold_train_vision_tower"):
                 freeze_vision_tower(trainer.model)
-        from axolotl_gold.zero3 import full_loading, zero3_enabled
+        from axolotl_gold.models.zero3 import full_loading, zero3_enabled
 
         zero3 = zero3_enabled(trainer.accelerator)
         if not settings.use_uld_loss:
@@ -134,7 +134,7 @@ def place_cpu_processes_on_cpu(cfg) -> None:
 
 def build_objective(cfg, settings, student, teacher, student_tokenizer):
     """JSD for one tokenizer, ULD (or hybrid ULD) across two."""
-    from axolotl_gold.objectives import JsdObjective, UldObjective
+    from axolotl_gold.scoring.objectives import JsdObjective, UldObjective
 
     if not settings.use_uld_loss:
         return JsdObjective(
@@ -147,7 +147,7 @@ def build_objective(cfg, settings, student, teacher, student_tokenizer):
     from transformers import AutoTokenizer
 
     from axolotl_gold.losses.uld import ULDConfig, build_vocab_mapping
-    from axolotl_gold.teacher_inputs import CrossTokenizerInputs
+    from axolotl_gold.crosstok.teacher_inputs import CrossTokenizerInputs
 
     teacher_tokenizer = AutoTokenizer.from_pretrained(
         cfg.get("teacher_tokenizer") or cfg["teacher_model"],
@@ -189,7 +189,7 @@ def build_objective(cfg, settings, student, teacher, student_tokenizer):
         hybrid_beta=settings.beta,
     )
     if cfg.get("processor_type"):
-        from axolotl_gold.vision_setup import teacher_vision
+        from axolotl_gold.vision.setup import teacher_vision
 
         inputs.teacher_vision = teacher_vision(cfg, inputs.max_prompt_length)
     mapping = None
@@ -214,8 +214,8 @@ def check_runtime_tokens(cfg, student_tokenizer) -> None:
     must be the teacher's too (same-tokenizer JSD); checked before the teacher loads."""
     from transformers import AutoTokenizer
 
-    from axolotl_gold.args import check_added_tokens, runtime_added_tokens
-    from axolotl_gold.chat_turns import text_tokenizer
+    from axolotl_gold.config.schema import check_added_tokens, runtime_added_tokens
+    from axolotl_gold.data.turns import text_tokenizer
 
     if not runtime_added_tokens(cfg):
         return
@@ -252,7 +252,7 @@ def check_teacher_compatible(cfg) -> None:
             "`teacher_tokenizer` to a folder or hub id that holds the teacher's tokenizer."
         ) from err
     if cfg.get("processor_type"):
-        from axolotl_gold.vision_setup import check_vision_pair
+        from axolotl_gold.vision.setup import check_vision_pair
 
         check_vision_pair(cfg, teacher_config)
     if cfg.get("use_uld_loss"):

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from axolotl_gold.alignment import align_completion  # noqa: E402
+from axolotl_gold.crosstok.alignment import align_completion  # noqa: E402
 from axolotl_gold.losses.uld import ULDConfig, VocabMapping, completion_rows  # noqa: E402
 from axolotl_gold.losses.uld_fused import uld_loss_sum  # noqa: E402
 

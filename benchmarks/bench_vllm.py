@@ -51,9 +51,9 @@ def main():
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from axolotl_gold.engines.base import SamplingSettings
-    from axolotl_gold.engines.hf import HFGenerateEngine
-    from axolotl_gold.engines.vllm_colocate import VLLMColocateEngine
+    from axolotl_gold.rollouts.engines.base import SamplingSettings
+    from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
+    from axolotl_gold.rollouts.vllm.colocate import VLLMColocateEngine
 
     path = tempfile.mkdtemp(prefix="bench_vllm_")
     model, tok = build_model(path, args)

@@ -7,7 +7,7 @@ suppressed through ``min_new_tokens``), lmbda 1 (all on-policy), beta 0.5, bf16 
 checkpointing on either side unless ``--gradient-checkpointing``.
 
 Variants, each in its own subprocess so that memory readings and caches do not mix:
-  ours-fast       our step (axolotl_gold.step.prepare_window / loss_sum, JsdObjective with the
+  ours-fast       our step (axolotl_gold.scoring.loss.prepare_window / loss_sum, JsdObjective with the
                   chunked fused loss) with FastHFEngine (static cache, CUDA-graph decode)
   ours-hf         the same step with HFGenerateEngine (plain model.generate)
   ours-hf-static  HFGenerateEngine with cache_implementation="static" (HF compiles the
@@ -248,12 +248,12 @@ def summarize(name, records, warmup, device, extra=None) -> dict:
 def run_ours(args, variant: str) -> dict:
     import torch
 
-    from axolotl_gold.batching import Rollout
-    from axolotl_gold.engines.base import SamplingSettings
-    from axolotl_gold.engines.fast_hf import FastHFEngine
-    from axolotl_gold.engines.hf import HFGenerateEngine
-    from axolotl_gold.objectives import JsdObjective
-    from axolotl_gold.step import loss_sum, prepare_window
+    from axolotl_gold.data.batching import Rollout
+    from axolotl_gold.rollouts.engines.base import SamplingSettings
+    from axolotl_gold.rollouts.engines.static import FastHFEngine
+    from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
+    from axolotl_gold.scoring.objectives import JsdObjective
+    from axolotl_gold.scoring.loss import loss_sum, prepare_window
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -322,7 +322,7 @@ def sampling_cost_ms(args, sampling, device, dtype, rows: int, repeats: int = 10
     """Device time of FastHFEngine's per-token sampling alone (warping, top-p sort, draw)."""
     import torch
 
-    from axolotl_gold.engines.fast_hf import sample_tokens
+    from axolotl_gold.rollouts.engines.static import sample_tokens
 
     logits = torch.randn(rows, args.vocab, device=device, dtype=dtype)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -438,9 +438,9 @@ def check_fast_engine(device: str) -> str:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from axolotl_gold.engines.base import SamplingSettings
-    from axolotl_gold.engines.fast_hf import FastHFEngine
-    from axolotl_gold.engines.hf import HFGenerateEngine
+    from axolotl_gold.rollouts.engines.base import SamplingSettings
+    from axolotl_gold.rollouts.engines.static import FastHFEngine
+    from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
 
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -17,7 +17,7 @@ Part 2, memory (bfloat16, ~0.5B student and ~1.5B teacher, vocabulary 151,936):
 peak GPU memory per process of one on-policy GOLD step, ZeRO-3 over the GPUs
 against one GPU holding everything (AdamW in both).
 
-It drives the same stages as ``GoldTrainer`` (``axolotl_gold.step``, ``zero3``)
+It drives the same stages as ``GoldTrainer`` (``axolotl_gold.scoring.loss``, ``zero3``)
 from a plain loop, because Axolotl is not installed on the GPU machine; the
 ``axolotl train`` path under ZeRO-3 is tested on the CPU (``tests/test_e2e_train.py``).
 """
@@ -77,7 +77,7 @@ def build(arch: dict, vocab: int, dtype, seed: int, device="cpu"):
 
 
 def window_slices(args, rank_rows):
-    from axolotl_gold.batching import Rollout
+    from axolotl_gold.data.batching import Rollout
 
     return [
         [Rollout(prompt_ids=list(p), completion_ids=[]) for p in rank_rows[i : i + args.micro]]
@@ -98,11 +98,11 @@ def correctness(args, rank, world, device):
     import torch
     import torch.distributed as dist
 
-    from axolotl_gold.engines.base import SamplingSettings
-    from axolotl_gold.engines.hf import HFGenerateEngine
-    from axolotl_gold.forward import bypassable_head
-    from axolotl_gold.objectives import JsdObjective
-    from axolotl_gold.zero3 import gathered_heads, generation_weights, inference_engine
+    from axolotl_gold.rollouts.engines.base import SamplingSettings
+    from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
+    from axolotl_gold.scoring.forward import bypassable_head
+    from axolotl_gold.scoring.objectives import JsdObjective
+    from axolotl_gold.models.zero3 import gathered_heads, generation_weights, inference_engine
 
     vocab, pad, eos = args.vocab, args.vocab - 3, args.vocab - 1
     sampling = SamplingSettings(max_new_tokens=args.completion, temperature=0.0)
@@ -157,7 +157,7 @@ def correctness(args, rank, world, device):
 
 
 def window_prepare(args, rows, engine, pad):
-    from axolotl_gold.step import prepare_window
+    from axolotl_gold.scoring.loss import prepare_window
 
     return prepare_window(window_slices(args, rows), step=0, seed=0, rank=0, lmbda=1.0, pad_id=pad,
                           student_engine=engine)
@@ -167,7 +167,7 @@ def run_window(prepared, student_call, teacher, world, objective, device, backwa
     import torch
     import torch.distributed as dist
 
-    from axolotl_gold.step import loss_sum
+    from axolotl_gold.scoring.loss import loss_sum
 
     total = torch.tensor(prepared.local_tokens, device=device, dtype=torch.float32)
     if world > 1:
@@ -183,11 +183,11 @@ def memory(args, rank, world, device, zero3: bool):
     import deepspeed
     import torch
 
-    from axolotl_gold.engines.base import SamplingSettings
-    from axolotl_gold.engines.hf import HFGenerateEngine
-    from axolotl_gold.forward import bypassable_head
-    from axolotl_gold.objectives import JsdObjective
-    from axolotl_gold.zero3 import gathered_heads, generation_weights, inference_engine
+    from axolotl_gold.rollouts.engines.base import SamplingSettings
+    from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
+    from axolotl_gold.scoring.forward import bypassable_head
+    from axolotl_gold.scoring.objectives import JsdObjective
+    from axolotl_gold.models.zero3 import gathered_heads, generation_weights, inference_engine
 
     vocab, pad, eos = 151936, 151933, 151935
     sampling = SamplingSettings(max_new_tokens=args.mem_completion, temperature=0.9, top_p=0.95)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from axolotl_gold.alignment import (
+from axolotl_gold.crosstok.alignment import (
     align_byte_offsets,
     align_completion,
     align_positional,
@@ -103,7 +103,7 @@ def test_offsets_are_bytes_of_the_text(name):
 
 
 def test_byte_level_offsets_spell_each_piece():
-    from axolotl_gold.alignment import _piece_bytes
+    from axolotl_gold.crosstok.alignment import _piece_bytes
 
     tok = tf.byte_level_bpe(400)
     for text in tf.SAMPLE_TEXTS:
@@ -130,7 +130,7 @@ def test_byte_fallback_pieces_get_one_byte_each():
 
 
 def test_identical_spans_without_known_lengths_stay_in_one_group():
-    from axolotl_gold.alignment import _offsets_from_char_spans
+    from axolotl_gold.crosstok.alignment import _offsets_from_char_spans
 
     # Two pieces share the span of one 4-byte character: the first becomes zero-width.
     offsets = _offsets_from_char_spans([(0, 1), (1, 2), (1, 2), (2, 3)], ["a", "x", "y", "b"], "a😀b")

@@ -1,6 +1,6 @@
 
-from axolotl_gold.batching import GoldCollator, build_scoring_batch, left_pad
-from axolotl_gold.engines.base import trim_completion
+from axolotl_gold.data.batching import GoldCollator, build_scoring_batch, left_pad
+from axolotl_gold.rollouts.engines.base import trim_completion
 
 
 def test_left_pad_and_masks_from_row_lengths():

@@ -1,7 +1,7 @@
 import pytest
 
-from axolotl_gold.batching import Rollout
-from axolotl_gold.buffer import fill_window, generation_seed, policy_draws
+from axolotl_gold.data.batching import Rollout
+from axolotl_gold.rollouts.window import fill_window, generation_seed, policy_draws
 
 
 class RecordingEngine:

@@ -10,10 +10,10 @@ import json
 
 import pytest
 
-from axolotl_gold.args import GoldConfigError
-from axolotl_gold.chat_template import GoldChatStrategy
-from axolotl_gold.chat_turns import stop_token_ids, turn_end_id
-from axolotl_gold.engines.base import trim_completion
+from axolotl_gold.config.schema import GoldConfigError
+from axolotl_gold.data.chat_template import GoldChatStrategy
+from axolotl_gold.data.turns import stop_token_ids, turn_end_id
+from axolotl_gold.rollouts.engines.base import trim_completion
 from tests.chat_families import FAMILIES
 
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -155,7 +155,7 @@ def test_runtime_added_tokens_must_be_in_the_teacher_vocabulary():
     (same on disk) lacks them, so same-tokenizer JSD has no teacher logit for them."""
     import copy
 
-    from axolotl_gold.args import check_added_tokens
+    from axolotl_gold.config.schema import check_added_tokens
 
     teacher = FAMILIES["gemma"].build()
     student = copy.deepcopy(teacher)

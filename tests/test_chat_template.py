@@ -3,8 +3,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from axolotl_gold.args import GoldConfigError
-from axolotl_gold.chat_template import GoldChatStrategy, normalize_messages
+from axolotl_gold.config.schema import GoldConfigError
+from axolotl_gold.data.chat_template import GoldChatStrategy, normalize_messages
 
 
 def _strategy(tiny_pair, **cfg):

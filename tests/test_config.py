@@ -6,7 +6,7 @@ import pytest
 
 from axolotl_run import with_overrides
 
-from axolotl_gold.args import GoldArgs, GoldConfigError, validate_gold_settings
+from axolotl_gold.config.schema import GoldArgs, GoldConfigError, validate_gold_settings
 
 
 def _cfg(tiny_pair, tmp_path, **overrides):
@@ -39,7 +39,7 @@ def _validate(cfg):
 def test_valid_config_derives_generation_batch_size_and_routes_dataset(tiny_pair, tmp_path):
     out = _validate(_cfg(tiny_pair, tmp_path))
     assert out.generation_batch_size == 2
-    assert out.datasets[0]["type"] == "axolotl_gold.chat_template"
+    assert out.datasets[0]["type"] == "axolotl_gold.data.chat_template"
     assert out.lmbda == 0.5 and out.beta == 0.5
 
 
@@ -126,7 +126,7 @@ def test_uld_tokenizer_without_offsets_needs_a_fallback(tiny_cross_pair):
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizer
 
     from axolotl_gold.plugin import build_objective
-    from axolotl_gold.settings import GoldSettings
+    from axolotl_gold.config.settings import GoldSettings
 
     class SlowTokenizer(PreTrainedTokenizer):  # a tokenizer with no offset mapping
         is_fast = False

@@ -29,7 +29,7 @@ def vlm_config(vlms, tmp_path, family: str, **overrides):
         num_generations=2,
         micro_batch_size=2,
         gradient_accumulation_steps=2,
-        datasets=[{"path": vlms["train"], "ds_type": "json", "type": "axolotl_gold.vision_chat"}],
+        datasets=[{"path": vlms["train"], "ds_type": "json", "type": "axolotl_gold.vision.chat_template"}],
     )
     if family == "cross":
         extra.update(use_uld_loss=True, uld_use_hybrid_loss=True)

@@ -8,16 +8,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from axolotl_gold.batching import Rollout
-from axolotl_gold.completions_log import (
+from axolotl_gold.data.batching import Rollout
+from axolotl_gold.trainer.completions_log import (
     append_jsonl,
     completion_records,
     log_to_trackers,
     row_scores,
 )
-from axolotl_gold.evaluation import EvalTotals, sample_eval_rows
+from axolotl_gold.trainer.evaluation import EvalTotals, sample_eval_rows
 from axolotl_gold.losses.jsd import generalized_jsd_token_loss
-from axolotl_gold.objectives import JsdObjective
+from axolotl_gold.scoring.objectives import JsdObjective
 
 
 def test_eval_loss_is_per_token_not_a_mean_of_batch_means():

@@ -19,5 +19,5 @@ def test_example_validates(path, tmp_path):
     out = validate_config(cfg)
     assert out.teacher_model
     assert out.generation_batch_size * out.num_generations == out.micro_batch_size * out.gradient_accumulation_steps
-    expected = "axolotl_gold.vision_chat" if out.processor_type else "axolotl_gold.chat_template"
+    expected = "axolotl_gold.vision.chat_template" if out.processor_type else "axolotl_gold.data.chat_template"
     assert all(d["type"] == expected for d in out.datasets)

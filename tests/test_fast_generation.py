@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from axolotl_gold.engines.base import SamplingSettings
-from axolotl_gold.engines.fast_hf import FastHFEngine, filter_logits, sample_tokens
-from axolotl_gold.engines.hf import HFGenerateEngine
+from axolotl_gold.rollouts.engines.base import SamplingSettings
+from axolotl_gold.rollouts.engines.static import FastHFEngine, filter_logits, sample_tokens
+from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
 
 VOCAB, PAD, EOS = 97, 0, 1
 
@@ -185,7 +185,7 @@ def test_sliding_window_model(window, served):
 def test_unserved_attention_falls_back_to_generate():
     model = _model()
     model.config._attn_implementation = "flex_attention"
-    from axolotl_gold.engines.static_support import blocker
+    from axolotl_gold.rollouts.engines.static_support import blocker
 
     assert "flex_attention" in blocker(model, 10)
     model.config._attn_implementation = "sdpa"

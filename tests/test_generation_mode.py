@@ -2,9 +2,9 @@
 
 import torch
 
-from axolotl_gold.engines.base import SamplingSettings
-from axolotl_gold.engines.fast_hf import FastHFEngine
-from axolotl_gold.engines.hf import HFGenerateEngine
+from axolotl_gold.rollouts.engines.base import SamplingSettings
+from axolotl_gold.rollouts.engines.static import FastHFEngine
+from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
 from test_fast_generation import EOS, PAD, _model, _prompts
 
 

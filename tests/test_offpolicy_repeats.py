@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from axolotl_gold.batching import Rollout, merge_repeats
+from axolotl_gold.data.batching import Rollout, merge_repeats
 from axolotl_gold.plugin import build_objective
-from axolotl_gold.settings import GoldSettings
-from axolotl_gold.step import loss_sum, prepare_window, scoring_batch
+from axolotl_gold.config.settings import GoldSettings
+from axolotl_gold.scoring.loss import loss_sum, prepare_window, scoring_batch
 
 
 class NoEngine:

@@ -71,8 +71,8 @@ def _sample(model_dir, prompts_text, temperature=1.0, seed=0, adapter=None):
     generation prompt): (ids, texts) per prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from axolotl_gold.engines.base import SamplingSettings
-    from axolotl_gold.engines.hf import HFGenerateEngine
+    from axolotl_gold.rollouts.engines.base import SamplingSettings
+    from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from axolotl_gold.sampler import WindowSampler
+from axolotl_gold.data.sampler import WindowSampler
 
 
 def _rank_batches(sampler, world, mbs):

@@ -3,8 +3,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from axolotl_gold.batching import Rollout
-from axolotl_gold.teacher_inputs import CrossTokenizerInputs, student_completion_offsets
+from axolotl_gold.data.batching import Rollout
+from axolotl_gold.crosstok.teacher_inputs import CrossTokenizerInputs, student_completion_offsets
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_completion_is_reencoded_and_groups_cover_the_same_bytes(toks):
     assert t_ids[-1] == teacher_tok.eos_token_id
     assert teacher_tok.decode(t_ids[:-1]) == "qrstu vwxyz"
     s_off, _ = student_completion_offsets(student_tok, row.completion_ids)
-    from axolotl_gold.alignment import completion_byte_offsets
+    from axolotl_gold.crosstok.alignment import completion_byte_offsets
 
     _, t_off = completion_byte_offsets(teacher_tok, "qrstu vwxyz")
     t_off = list(t_off) + [(11, 11)]

@@ -42,7 +42,7 @@ def patchable_llama(monkeypatch):
     """modeling_llama and its classes put back as they were after the test; no records."""
     from transformers.models.llama import modeling_llama
 
-    from axolotl_gold import isolation
+    from axolotl_gold.models import isolation
 
     monkeypatch.setattr(isolation, "_RECORDS", {})
     targets = [modeling_llama] + [
@@ -73,7 +73,7 @@ def patch_lora_attention(path):
 
 
 def load(path):
-    from axolotl_gold.teacher import load_teacher
+    from axolotl_gold.models.teacher import load_teacher
 
     return load_teacher(DictDefault(teacher_model=path), torch.device("cpu"))
 
@@ -159,7 +159,7 @@ def test_teacher_is_built_from_the_original_classes_under_liger(tiny_llama, unpa
 
 
 def test_teacher_load_error_leaves_the_patches_in_place(tiny_llama, patchable_llama):
-    from axolotl_gold.isolation import original_modeling
+    from axolotl_gold.models.isolation import original_modeling
 
     record_via_plugin(tiny_llama)
     patch_lora_attention(tiny_llama)
@@ -171,7 +171,7 @@ def test_teacher_load_error_leaves_the_patches_in_place(tiny_llama, patchable_ll
 
 
 def test_unpatched_modeling_is_left_alone(tiny_llama, unpatched_logits, patchable_llama):
-    from axolotl_gold.isolation import restore_original_attributes
+    from axolotl_gold.models.isolation import restore_original_attributes
 
     record_via_plugin(tiny_llama)
     teacher = load(tiny_llama)
@@ -180,7 +180,7 @@ def test_unpatched_modeling_is_left_alone(tiny_llama, unpatched_logits, patchabl
 
 
 def test_unresolvable_teacher_records_nothing(patchable_llama):
-    from axolotl_gold.teacher import record_teacher_modeling
+    from axolotl_gold.models.teacher import record_teacher_modeling
 
     assert record_teacher_modeling(DictDefault(teacher_model="/no/such/teacher")) == []
 

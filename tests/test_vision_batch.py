@@ -4,14 +4,14 @@ import pytest
 import torch
 from PIL import Image
 
-from axolotl_gold.args import GoldConfigError
-from axolotl_gold.batching import Rollout
-from axolotl_gold.buffer import fill_window
-from axolotl_gold.engines.base import SamplingSettings
-from axolotl_gold.engines.hf import HFGenerateEngine
-from axolotl_gold.forward import completion_states
-from axolotl_gold.step import generation_inputs, scoring_batch
-from axolotl_gold.vision_batch import GoldVisionCollator, VisionEncoder
+from axolotl_gold.config.schema import GoldConfigError
+from axolotl_gold.data.batching import Rollout
+from axolotl_gold.rollouts.window import fill_window
+from axolotl_gold.rollouts.engines.base import SamplingSettings
+from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
+from axolotl_gold.scoring.forward import completion_states
+from axolotl_gold.scoring.loss import generation_inputs, scoring_batch
+from axolotl_gold.vision.batch import GoldVisionCollator, VisionEncoder
 
 
 def _processor(path):
@@ -82,7 +82,7 @@ def test_padded_vision_batch_scores_like_each_row_alone(tiny_vlms, student_side)
 
 
 def test_same_family_teacher_reads_the_students_vision_inputs(tiny_vlms, student_side):
-    from axolotl_gold.objectives import JsdObjective
+    from axolotl_gold.scoring.objectives import JsdObjective
 
     encoder, collator = student_side
     rollouts = collator(_rows(tiny_vlms))["gold_rollouts"]
@@ -95,7 +95,7 @@ def test_same_family_teacher_reads_the_students_vision_inputs(tiny_vlms, student
 
 
 def test_cross_family_teacher_gets_its_own_prompt_image_tokens_and_pixels(tiny_vlms, student_side):
-    from axolotl_gold.teacher_inputs import CrossTokenizerInputs
+    from axolotl_gold.crosstok.teacher_inputs import CrossTokenizerInputs
 
     encoder, collator = student_side
     rollouts = collator(_rows(tiny_vlms))["gold_rollouts"]
@@ -186,7 +186,7 @@ def test_a_prompt_too_long_for_its_image_tokens_names_the_keys(tiny_vlms):
 def test_pair_checks_before_loading(tiny_vlms, tiny_pair):
     from transformers import AutoConfig
 
-    from axolotl_gold.vision_setup import check_vision_pair
+    from axolotl_gold.vision.setup import check_vision_pair
 
     cfg = {"base_model": tiny_vlms["student"], "teacher_model": tiny_vlms["teacher_gemma3"]}
     with pytest.raises(GoldConfigError, match="use_uld_loss: true"):
@@ -205,7 +205,7 @@ def test_pair_checks_before_loading(tiny_vlms, tiny_pair):
 def test_vision_tower_is_frozen_lora_adapters_included(tiny_vlms):
     from peft import LoraConfig, get_peft_model
 
-    from axolotl_gold.vision_setup import freeze_vision_tower
+    from axolotl_gold.vision.setup import freeze_vision_tower
 
     model = _model(tiny_vlms["student"])
     tower = sum(p.numel() for p in model.model.vision_tower.parameters())

@@ -7,8 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from axolotl_gold.args import GoldConfigError
-from axolotl_gold.vision import open_image, split_vision_row
+from axolotl_gold.config.schema import GoldConfigError
+from axolotl_gold.vision.rows import open_image, split_vision_row
 
 
 def _png(color=(255, 0, 0), size=(8, 6)) -> bytes:
@@ -97,7 +97,7 @@ def test_image_errors(tmp_path):
 
 
 def test_check_rows_reports_the_bad_row(tmp_path):
-    from axolotl_gold.vision_chat import check_rows
+    from axolotl_gold.vision.chat_template import check_rows
 
     good = tmp_path / "ok.png"
     good.write_bytes(_png())
@@ -116,7 +116,7 @@ def test_check_rows_reports_the_bad_row(tmp_path):
 def test_text_strategy_refuses_image_rows(tiny_pair):
     from transformers import AutoTokenizer
 
-    from axolotl_gold.chat_template import GoldChatStrategy
+    from axolotl_gold.data.chat_template import GoldChatStrategy
 
     tok = AutoTokenizer.from_pretrained(tiny_pair["student"])
     strategy = GoldChatStrategy(tok, {"lmbda": 0.5, "sequence_len": 64, "max_completion_length": 8})
@@ -139,17 +139,17 @@ def test_text_strategy_refuses_image_rows(tiny_pair):
         ({"gold_generation_engine": "static"}, "gold_generation_engine"),
         ({"use_vllm": True}, "use_vllm"),
         ({"use_uld_loss": True, "uld_teacher_prompt": "student_text"}, "uld_teacher_prompt"),
-        ({"datasets": [{"path": "x.jsonl", "type": "alpaca"}]}, "axolotl_gold.vision_chat"),
+        ({"datasets": [{"path": "x.jsonl", "type": "alpaca"}]}, "axolotl_gold.vision.chat_template"),
     ],
 )
 def test_vision_settings_are_checked_before_loading(overrides, key):
-    from axolotl_gold.args import validate_gold_settings
+    from axolotl_gold.config.schema import validate_gold_settings
 
     data = {
         "teacher_model": "t",
         "processor_type": "AutoProcessor",
         "skip_prepare_dataset": True,
-        "datasets": [{"path": "x.jsonl", "type": "axolotl_gold.vision_chat"}],
+        "datasets": [{"path": "x.jsonl", "type": "axolotl_gold.vision.chat_template"}],
     }
     data.update(overrides)
     data = {k: v for k, v in data.items() if v is not None}

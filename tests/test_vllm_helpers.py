@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from axolotl_gold.engines.vllm_colocate import _checkpoint_name, _finite_logprobs, prompt_groups
+from axolotl_gold.rollouts.vllm.colocate import _checkpoint_name, _finite_logprobs, prompt_groups
 
 
 def _sample(values):

@@ -3,7 +3,7 @@
 Pipeline for one batch, each stage a function of this module:
 
 1. ``build_group_index``: per-side index tensors from the aligned groups
-   (``axolotl_gold.alignment``), built once per batch.
+   (``axolotl_gold.crosstok.alignment``), built once per batch.
 2. ``merge_logprobs``: one (unnormalized) distribution per aligned position and side, by the
    chain rule over the group's tokens, vectorized over positions.
 3. ``sorted_l1_rows`` / ``hybrid_uld_rows``: sorted-L1 ULD, or hybrid ULD (generalized JSD on tokens whose

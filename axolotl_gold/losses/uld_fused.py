@@ -194,7 +194,7 @@ def uld_loss_sum(
         student_ids, teacher_ids: per sequence, its completion token ids (lists or a
             ``[B, L]`` tensor; a single list for one sequence).
         student_groups, teacher_groups: per sequence, the aligned groups from
-            ``axolotl_gold.alignment.align_completion`` (no empty groups).
+            ``axolotl_gold.crosstok.alignment.align_completion`` (no empty groups).
         config: temperatures, merge, weights, hybrid settings, chunk size.
         mapping: a ``VocabMapping`` switches on hybrid ULD.
         stats: if given, receives detached sums ``uld_sum`` (and ``matched_sum``,

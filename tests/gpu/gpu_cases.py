@@ -26,7 +26,7 @@ LIGER = {
     "plugins": ["axolotl.integrations.liger.LigerPlugin", "axolotl_gold.GoldPlugin"],
     "liger_rms_norm": True, "liger_glu_activation": True, "liger_rope": True,
 }
-# with the dataset type `axolotl_gold.vision_chat` (base_config, from the model group)
+# with the dataset type `axolotl_gold.vision.chat_template` (base_config, from the model group)
 VLM = {"processor_type": "AutoProcessor", "skip_prepare_dataset": True, "remove_unused_columns": False}
 VLM_LORA_TARGET = r"model.language_model.layers.[\d]+.(self_attn|mlp).(q|k|v|o|gate|up|down)_proj"
 CPU_DEFAULT = ("full-fp32-hf", "lora-fp32-hf")
@@ -57,7 +57,7 @@ def base_config(pair: dict, workdir: str) -> dict:
         "max_completion_length": 32,
         "num_generations": 2,
         "datasets": [{"path": pair["train"], "ds_type": "json",
-                      "type": "axolotl_gold.vision_chat" if pair.get("kind") == "vlm" else "chat_template"}],
+                      "type": "axolotl_gold.vision.chat_template" if pair.get("kind") == "vlm" else "chat_template"}],
         "val_set_size": 0.125,
         "sequence_len": 256,
         "micro_batch_size": 2,

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from axolotl_gold.alignment import align_completion, completion_byte_offsets
+from axolotl_gold.crosstok.alignment import align_completion, completion_byte_offsets
 from axolotl_gold.losses.uld import (
     ULDConfig,
     build_group_index,

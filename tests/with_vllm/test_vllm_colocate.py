@@ -37,8 +37,8 @@ def engine_and_model(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from axolotl_gold.demo.models import build_tiny_pair
-    from axolotl_gold.engines.base import SamplingSettings
-    from axolotl_gold.engines.vllm_colocate import VLLMColocateEngine
+    from axolotl_gold.rollouts.engines.base import SamplingSettings
+    from axolotl_gold.rollouts.vllm.colocate import VLLMColocateEngine
 
     pair = build_tiny_pair(str(tmp_path_factory.mktemp("vllm_pair")))
     tok = AutoTokenizer.from_pretrained(pair["student"])
@@ -78,7 +78,7 @@ def test_full_weight_sync_matches_hf_logprobs(engine_and_model):
 def test_lora_sync_pushes_only_changed_modules(engine_and_model):
     from peft import LoraConfig, get_peft_model
 
-    from axolotl_gold.engines.vllm_colocate import lora_merged_weights
+    from axolotl_gold.rollouts.vllm.colocate import lora_merged_weights
 
     engine, state, step, tok, pair = engine_and_model
     # the engine already holds this model's weights; LoRA then changes only q/v
@@ -104,8 +104,8 @@ def test_lora_sync_pushes_only_changed_modules(engine_and_model):
 def test_completions_map_back_to_their_prompts(engine_and_model, num_generations):
     """Greedy samples of distinct prompts, each repeated num_generations times, come back
     in row order: every copy of a prompt gets that prompt's greedy completion."""
-    from axolotl_gold.engines.base import SamplingSettings
-    from axolotl_gold.engines.vllm_colocate import sample_rollouts
+    from axolotl_gold.rollouts.engines.base import SamplingSettings
+    from axolotl_gold.rollouts.vllm.colocate import sample_rollouts
 
     engine, state, step, tok, _ = engine_and_model
     distinct = [_ids(tok)[: 6 + i] for i in range(3)]

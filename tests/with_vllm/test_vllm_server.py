@@ -29,7 +29,7 @@ def server(tiny_pair, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the CPU build otherwise takes most of RAM
     proc = subprocess.Popen(
-        [sys.executable, "-m", "axolotl_gold.vllm_server", "--model", tiny_pair["student"],
+        [sys.executable, "-m", "axolotl_gold.rollouts.vllm.server", "--model", tiny_pair["student"],
          "--port", str(port), "--dtype", "float32", "--max-model-len", "64"],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
@@ -58,8 +58,8 @@ def server(tiny_pair, tmp_path_factory):
 def test_weights_pushed_over_http_change_the_samples(server, tiny_pair):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from axolotl_gold.engines.base import SamplingSettings
-    from axolotl_gold.engines.vllm_server import VLLMServerEngine
+    from axolotl_gold.rollouts.engines.base import SamplingSettings
+    from axolotl_gold.rollouts.vllm.client import VLLMServerEngine
 
     _, url = server
     tok = AutoTokenizer.from_pretrained(tiny_pair["student"])
@@ -84,8 +84,8 @@ def test_weights_pushed_over_http_change_the_samples(server, tiny_pair):
 
 
 def test_unreachable_server_names_the_url():
-    from axolotl_gold.engines.base import SamplingSettings
-    from axolotl_gold.engines.vllm_server import VLLMServerEngine, VLLMServerUnreachable
+    from axolotl_gold.rollouts.engines.base import SamplingSettings
+    from axolotl_gold.rollouts.vllm.client import VLLMServerEngine, VLLMServerUnreachable
 
     url = f"http://127.0.0.1:{_free_port()}"
     engine = VLLMServerEngine(url, lambda: None, lambda: 0, SamplingSettings(max_new_tokens=4), {2}, timeout=2, retries=2)

@@ -31,10 +31,10 @@ from typing import Callable
 
 import torch
 
-from axolotl_gold.batching import left_pad
-from axolotl_gold.engines.base import SamplingSettings, refuse_model_inputs, trim_completion
-from axolotl_gold.engines.hf import HFGenerateEngine
-from axolotl_gold.engines.static_support import attention_mask_for, blocker, static_cache
+from axolotl_gold.data.batching import left_pad
+from axolotl_gold.rollouts.engines.base import SamplingSettings, refuse_model_inputs, trim_completion
+from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
+from axolotl_gold.rollouts.engines.static_support import attention_mask_for, blocker, static_cache
 
 LOG = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Dataset strategy: chat conversations as GOLD prompt / completion rows.
 
-Selected with ``type: axolotl_gold.chat_template`` (GOLD also routes plain
+Selected with ``type: axolotl_gold.data.chat_template`` (GOLD also routes plain
 ``type: chat_template`` datasets here). The prompt is every message before the last
 assistant turn, rendered with the student's chat template and a generation prompt;
 the off-policy completion is that last assistant turn as the template renders it,
@@ -28,9 +28,9 @@ from typing import Any
 
 from axolotl.prompt_tokenizers import DatasetWrappingStrategy
 
-from axolotl_gold.args import GoldConfigError
-from axolotl_gold.chat_turns import end_of_completion_id, fit_prompt, stop_token_ids
-from axolotl_gold.vision import row_has_images
+from axolotl_gold.config.schema import GoldConfigError
+from axolotl_gold.data.turns import end_of_completion_id, fit_prompt, stop_token_ids
+from axolotl_gold.vision.rows import row_has_images
 
 _ROLE_ALIASES = {
     "human": "user",
@@ -156,7 +156,7 @@ class GoldChatStrategy(DatasetWrappingStrategy):
             raise GoldConfigError(
                 f"dataset row {index} has images but the student is text-only (no processor): "
                 "use a vision-language `base_model` with `processor_type: AutoProcessor`, "
-                "`skip_prepare_dataset: true` and `type: axolotl_gold.vision_chat`, or drop "
+                "`skip_prepare_dataset: true` and `type: axolotl_gold.vision.chat_template`, or drop "
                 "the images from the dataset."
             )
         prompt_messages, completion = split_prompt_completion(messages)

@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from axolotl_gold.isolation import (
+from axolotl_gold.models.isolation import (
     modeling_modules,
     original_modeling,
     record_modules,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from axolotl_gold.alignment import align_completion, completion_byte_offsets, ids_byte_offsets
-from axolotl_gold.batching import Rollout, build_scoring_batch
-from axolotl_gold.chat_turns import end_of_completion_id, fit_prompt, stop_token_ids
+from axolotl_gold.crosstok.alignment import align_completion, completion_byte_offsets, ids_byte_offsets
+from axolotl_gold.data.batching import Rollout, build_scoring_batch
+from axolotl_gold.data.turns import end_of_completion_id, fit_prompt, stop_token_ids
 
 
 def student_completion_offsets(tokenizer, ids: list[int]) -> tuple[list[tuple[int, int]], str]:

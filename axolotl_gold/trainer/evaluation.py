@@ -13,9 +13,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from axolotl_gold.batching import Rollout
-from axolotl_gold.buffer import fill_window, generation_seed
-from axolotl_gold.engines.base import RolloutEngine
+from axolotl_gold.data.batching import Rollout
+from axolotl_gold.rollouts.window import fill_window, generation_seed
+from axolotl_gold.rollouts.engines.base import RolloutEngine
 
 
 @dataclass

@@ -11,10 +11,10 @@ from time import perf_counter
 
 import torch
 
-from axolotl_gold.batching import Rollout, build_scoring_batch, completion_token_count, merge_repeats
-from axolotl_gold.buffer import Window, fill_window, generation_seed, policy_draws
-from axolotl_gold.engines.base import RolloutEngine
-from axolotl_gold.forward import completion_states
+from axolotl_gold.data.batching import Rollout, build_scoring_batch, completion_token_count, merge_repeats
+from axolotl_gold.rollouts.window import Window, fill_window, generation_seed, policy_draws
+from axolotl_gold.rollouts.engines.base import RolloutEngine
+from axolotl_gold.scoring.forward import completion_states
 
 
 @dataclass

@@ -7,8 +7,8 @@ from typing import Callable
 
 import torch
 
-from axolotl_gold.batching import left_pad
-from axolotl_gold.engines.base import SamplingSettings, trim_completion
+from axolotl_gold.data.batching import left_pad
+from axolotl_gold.rollouts.engines.base import SamplingSettings, trim_completion
 
 
 def _to_model(value, param: torch.Tensor):

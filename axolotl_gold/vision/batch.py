@@ -4,7 +4,7 @@
 teacher's). It renders a prompt with the processor's chat template, expands the
 image placeholders into the model's own image tokens, and builds the vision
 tensors (``pixel_values`` and whatever else the processor returns) for a batch of
-rows. The scoring batch is the text one of :mod:`axolotl_gold.batching` (prompt
+rows. The scoring batch is the text one of :mod:`axolotl_gold.data.batching` (prompt
 left-padded, completion right-padded) plus ``vision``: the processor's tensors for
 the same rows, per-token ones (e.g. Gemma 3's ``token_type_ids``) extended over
 the completion with zeros (text).
@@ -20,10 +20,10 @@ import re
 
 import torch
 
-from axolotl_gold.args import GoldConfigError
-from axolotl_gold.batching import Rollout, build_scoring_batch
-from axolotl_gold.chat_template import completion_ids_for, normalize_messages
-from axolotl_gold.vision import open_image, split_vision_row
+from axolotl_gold.config.schema import GoldConfigError
+from axolotl_gold.data.batching import Rollout, build_scoring_batch
+from axolotl_gold.data.chat_template import completion_ids_for, normalize_messages
+from axolotl_gold.vision.rows import open_image, split_vision_row
 
 _TEXT_KEYS = ("input_ids", "attention_mask")
 _KNOWN_NAMES = (

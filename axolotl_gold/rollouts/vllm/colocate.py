@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from axolotl_gold.engines.base import SamplingSettings, refuse_model_inputs, trim_completion
+from axolotl_gold.rollouts.engines.base import SamplingSettings, refuse_model_inputs, trim_completion
 
 LOG = logging.getLogger(__name__)
 

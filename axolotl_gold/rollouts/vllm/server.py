@@ -1,6 +1,6 @@
 """The vLLM rollout server for ``vllm_mode: server``: one command on its own devices.
 
-    python -m axolotl_gold.vllm_server --model <base_model> [--port 8011] [--host 127.0.0.1]
+    python -m axolotl_gold.rollouts.vllm.server --model <base_model> [--port 8011] [--host 127.0.0.1]
 
 Protocol (HTTP, JSON except weights):
 
@@ -26,8 +26,8 @@ def build_app(llm):
     from fastapi.concurrency import run_in_threadpool
     from safetensors.torch import load
 
-    from axolotl_gold.engines.base import SamplingSettings
-    from axolotl_gold.engines.vllm_colocate import model_runner, sample_rollouts
+    from axolotl_gold.rollouts.engines.base import SamplingSettings
+    from axolotl_gold.rollouts.vllm.colocate import model_runner, sample_rollouts
 
     app = FastAPI(title="axolotl-gold vLLM rollout server")
     # one engine, many training processes: requests take turns (the LLM is not thread-safe)
@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import uvicorn
 
-    from axolotl_gold.engines.vllm_colocate import _shield_lazy_module_objects
+    from axolotl_gold.rollouts.vllm.colocate import _shield_lazy_module_objects
 
     _shield_lazy_module_objects()
     from vllm import LLM

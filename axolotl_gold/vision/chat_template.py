@@ -1,4 +1,4 @@
-"""Dataset strategy for conversations with images: ``type: axolotl_gold.vision_chat``.
+"""Dataset strategy for conversations with images: ``type: axolotl_gold.vision.chat_template``.
 
 Axolotl's multimodal settings (``processor_type``, ``skip_prepare_dataset: true``,
 ``remove_unused_columns: false``) hand the raw rows to the trainer and never call
@@ -7,7 +7,7 @@ a dataset strategy, so this one runs where the rows really go:
 - before training, :func:`check_rows` reads every row once (message fields, image
   placeholders against the ``images`` column, that each image path exists and its
   header decodes) and fails with the row's index;
-- per micro-batch, :class:`~axolotl_gold.vision_batch.GoldVisionCollator` splits a
+- per micro-batch, :class:`~axolotl_gold.vision.batch.GoldVisionCollator` splits a
   row into prompt / completion / images with the same functions, decodes the
   images and applies the student's processor.
 
@@ -18,11 +18,11 @@ GOLD routes ``type: chat_template`` here when ``processor_type`` is set.
 
 from __future__ import annotations
 
-from axolotl_gold.args import GoldConfigError
-from axolotl_gold.chat_template import normalize_messages
-from axolotl_gold.vision import open_image, split_vision_row
+from axolotl_gold.config.schema import GoldConfigError
+from axolotl_gold.data.chat_template import normalize_messages
+from axolotl_gold.vision.rows import open_image, split_vision_row
 
-VISION_DATASET_TYPE = "axolotl_gold.vision_chat"
+VISION_DATASET_TYPE = "axolotl_gold.vision.chat_template"
 
 
 def check_rows(dataset, ds_cfg: dict | None, lmbda: float, base_dirs: tuple[str, ...] = ()) -> int:

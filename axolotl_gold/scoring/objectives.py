@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from axolotl_gold.batching import completion_token_count
-from axolotl_gold.forward import CompletionStates
+from axolotl_gold.data.batching import completion_token_count
+from axolotl_gold.scoring.forward import CompletionStates
 from axolotl_gold.losses import fused_jsd_loss_sum, generalized_jsd_token_loss
-from axolotl_gold.settings import LOSS_CHUNK_SIZE
+from axolotl_gold.config.settings import LOSS_CHUNK_SIZE
 
 
 @dataclass
@@ -101,7 +101,7 @@ class UldObjective:
     normalization is the aligned position.
     """
 
-    inputs: object  # axolotl_gold.teacher_inputs.CrossTokenizerInputs
+    inputs: object  # axolotl_gold.crosstok.teacher_inputs.CrossTokenizerInputs
     config: object  # axolotl_gold.losses.uld.ULDConfig
     mapping: object | None = None  # a VocabMapping switches hybrid ULD on
 

@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from axolotl_gold.settings import LOSS_CHUNK_SIZE
+from axolotl_gold.config.settings import LOSS_CHUNK_SIZE
 
-GOLD_DATASET_TYPE = "axolotl_gold.chat_template"
-VISION_DATASET_TYPE = "axolotl_gold.vision_chat"
+GOLD_DATASET_TYPE = "axolotl_gold.data.chat_template"
+VISION_DATASET_TYPE = "axolotl_gold.vision.chat_template"
 
 
 class GoldConfigError(ValueError):

@@ -24,7 +24,7 @@ import io
 import os
 from dataclasses import dataclass, field
 
-from axolotl_gold.args import GoldConfigError
+from axolotl_gold.config.schema import GoldConfigError
 
 IMAGE_TYPES = ("image", "image_url")
 _INLINE_KEYS = ("image", "path", "base64", "url", "image_url")

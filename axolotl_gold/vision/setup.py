@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
-from axolotl_gold.args import GoldConfigError
-from axolotl_gold.teacher import is_vision_config
+from axolotl_gold.config.schema import GoldConfigError
+from axolotl_gold.models.teacher import is_vision_config
 
 LOG = logging.getLogger(__name__)
 
@@ -77,14 +77,14 @@ def student_vision(cfg, tokenizer, settings):
     """The student's processor (Axolotl's loader) as a :class:`VisionEncoder`."""
     from axolotl.loaders.processor import load_processor
 
-    from axolotl_gold.vision_batch import VisionEncoder
+    from axolotl_gold.vision.batch import VisionEncoder
 
     processor = load_processor(cfg, tokenizer=tokenizer)
     return VisionEncoder(processor, _max_prompt(cfg, settings.max_completion_length))
 
 
 def teacher_vision(cfg, max_prompt_length: int):
-    from axolotl_gold.vision_batch import VisionEncoder
+    from axolotl_gold.vision.batch import VisionEncoder
 
     path = cfg.get("teacher_tokenizer") or cfg["teacher_model"]
     return VisionEncoder(_processor(path, cfg.get("teacher_model_revision")), max_prompt_length)
@@ -107,7 +107,7 @@ def dataset_dirs(cfg) -> tuple[str, ...]:
 
 def check_datasets(cfg, settings, train_dataset, eval_dataset=None) -> None:
     """Every row once, before the first step (fails with the row's index)."""
-    from axolotl_gold.vision_chat import check_rows
+    from axolotl_gold.vision.chat_template import check_rows
 
     ds_cfg = dict((cfg.get("datasets") or [{}])[0] or {})
     for name, dataset in (("train", train_dataset), ("eval", eval_dataset)):

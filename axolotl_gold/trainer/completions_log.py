@@ -24,10 +24,10 @@ from typing import Callable
 
 import torch
 
-from axolotl_gold.batching import Rollout
-from axolotl_gold.forward import completion_states
-from axolotl_gold.objectives import JsdObjective
-from axolotl_gold.step import scoring_batch
+from axolotl_gold.data.batching import Rollout
+from axolotl_gold.scoring.forward import completion_states
+from axolotl_gold.scoring.objectives import JsdObjective
+from axolotl_gold.scoring.loss import scoring_batch
 
 COMPLETIONS_LOG = "gold_completions.jsonl"
 COLUMNS = ("step", "on_policy", "prompt", "completion", "length", "loss", "reverse_kl")

@@ -1,4 +1,4 @@
-"""Client of the vLLM rollout server (``vllm_mode: server``, see ``axolotl_gold.vllm_server``)."""
+"""Client of the vLLM rollout server (``vllm_mode: server``, see ``axolotl_gold.rollouts.vllm.server``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Callable
 
 import torch
 
-from axolotl_gold.engines.base import SamplingSettings, refuse_model_inputs
-from axolotl_gold.engines.vllm_colocate import student_weights
+from axolotl_gold.rollouts.engines.base import SamplingSettings, refuse_model_inputs
+from axolotl_gold.rollouts.vllm.colocate import student_weights
 
 
 class VLLMServerUnreachable(RuntimeError):
@@ -72,7 +72,7 @@ class VLLMServerEngine:
             return response.json()
         raise VLLMServerUnreachable(
             f"the vLLM server at {self.base_url} did not answer {path} after {self.retries} "
-            f"tries ({last}). Start it with `python -m axolotl_gold.vllm_server --model "
+            f"tries ({last}). Start it with `python -m axolotl_gold.rollouts.vllm.server --model "
             "<base_model> --port <port>` or fix `vllm_server_host` / `vllm_server_port`."
         )
 

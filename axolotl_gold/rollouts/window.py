@@ -12,8 +12,8 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from axolotl_gold.batching import Rollout
-from axolotl_gold.engines.base import RolloutEngine
+from axolotl_gold.data.batching import Rollout
+from axolotl_gold.rollouts.engines.base import RolloutEngine
 
 
 def policy_draws(seed: int, step: int, num_slices: int, lmbda: float) -> list[bool]:

@@ -11,9 +11,9 @@ window's micro-batches; here that is where GOLD happens::
 
 then, per micro-step, ``compute_loss`` runs student and teacher on its slice and
 returns ``objective sum / tokens``. Evaluation samples the student on the held-out
-prompts and reports per-token divergences (``axolotl_gold.evaluation``); every
+prompts and reports per-token divergences (``axolotl_gold.trainer.evaluation``); every
 ``gold_log_completions_steps`` the window's completions are logged
-(``axolotl_gold.completions_log``). Everything else (optimizer, scheduler, logging,
+(``axolotl_gold.trainer.completions_log``). Everything else (optimizer, scheduler, logging,
 checkpoints) is Axolotl's.
 """
 
@@ -29,33 +29,33 @@ from time import perf_counter
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 
-from axolotl_gold.batching import GoldCollator
-from axolotl_gold.buffer import policy_draws
-from axolotl_gold.chat_turns import stop_token_ids, text_tokenizer
-from axolotl_gold.completions_log import (
+from axolotl_gold.data.batching import GoldCollator
+from axolotl_gold.rollouts.window import policy_draws
+from axolotl_gold.data.turns import stop_token_ids, text_tokenizer
+from axolotl_gold.trainer.completions_log import (
     COMPLETIONS_LOG,
     append_jsonl,
     completion_records,
     log_to_trackers,
     row_scores,
 )
-from axolotl_gold.engines.base import SamplingSettings
-from axolotl_gold.engines.fast_hf import FastHFEngine
-from axolotl_gold.engines.hf import HFGenerateEngine
-from axolotl_gold.evaluation import EvalTotals, sample_eval_rows
-from axolotl_gold.forward import bypassable_head
-from axolotl_gold.sampler import WindowSampler
-from axolotl_gold.settings import GoldSettings
-from axolotl_gold.step import (
+from axolotl_gold.rollouts.engines.base import SamplingSettings
+from axolotl_gold.rollouts.engines.static import FastHFEngine
+from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
+from axolotl_gold.trainer.evaluation import EvalTotals, sample_eval_rows
+from axolotl_gold.scoring.forward import bypassable_head
+from axolotl_gold.data.sampler import WindowSampler
+from axolotl_gold.config.settings import GoldSettings
+from axolotl_gold.scoring.loss import (
     generation_inputs,
     loss_sum,
     prepare_window,
     scoring_batch,
     synchronize,
 )
-from axolotl_gold.teacher import disable_dropout
-from axolotl_gold.vision_batch import GoldVisionCollator
-from axolotl_gold.zero3 import gathered_heads, generation_weights, inference_engine, zero3_enabled
+from axolotl_gold.models.teacher import disable_dropout
+from axolotl_gold.vision.batch import GoldVisionCollator
+from axolotl_gold.models.zero3 import gathered_heads, generation_weights, inference_engine, zero3_enabled
 
 WINDOW_LOG = "gold_windows.jsonl"
 
@@ -131,7 +131,7 @@ class GoldTrainer(AxolotlTrainer):
             images=vision is not None or self.zero3,
         )
         if settings.use_vllm and settings.vllm_mode == "server":
-            from axolotl_gold.engines.vllm_server import VLLMServerEngine
+            from axolotl_gold.rollouts.vllm.client import VLLMServerEngine
 
             self.student_engine = VLLMServerEngine(
                 settings.vllm_server_url,
@@ -144,8 +144,8 @@ class GoldTrainer(AxolotlTrainer):
                 is_main_process=self.accelerator.is_main_process,
             )
         elif settings.use_vllm:
-            from axolotl_gold.args import GoldConfigError
-            from axolotl_gold.engines.vllm_colocate import VLLMColocateEngine
+            from axolotl_gold.config.schema import GoldConfigError
+            from axolotl_gold.rollouts.vllm.colocate import VLLMColocateEngine
 
             if self.accelerator.num_processes > 1:
                 raise GoldConfigError(
@@ -336,7 +336,7 @@ class GoldTrainer(AxolotlTrainer):
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
         metric_key_prefix="eval",
     ):
-        """HF's loop, then the per-token metrics of ``axolotl_gold.evaluation`` in place
+        """HF's loop, then the per-token metrics of ``axolotl_gold.trainer.evaluation`` in place
         of HF's mean of batch means."""
         if self.gold is None:
             return super().evaluation_loop(
@@ -401,7 +401,7 @@ class GoldTrainer(AxolotlTrainer):
     # ------------------------------------------------------------------ completions log
     def _log_completions(self, window) -> None:
         """The window's rows, scored one by one, to ``gold_completions.jsonl`` and the trackers
-        (see ``axolotl_gold.completions_log``); every process scores its own rows, the
+        (see ``axolotl_gold.trainer.completions_log``); every process scores its own rows, the
         main process writes its own."""
         rows = [r for s in window.slices for r in s]
         on_policy = [on for on, s in zip(window.on_policy, window.slices) for _ in s]
