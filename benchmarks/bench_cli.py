@@ -7,7 +7,7 @@ Same random-weight Qwen2-shaped models (bench_vs_reference's builders, saved onc
 prompts from a jsonl of chat rows (--prompt letters, one token each: see byte_tokenizer)
 with 4 rollouts per prompt; the plain loop samples as many distinct prompts. Each row runs
 in its own process, all with the same OMP_NUM_THREADS (accelerate's default, 1):
-  plain loop     bench_vs_reference.run_ours: FastHFEngine on CUDA, HF generate on the CPU
+  plain loop     bench_vs_reference.run_ours: StaticCacheEngine on CUDA, HF generate on the CPU
                  (what `gold_generation_engine: auto` picks in the trainer)
   axolotl train  a GOLD YAML (bf16 on CUDA, full fine-tune, logging_steps 1), `axolotl train`
                  in a subprocess as tests/axolotl_run.py runs it

@@ -7,8 +7,8 @@ suppressed through ``min_new_tokens``), lmbda 1 (all on-policy), beta 0.5, bf16 
 checkpointing on either side unless ``--gradient-checkpointing``.
 
 Variants, each in its own subprocess so that memory readings and caches do not mix:
-  ours-fast       our step (axolotl_gold.scoring.loss.prepare_window / loss_sum, JsdObjective with the
-                  chunked fused loss) with FastHFEngine (static cache, CUDA-graph decode)
+  ours-fast       our step (axolotl_gold.trainer.window.prepare_window, scoring.loss.loss_sum, JsdObjective with the
+                  chunked fused loss) with StaticCacheEngine (static cache, CUDA-graph decode)
   ours-hf         the same step with HFGenerateEngine (plain model.generate)
   ours-hf-static  HFGenerateEngine with cache_implementation="static" (HF compiles the
                   decode step; slow to warm up, so not run unless named in --variants)
@@ -81,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=int, default=2048, help="tokens per chunk of our fused loss (the plugin's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check", action="store_true",
-                   help="first check FastHFEngine greedy == model.generate on a tiny fp32 model")
+                   help="first check StaticCacheEngine greedy == model.generate on a tiny fp32 model")
     p.add_argument("--child-timeout", type=float, default=None, help="seconds per variant subprocess")
     p.add_argument("--json-dir", default=None, help="also write each variant's result here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -250,10 +250,11 @@ def run_ours(args, variant: str) -> dict:
 
     from axolotl_gold.data.batching import Rollout
     from axolotl_gold.rollouts.engines.base import SamplingSettings
-    from axolotl_gold.rollouts.engines.static import FastHFEngine
+    from axolotl_gold.rollouts.engines.static import StaticCacheEngine
     from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
     from axolotl_gold.scoring.objectives import JsdObjective
-    from axolotl_gold.scoring.loss import loss_sum, prepare_window
+    from axolotl_gold.scoring.loss import loss_sum
+    from axolotl_gold.trainer.window import prepare_window
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -268,7 +269,7 @@ def run_ours(args, variant: str) -> dict:
     sampling = SamplingSettings(max_new_tokens=args.completion, temperature=0.9, top_p=0.95, top_k=0)
     get = lambda: student  # noqa: E731
     if variant == "ours-fast":
-        engine = FastHFEngine(get, sampling, pad, {eos, pad}, min_new_tokens=args.completion)
+        engine = StaticCacheEngine(get, sampling, pad, {eos, pad}, min_new_tokens=args.completion)
     elif variant == "ours-hf-static":
         engine = HFGenerateEngine(get, sampling, pad, {eos, pad}, min_new_tokens=args.completion,
                                   generate_kwargs={"cache_implementation": "static"})
@@ -292,8 +293,8 @@ def run_ours(args, variant: str) -> dict:
         timers.reset()
         timers.sync()
         start = time.perf_counter()
-        prepared = prepare_window(slices, step=step, seed=args.seed, rank=0, lmbda=1.0, pad_id=pad,
-                                  student_engine=engine)
+        prepared = prepare_window(slices, draws=[True] * len(slices), step=step, seed=args.seed, rank=0,
+                                  pad_id=pad, student_engine=engine, objective=objective)
         timers.generation = prepared.generation_seconds  # generate() ends on .tolist(): synced
         total = max(prepared.local_tokens, 1)
         for micro in prepared.micro_batches:
@@ -319,7 +320,7 @@ def run_ours(args, variant: str) -> dict:
 
 
 def sampling_cost_ms(args, sampling, device, dtype, rows: int, repeats: int = 100) -> float:
-    """Device time of FastHFEngine's per-token sampling alone (warping, top-p sort, draw)."""
+    """Device time of StaticCacheEngine's per-token sampling alone (warping, top-p sort, draw)."""
     import torch
 
     from axolotl_gold.rollouts.engines.static import sample_tokens
@@ -434,12 +435,12 @@ def run_reference(args) -> dict:
 
 
 def check_fast_engine(device: str) -> str:
-    """FastHFEngine greedy vs model.generate greedy on a tiny fp32 random model."""
+    """StaticCacheEngine greedy vs model.generate greedy on a tiny fp32 random model."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from axolotl_gold.rollouts.engines.base import SamplingSettings
-    from axolotl_gold.rollouts.engines.static import FastHFEngine
+    from axolotl_gold.rollouts.engines.static import StaticCacheEngine
     from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
 
     torch.manual_seed(0)
@@ -451,7 +452,7 @@ def check_fast_engine(device: str) -> str:
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 9, 1, 7, 12, 3)]
     greedy = SamplingSettings(max_new_tokens=40, temperature=0.0)
     expected = HFGenerateEngine(lambda: model, greedy, 0, {1}).generate(prompts, seed=0)
-    fast = FastHFEngine(lambda: model, greedy, 0, {1}, eos_check_every=8)
+    fast = StaticCacheEngine(lambda: model, greedy, 0, {1}, eos_check_every=8)
     got = fast.generate(prompts, seed=0)
     ok = got == expected
     return (f"fast engine greedy == generate on {device}: {ok} "

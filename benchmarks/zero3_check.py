@@ -106,7 +106,7 @@ def correctness(args, rank, world, device):
 
     vocab, pad, eos = args.vocab, args.vocab - 3, args.vocab - 1
     sampling = SamplingSettings(max_new_tokens=args.completion, temperature=0.0)
-    objective = JsdObjective(beta=0.5, chunk_size=1024)
+    objective = JsdObjective(beta=0.5, temperature=1.0, chunk_size=1024)
     rows = prompts(args, args.micro * args.accum * world)
     mine = rows[rank * args.micro * args.accum : (rank + 1) * args.micro * args.accum]
 
@@ -126,7 +126,7 @@ def correctness(args, rank, world, device):
         engine.step()  # DeepSpeed counts micro-steps: the optimizer steps at the boundary
 
     with generation_weights(engine):
-        prepared = window_prepare(args, mine, rollouts, pad)
+        prepared = window_prepare(args, mine, rollouts, pad, objective)
     run_window(prepared, engine, teacher_engine, world, objective, device, backward, heads)
     completions = [r.completion_ids for s in prepared.window.slices for r in s]
     after = {}
@@ -143,7 +143,7 @@ def correctness(args, rank, world, device):
     ref_teacher = build(SMALL_TEACHER, vocab, torch.float32, seed=2, device=device).requires_grad_(False)
     before = {n: p.detach().clone().cpu() for n, p in ref_student.named_parameters()}
     ref_engine = HFGenerateEngine(lambda: ref_student, sampling, pad, {eos})
-    ref_prepared = window_prepare(args, rows, ref_engine, pad)
+    ref_prepared = window_prepare(args, rows, ref_engine, pad, objective)
     run_window(ref_prepared, ref_student, ref_teacher, 1, objective, device,
                lambda loss: loss.backward(), contextlib.nullcontext)
     ref_completions = [r.completion_ids for s in ref_prepared.window.slices for r in s]
@@ -156,11 +156,12 @@ def correctness(args, rank, world, device):
             "engine_calls": rollouts.calls, "scored_tokens_per_rank": prepared.local_tokens}
 
 
-def window_prepare(args, rows, engine, pad):
-    from axolotl_gold.scoring.loss import prepare_window
+def window_prepare(args, rows, engine, pad, objective):
+    from axolotl_gold.trainer.window import prepare_window
 
-    return prepare_window(window_slices(args, rows), step=0, seed=0, rank=0, lmbda=1.0, pad_id=pad,
-                          student_engine=engine)
+    slices = window_slices(args, rows)
+    return prepare_window(slices, draws=[True] * len(slices), step=0, seed=0, rank=0, pad_id=pad,
+                          student_engine=engine, objective=objective)
 
 
 def run_window(prepared, student_call, teacher, world, objective, device, backward, heads):
@@ -191,7 +192,7 @@ def memory(args, rank, world, device, zero3: bool):
 
     vocab, pad, eos = 151936, 151933, 151935
     sampling = SamplingSettings(max_new_tokens=args.mem_completion, temperature=0.9, top_p=0.95)
-    objective = JsdObjective(beta=0.5, chunk_size=1024)
+    objective = JsdObjective(beta=0.5, temperature=1.0, chunk_size=1024)
     mem_args = argparse.Namespace(micro=args.mem_micro, vocab=vocab, prompt=args.mem_prompt)
     rows = prompts(mem_args, args.mem_micro * args.mem_accum)
     torch.cuda.reset_peak_memory_stats()
@@ -224,7 +225,7 @@ def memory(args, rank, world, device, zero3: bool):
     rollouts = HFGenerateEngine(get, sampling, pad, {eos}, min_new_tokens=args.mem_completion)
     mem_args.micro = args.mem_micro
     with gen_ctx():
-        prepared = window_prepare(mem_args, rows, rollouts, pad)
+        prepared = window_prepare(mem_args, rows, rollouts, pad, objective)
     run_window(prepared, call, teacher_model, world if zero3 else 1, objective, device, backward, heads)
     step()
     torch.cuda.synchronize()

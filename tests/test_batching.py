@@ -39,6 +39,6 @@ def test_collator_splits_prompt_and_completion():
 
 
 def test_trim_completion_keeps_first_eos_drops_what_follows():
-    assert trim_completion([4, 5, 2, 0, 0], {2}, 0) == [4, 5, 2]
-    assert trim_completion([4, 0, 5], {2}, 0) == [4, 0, 5]  # a sampled pad id is a token
-    assert trim_completion([4, 5], {2}, 0) == [4, 5]
+    assert trim_completion([4, 5, 2, 0, 0], {2}) == [4, 5, 2]
+    assert trim_completion([4, 0, 5], {2}) == [4, 0, 5]  # a sampled pad id is a token
+    assert trim_completion([4, 5], {2}) == [4, 5]

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from axolotl_gold.config.schema import GoldConfigError
+from axolotl_gold.config.errors import GoldConfigError
 from axolotl_gold.data.chat_template import GoldChatStrategy
 from axolotl_gold.data.turns import stop_token_ids, turn_end_id
 from axolotl_gold.rollouts.engines.base import trim_completion
@@ -155,7 +155,7 @@ def test_runtime_added_tokens_must_be_in_the_teacher_vocabulary():
     (same on disk) lacks them, so same-tokenizer JSD has no teacher logit for them."""
     import copy
 
-    from axolotl_gold.config.schema import check_added_tokens
+    from axolotl_gold.models.compatibility import check_added_tokens
 
     teacher = FAMILIES["gemma"].build()
     student = copy.deepcopy(teacher)
@@ -173,7 +173,7 @@ def test_runtime_added_tokens_must_be_in_the_teacher_vocabulary():
 def test_plugin_checks_the_student_tokenizer_as_loaded(tmp_path):
     import copy
 
-    from axolotl_gold.plugin import check_runtime_tokens
+    from axolotl_gold.models.compatibility import check_runtime_tokens
 
     teacher = FAMILIES["llama3"].build()
     teacher.save_pretrained(tmp_path)  # the same tokenizer on disk for both

@@ -3,7 +3,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from axolotl_gold.config.schema import GoldConfigError
+from axolotl_gold.config.errors import GoldConfigError
 from axolotl_gold.data.chat_template import GoldChatStrategy, normalize_messages
 
 

@@ -6,7 +6,9 @@ import pytest
 
 from axolotl_run import with_overrides
 
-from axolotl_gold.config.schema import GoldArgs, GoldConfigError, validate_gold_settings
+from axolotl_gold.config.errors import GoldConfigError
+from axolotl_gold.config.schema import GoldArgs
+from axolotl_gold.config.validation import validate_gold_settings
 
 
 def _cfg(tiny_pair, tmp_path, **overrides):
@@ -96,7 +98,7 @@ def test_gold_keys_do_not_collide_with_axolotl_core():
 def test_vocab_mismatch_without_uld_fails_before_model_load(tiny_cross_pair):
     from axolotl.utils.dict import DictDefault
 
-    from axolotl_gold.plugin import check_teacher_compatible
+    from axolotl_gold.models.compatibility import check_teacher_compatible
 
     cfg = DictDefault(base_model=tiny_cross_pair["student"], teacher_model=tiny_cross_pair["teacher"])
     with pytest.raises(GoldConfigError, match="set `use_uld_loss: true`"):
@@ -108,7 +110,7 @@ def test_vocab_mismatch_without_uld_fails_before_model_load(tiny_cross_pair):
 def test_missing_teacher_path_names_the_key(tiny_pair, tmp_path):
     from axolotl.utils.dict import DictDefault
 
-    from axolotl_gold.plugin import check_teacher_compatible
+    from axolotl_gold.models.compatibility import check_teacher_compatible
 
     cfg = DictDefault(base_model=tiny_pair["student"], teacher_model=str(tmp_path / "nope"))
     with pytest.raises(GoldConfigError, match="`teacher_model: .*` cannot be loaded"):
@@ -125,7 +127,7 @@ def test_uld_tokenizer_without_offsets_needs_a_fallback(tiny_cross_pair):
     from axolotl.utils.dict import DictDefault
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizer
 
-    from axolotl_gold.plugin import build_objective
+    from axolotl_gold.assembly import build_objective
     from axolotl_gold.config.settings import GoldSettings
 
     class SlowTokenizer(PreTrainedTokenizer):  # a tokenizer with no offset mapping
@@ -135,11 +137,13 @@ def test_uld_tokenizer_without_offsets_needs_a_fallback(tiny_cross_pair):
     slow = SlowTokenizer.__new__(SlowTokenizer)
     model = AutoModelForCausalLM.from_pretrained(tiny_cross_pair["student"])
     teacher = AutoModelForCausalLM.from_pretrained(tiny_cross_pair["teacher"])
-    cfg = DictDefault(teacher_model=tiny_cross_pair["teacher"], use_uld_loss=True, sequence_len=64)
-    settings = GoldSettings(use_uld_loss=True, max_completion_length=16)
+    cfg = DictDefault(
+        teacher_model=tiny_cross_pair["teacher"], use_uld_loss=True, sequence_len=64, max_completion_length=16
+    )
+    settings = GoldSettings.from_cfg(cfg)
     with pytest.raises(GoldConfigError, match="`uld_alignment_fallback: positional`"):
-        build_objective(cfg, settings, model, teacher, slow)
-    assert build_objective(cfg, settings, model, teacher, student_tok).inputs is not None
+        build_objective(settings, model, teacher, slow)
+    assert build_objective(settings, model, teacher, student_tok).inputs is not None
 
 
 def test_batch_size_key_sets_the_window_as_axolotl_derives_it(tiny_pair, tmp_path):

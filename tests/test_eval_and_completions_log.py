@@ -69,7 +69,7 @@ def test_row_scores_reverse_kl_matches_a_plain_reference(tiny_pair, fused):
         Rollout(prompt_ids=tok("encode: abc")["input_ids"], completion_ids=tok("xyz")["input_ids"]),
         Rollout(prompt_ids=tok("encode: hello there")["input_ids"], completion_ids=tok("q")["input_ids"]),
     ]
-    objective = JsdObjective(beta=0.5)
+    objective = JsdObjective(beta=0.5, temperature=1.0)
     scores = row_scores(student, teacher, rows, objective, tok.pad_token_id, fused)
     for row, score in zip(rows, scores):
         ids = torch.tensor([row.prompt_ids + row.completion_ids])

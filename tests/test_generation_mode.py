@@ -3,9 +3,9 @@
 import torch
 
 from axolotl_gold.rollouts.engines.base import SamplingSettings
-from axolotl_gold.rollouts.engines.static import FastHFEngine
+from axolotl_gold.rollouts.engines.static import StaticCacheEngine
 from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
-from test_fast_generation import EOS, PAD, _model, _prompts
+from test_static_engine import EOS, PAD, _model, _prompts
 
 
 def test_checkpoint_generation_config_does_not_change_the_policy():
@@ -15,7 +15,7 @@ def test_checkpoint_generation_config_does_not_change_the_policy():
     model.generation_config.no_repeat_ngram_size = 2
     greedy = SamplingSettings(max_new_tokens=24, temperature=0.0)
     hf = HFGenerateEngine(lambda: model, greedy, PAD, {EOS})
-    fast = FastHFEngine(lambda: model, greedy, PAD, {EOS})
+    fast = StaticCacheEngine(lambda: model, greedy, PAD, {EOS})
     prompts = _prompts()
     assert hf.generate(prompts, seed=0) == fast.generate(prompts, seed=0)
     assert model.generation_config.repetition_penalty == 5.0  # restored
@@ -29,7 +29,7 @@ def test_checkpoint_generation_config_ignored_through_peft():
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     greedy = SamplingSettings(max_new_tokens=24, temperature=0.0)
     hf = HFGenerateEngine(lambda: model, greedy, PAD, {EOS})
-    fast = FastHFEngine(lambda: model, greedy, PAD, {EOS})
+    fast = StaticCacheEngine(lambda: model, greedy, PAD, {EOS})
     prompts = _prompts()
     assert hf.generate(prompts, seed=0) == fast.generate(prompts, seed=0)
     assert base.generation_config.repetition_penalty == 5.0
@@ -43,7 +43,7 @@ def test_gradient_checkpointing_survives_windows_unchanged():
     model.enable_input_require_grads()
     hooks = len(model.get_input_embeddings()._forward_hooks)
     settings = SamplingSettings(max_new_tokens=4, temperature=1.0)
-    for engine in (HFGenerateEngine, FastHFEngine):
+    for engine in (HFGenerateEngine, StaticCacheEngine):
         for seed in range(3):
             engine(lambda: model, settings, PAD, {EOS}).generate(_prompts(), seed=seed)
     assert len(model.get_input_embeddings()._forward_hooks) == hooks

@@ -8,9 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from axolotl_gold.data.batching import Rollout, merge_repeats
-from axolotl_gold.plugin import build_objective
+from axolotl_gold.assembly import build_objective
 from axolotl_gold.config.settings import GoldSettings
-from axolotl_gold.scoring.loss import loss_sum, prepare_window, scoring_batch
+from axolotl_gold.scoring.loss import loss_sum, scoring_batch
+from axolotl_gold.trainer.window import prepare_window
 
 
 class NoEngine:
@@ -55,13 +56,13 @@ def test_weighted_repeats_equal_repeated_rows(request, loss, fused, mbs, repeats
     student = AutoModelForCausalLM.from_pretrained(pair["student"], dtype=torch.float64)
     teacher = AutoModelForCausalLM.from_pretrained(pair["teacher"], dtype=torch.float64)
     cfg = {"teacher_model": pair["teacher"], "sequence_len": 64, "use_uld_loss": loss == "uld",
-           "uld_use_hybrid_loss": loss == "uld"}
-    settings = GoldSettings(use_uld_loss=loss == "uld", fused_loss=fused, max_completion_length=12)
-    objective = build_objective(cfg, settings, student, teacher, tok)
+           "uld_use_hybrid_loss": loss == "uld", "gold_fused_loss": fused, "max_completion_length": 12}
+    settings = GoldSettings.from_cfg(cfg)
+    objective = build_objective(settings, student, teacher, tok)
     rows = _rows(pair, tok, 6, repeats)  # mbs 3 splits a prompt's repeats across slices
     slices = [rows[i : i + mbs] for i in range(0, len(rows), mbs)]
     prepared = prepare_window(
-        slices, step=0, seed=0, rank=0, lmbda=0.0, pad_id=tok.pad_token_id,
+        slices, draws=[False] * len(slices), step=0, seed=0, rank=0, pad_id=tok.pad_token_id,
         student_engine=NoEngine(), objective=objective,
     )
     scored_rows = sum(len(b["input_ids"]) for b in prepared.micro_batches)

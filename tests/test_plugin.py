@@ -34,7 +34,7 @@ def test_fp16_full_fine_tune_trains_float32_master_weights():
     import torch
     from torch import nn
 
-    from axolotl_gold.plugin import float32_master_weights
+    from axolotl_gold.models.student import float32_master_weights
 
     def model():
         m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).half()

@@ -73,9 +73,10 @@ def patch_lora_attention(path):
 
 
 def load(path):
+    from axolotl_gold.config.settings import GoldSettings
     from axolotl_gold.models.teacher import load_teacher
 
-    return load_teacher(DictDefault(teacher_model=path), torch.device("cpu"))
+    return load_teacher(GoldSettings.from_cfg(DictDefault(teacher_model=path)).teacher, torch.device("cpu"))
 
 
 def test_teacher_runs_the_original_attention_under_lora_kernels(tiny_llama, unpatched_logits, patchable_llama):

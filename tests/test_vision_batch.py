@@ -4,13 +4,14 @@ import pytest
 import torch
 from PIL import Image
 
-from axolotl_gold.config.schema import GoldConfigError
+from axolotl_gold.config.errors import GoldConfigError
 from axolotl_gold.data.batching import Rollout
 from axolotl_gold.rollouts.window import fill_window
 from axolotl_gold.rollouts.engines.base import SamplingSettings
 from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
 from axolotl_gold.scoring.forward import completion_states
-from axolotl_gold.scoring.loss import generation_inputs, scoring_batch
+from axolotl_gold.scoring.loss import scoring_batch
+from axolotl_gold.vision.batch import rollout_inputs
 from axolotl_gold.vision.batch import GoldVisionCollator, VisionEncoder
 
 
@@ -87,7 +88,7 @@ def test_same_family_teacher_reads_the_students_vision_inputs(tiny_vlms, student
     encoder, collator = student_side
     rollouts = collator(_rows(tiny_vlms))["gold_rollouts"]
     batch = scoring_batch(rollouts, encoder.pad_id, encoder)
-    assert JsdObjective().teacher_inputs(rollouts) is None  # teacher reads `batch` as is
+    assert JsdObjective(beta=0.5, temperature=1.0).teacher_inputs(rollouts) is None  # teacher reads `batch` as is
     teacher = _model(tiny_vlms["teacher"])
     with torch.no_grad():
         out = completion_states(teacher, batch, use_head_bypass=True)
@@ -148,9 +149,9 @@ def test_rollouts_sample_with_images_once_and_never_emit_image_tokens(tiny_vlms,
         lambda: model, sampling, encoder.pad_id, {eos},
         generate_kwargs={"suppress_tokens": encoder.vision_token_ids},
     )
-    inputs = generation_inputs(encoder)(rollouts)
+    inputs = rollout_inputs(encoder)(rollouts)
     assert plain.generate([r.prompt_ids for r in rollouts], 0, model_inputs=inputs)[0][0] == image_id
-    window = fill_window([rollouts[:1], rollouts[1:]], [True, True], guarded, 0, encode=generation_inputs(encoder))
+    window = fill_window([rollouts[:1], rollouts[1:]], [True, True], guarded, 0, encode=rollout_inputs(encoder))
     assert guarded.calls == 1
     assert [r.completion_ids for s in window.slices for r in s] == [[eos], [eos]]
 
@@ -172,7 +173,7 @@ def test_text_rows_take_the_text_path(tiny_vlms, student_side):
             return [[1] for _ in prompts]
 
     engine = Recorder()
-    fill_window([rollouts], [True], engine, 0, encode=generation_inputs(encoder))
+    fill_window([rollouts], [True], engine, 0, encode=rollout_inputs(encoder))
     assert engine.calls == 1 and engine.model_inputs is None
 
 
@@ -219,7 +220,7 @@ def test_vision_tower_is_frozen_lora_adapters_included(tiny_vlms):
 
 
 def test_plugin_check_runs_the_pair_check_before_loading(tiny_vlms):
-    from axolotl_gold.plugin import check_teacher_compatible
+    from axolotl_gold.models.compatibility import check_teacher_compatible
 
     cfg = {
         "base_model": tiny_vlms["student"],

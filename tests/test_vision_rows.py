@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from axolotl_gold.config.schema import GoldConfigError
+from axolotl_gold.config.errors import GoldConfigError
 from axolotl_gold.vision.rows import open_image, split_vision_row
 
 
@@ -143,7 +143,7 @@ def test_text_strategy_refuses_image_rows(tiny_pair):
     ],
 )
 def test_vision_settings_are_checked_before_loading(overrides, key):
-    from axolotl_gold.config.schema import validate_gold_settings
+    from axolotl_gold.config.validation import validate_gold_settings
 
     data = {
         "teacher_model": "t",

@@ -2,7 +2,8 @@
 
 from types import SimpleNamespace
 
-from axolotl_gold.rollouts.vllm.colocate import _checkpoint_name, _finite_logprobs, prompt_groups
+from axolotl_gold.rollouts.vllm.sampling import _finite_logprobs, prompt_groups
+from axolotl_gold.rollouts.vllm.weights import _checkpoint_name
 
 
 def _sample(values):

@@ -1,83 +1,177 @@
-"""The resolved GOLD settings the trainer runs with (a plain dataclass, no axolotl)."""
+"""The one settings object a GOLD run is built from (plain dataclasses, no axolotl).
+
+``GoldSettings.from_cfg`` reads the validated config once; every default comes from
+``GoldArgs`` (``config.schema``), so no module below repeats one.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-# Tokens per chunk of the fused JSD. 2048 rather than 1024: on an H100 (0.5B/1.5B Qwen2.5
-# heads, 4096 tokens) 11.4 vs 12.0 ms per loss step for 2.0 vs 1.4 GiB extra memory
-# (benchmarks/bench_jsd_loss.py); a plain loss takes 24.4 GiB there.
-LOSS_CHUNK_SIZE = 2048
+from axolotl_gold.config.errors import GoldConfigError
+from axolotl_gold.config.schema import setting
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    model: str
+    revision: str | None
+    tokenizer: str  # the teacher's tokenizer (or processor) path; default: the model's
+    dtype: str  # "bfloat16" | "float16" | "float32"
+    init_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UldSettings:
+    """Cross-tokenizer distillation (``use_uld_loss``): the ``uld_*`` keys."""
+
+    merge: str
+    hybrid: bool
+    hybrid_matched_weight: float | None
+    hybrid_unmatched_weight: float | None
+    crossentropy_weight: float
+    distillation_weight: float
+    student_temperature: float
+    teacher_temperature: float
+    skip_student_eos: bool
+    skip_teacher_eos: bool
+    teacher_prompt: str
+    alignment_fallback: str | None
+    teacher_template_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    """``use_vllm`` and the ``vllm_*`` keys."""
+
+    enabled: bool
+    mode: str
+    gpu_memory_utilization: float
+    tensor_parallel_size: int
+    enable_sleep_mode: bool
+    sync_steps: int
+    max_model_len: int | None
+    dtype: str  # the precision the student trains in
+    server_url: str
+    server_timeout: float
 
 
 @dataclass(frozen=True)
 class GoldSettings:
-    lmbda: float = 0.5
-    beta: float = 0.5
-    loss_temperature: float = 1.0
-    seq_kd: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_completion_length: int = 128
-    num_generations: int = 1
-    generation_batch_size: int = 1
-    seed: int = 42
-    fused_loss: bool = True
-    loss_chunk_size: int = LOSS_CHUNK_SIZE
-    use_uld_loss: bool = False
-    generation_engine: str = "auto"
-    use_vllm: bool = False
-    student_path: str = ""
-    vllm_gpu_memory_utilization: float = 0.3
-    vllm_tensor_parallel_size: int = 1
-    vllm_enable_sleep_mode: bool = False
-    vllm_sync_steps: int = 1
-    vllm_max_model_len: int | None = None
-    vllm_dtype: str = "auto"
-    vllm_mode: str = "colocate"
-    vllm_server_url: str = "http://127.0.0.1:8011"
-    vllm_server_timeout: float = 240.0
-    eval_on_policy: bool = True
-    log_completions_steps: int = 0
+    teacher: TeacherSettings
+    student_path: str
+    lmbda: float
+    beta: float
+    loss_temperature: float
+    seq_kd: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    max_completion_length: int
+    sequence_len: int
+    num_generations: int
+    generation_batch_size: int | None
+    seed: int
+    chat_template_kwargs: dict
+    fused_loss: bool
+    loss_chunk_size: int
+    jsd_backend: str
+    use_uld_loss: bool
+    uld: UldSettings
+    generation_engine: str
+    vision: bool  # a vision-language student (``processor_type`` set)
+    train_vision_tower: bool
+    vllm: VllmSettings
+    eval_on_policy: bool
+    log_completions_steps: int
+
+    @property
+    def max_prompt_length(self) -> int:
+        return self.sequence_len - self.max_completion_length
 
     @classmethod
     def from_cfg(cls, cfg) -> "GoldSettings":
-        def get(key, default):
-            value = cfg.get(key)
-            return default if value is None else value
+        """From the validated config (a dict or Axolotl's ``DictDefault``)."""
 
-        seed = cfg.get("gold_seed")
-        if seed is None:
-            seed = get("seed", 42)
+        def get(key):
+            return setting(cfg, key)
+
+        template_kwargs = dict(get("chat_template_kwargs") or {})
+        teacher_model = get("teacher_model") or ""
         return cls(
-            lmbda=float(get("lmbda", 0.5)),
-            beta=float(get("beta", 0.5)),
-            loss_temperature=float(get("loss_temperature", 1.0)),
-            seq_kd=bool(get("seq_kd", False)),
-            temperature=float(get("temperature", 1.0)),
-            top_p=float(get("top_p", 1.0)),
-            top_k=int(get("top_k", 0)),
-            max_completion_length=int(get("max_completion_length", 128)),
-            num_generations=int(get("num_generations", 1)),
-            generation_batch_size=int(get("generation_batch_size", 1)),
-            seed=int(seed),
-            fused_loss=bool(get("gold_fused_loss", True)),
-            loss_chunk_size=int(get("gold_loss_chunk_size", LOSS_CHUNK_SIZE)),
-            use_uld_loss=bool(get("use_uld_loss", False)),
-            generation_engine=str(get("gold_generation_engine", "auto")),
-            use_vllm=bool(get("use_vllm", False)),
-            vllm_mode=str(get("vllm_mode", "colocate")),
-            vllm_server_url=f"http://{get('vllm_server_host', '127.0.0.1')}:{get('vllm_server_port', 8011)}",
-            vllm_server_timeout=float(get("vllm_server_timeout", 240.0)),
-            student_path=str(get("base_model", "")),
-            vllm_gpu_memory_utilization=float(get("vllm_gpu_memory_utilization", 0.3)),
-            vllm_tensor_parallel_size=int(get("vllm_tensor_parallel_size", 1)),
-            vllm_enable_sleep_mode=bool(get("vllm_enable_sleep_mode", False)),
-            vllm_sync_steps=int(get("vllm_sync_steps", 1)),
-            vllm_max_model_len=cfg.get("vllm_max_model_len") or cfg.get("sequence_len"),
-            # the engine samples in the precision the student trains in
-            vllm_dtype="bfloat16" if cfg.get("bf16") is True else "float16" if cfg.get("fp16") else "float32",
-            eval_on_policy=bool(get("gold_eval_on_policy", True)),
-            log_completions_steps=int(get("gold_log_completions_steps", 0)),
+            teacher=TeacherSettings(
+                model=teacher_model,
+                revision=get("teacher_model_revision"),
+                tokenizer=get("teacher_tokenizer") or teacher_model,
+                dtype=teacher_dtype(cfg),
+                init_kwargs=dict(get("teacher_model_init_kwargs") or {}),
+            ),
+            student_path=str(get("base_model")),
+            lmbda=float(get("lmbda")),
+            beta=float(get("beta")),
+            loss_temperature=float(get("loss_temperature")),
+            seq_kd=bool(get("seq_kd")),
+            temperature=float(get("temperature")),
+            top_p=float(get("top_p")),
+            top_k=int(get("top_k")),
+            max_completion_length=int(get("max_completion_length")),
+            sequence_len=int(get("sequence_len")),
+            num_generations=int(get("num_generations")),
+            generation_batch_size=get("generation_batch_size"),
+            seed=int(cfg.get("gold_seed") if cfg.get("gold_seed") is not None else get("seed")),
+            chat_template_kwargs=template_kwargs,
+            fused_loss=bool(get("gold_fused_loss")),
+            loss_chunk_size=int(get("gold_loss_chunk_size")),
+            jsd_backend=str(get("gold_jsd_backend")),
+            use_uld_loss=bool(get("use_uld_loss")),
+            uld=UldSettings(
+                merge=str(get("uld_token_merge_strategy")),
+                hybrid=bool(get("uld_use_hybrid_loss")),
+                hybrid_matched_weight=get("uld_hybrid_matched_weight"),
+                hybrid_unmatched_weight=get("uld_hybrid_unmatched_weight"),
+                crossentropy_weight=float(get("uld_crossentropy_weight")),
+                distillation_weight=float(get("uld_distillation_weight")),
+                student_temperature=float(get("uld_student_temperature")),
+                teacher_temperature=float(get("uld_teacher_temperature")),
+                skip_student_eos=bool(get("uld_skip_student_eos")),
+                skip_teacher_eos=bool(get("uld_skip_teacher_eos")),
+                teacher_prompt=str(get("uld_teacher_prompt")),
+                alignment_fallback=get("uld_alignment_fallback"),
+                teacher_template_kwargs=dict(get("teacher_chat_template_kwargs") or template_kwargs),
+            ),
+            generation_engine=str(get("gold_generation_engine")),
+            vision=bool(cfg.get("processor_type")),
+            train_vision_tower=bool(get("gold_train_vision_tower")),
+            vllm=VllmSettings(
+                enabled=bool(get("use_vllm")),
+                mode=str(get("vllm_mode")),
+                gpu_memory_utilization=float(get("vllm_gpu_memory_utilization")),
+                tensor_parallel_size=int(get("vllm_tensor_parallel_size")),
+                enable_sleep_mode=bool(get("vllm_enable_sleep_mode")),
+                sync_steps=int(get("vllm_sync_steps")),
+                max_model_len=cfg.get("vllm_max_model_len") or cfg.get("sequence_len"),
+                dtype="bfloat16" if cfg.get("bf16") is True else "float16" if cfg.get("fp16") else "float32",
+                server_url=f"http://{get('vllm_server_host')}:{get('vllm_server_port')}",
+                server_timeout=float(get("vllm_server_timeout")),
+            ),
+            eval_on_policy=bool(get("gold_eval_on_policy")),
+            log_completions_steps=int(get("gold_log_completions_steps")),
         )
+
+
+def teacher_dtype(cfg) -> str:
+    """``teacher_model_init_kwargs.dtype`` when set, else the student's training precision."""
+    kwargs = cfg.get("teacher_model_init_kwargs") or {}
+    dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
+    if isinstance(dtype, str) and dtype != "auto":
+        if dtype not in ("bfloat16", "float16", "float32"):
+            raise GoldConfigError(
+                f"`teacher_model_init_kwargs.dtype: {dtype}` is not one of bfloat16, float16, float32."
+            )
+        return dtype
+    if cfg.get("bf16") in (True, "auto"):
+        import torch
+
+        if torch.cuda.is_available():
+            return "bfloat16"
+    return "float16" if cfg.get("fp16") else "float32"

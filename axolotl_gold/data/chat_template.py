@@ -28,9 +28,11 @@ from typing import Any
 
 from axolotl.prompt_tokenizers import DatasetWrappingStrategy
 
-from axolotl_gold.config.schema import GoldConfigError
+from axolotl_gold.config.errors import GoldConfigError
+from axolotl_gold.config.settings import GoldSettings
 from axolotl_gold.data.turns import end_of_completion_id, fit_prompt, stop_token_ids
-from axolotl_gold.vision.rows import row_has_images
+
+IMAGE_TYPES = ("image", "image_url")
 
 _ROLE_ALIASES = {
     "human": "user",
@@ -68,6 +70,23 @@ def normalize_messages(row: dict, ds_cfg: dict | None = None) -> list[dict]:
         role = roles.get(role, _ROLE_ALIASES.get(role, role))
         messages.append({"role": role, "content": message.get(content_key)})
     return messages
+
+
+def is_image_part(part) -> bool:
+    return isinstance(part, dict) and part.get("type") in IMAGE_TYPES
+
+
+def message_has_images(messages: list[dict]) -> bool:
+    return any(
+        is_image_part(part)
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for part in m["content"]
+    )
+
+
+def row_has_images(row: dict, messages: list[dict], images_field: str = "images") -> bool:
+    return message_has_images(messages) or bool(row.get(images_field))
 
 
 def split_prompt_completion(messages: list[dict]) -> tuple[list[dict], str | None]:
@@ -127,12 +146,12 @@ class GoldChatStrategy(DatasetWrappingStrategy):
     def __init__(self, tokenizer, cfg, ds_cfg: dict | None = None):
         self.tokenizer = tokenizer
         self.ds_cfg = dict(ds_cfg or {})
-        self.lmbda = float(cfg.get("lmbda") if cfg.get("lmbda") is not None else 0.5)
-        self.max_completion = int(cfg.get("max_completion_length") or 128)
-        sequence_len = int(cfg.get("sequence_len") or 2048)
-        self.max_prompt = sequence_len - self.max_completion
+        settings = GoldSettings.from_cfg(cfg)
+        self.lmbda = settings.lmbda
+        self.max_completion = settings.max_completion_length
+        self.max_prompt = settings.max_prompt_length
         # Axolotl's own key, for prompts and completions alike (e.g. enable_thinking)
-        self.template_kwargs = dict(cfg.get("chat_template_kwargs") or {})
+        self.template_kwargs = dict(settings.chat_template_kwargs)
         self.template_kwargs.update(self.ds_cfg.get("chat_template_kwargs") or {})
         self.stops = (
             stop_token_ids(tokenizer, template_kwargs=self.template_kwargs),

@@ -80,7 +80,7 @@ def _chunk_loss(s_logits, t_logits, s_side, t_side, config, mapping, unmatched):
         ids = torch.cat([s_side.base_id, s_side.extra_id])
         picked = s_logits.gather(1, ids.unsqueeze(-1)).squeeze(-1)
         parts["ce_sum"] = (lse1 - picked).sum()
-    return _weighted(parts, config), parts
+    return _weighted(parts, config)
 
 
 class _ChunkedULD(torch.autograd.Function):
@@ -89,7 +89,7 @@ class _ChunkedULD(torch.autograd.Function):
     only scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, chunks, config, mapping, unmatched, stats):
+    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, chunks, config, mapping, unmatched):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(s_hidden) if need_h else None
         acc_dtype = torch.promote_types(s_weight.dtype, torch.float32)
@@ -103,13 +103,10 @@ class _ChunkedULD(torch.autograd.Function):
             t_logits = _upcast(t_hidden.index_select(0, t_side.rows).to(t_weight.dtype) @ t_weight.T)
             s_logits = _upcast(h @ s_weight.T).requires_grad_(need_h or need_w)
             with torch.enable_grad():
-                loss, parts = _chunk_loss(s_logits, t_logits, s_side, t_side, config, mapping, unmatched)
+                loss = _chunk_loss(s_logits, t_logits, s_side, t_side, config, mapping, unmatched)
                 if need_h or need_w:
                     (g_logits,) = torch.autograd.grad(loss, s_logits)
             total += loss.detach()
-            if stats is not None:
-                for key, value in parts.items():
-                    stats[key] = stats.get(key, 0.0) + value.detach()
             if need_h or need_w:
                 g_logits = g_logits.to(s_weight.dtype)
                 if need_h:
@@ -131,7 +128,7 @@ class _ChunkedULD(torch.autograd.Function):
         if not bool(grad_out == 1):
             grad_h = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
             grad_w = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def _flatten_rows(hidden, name: str) -> tuple[torch.Tensor, list[int], list[int]]:
@@ -175,7 +172,6 @@ def uld_loss_sum(
     teacher_groups,
     config: ULDConfig = ULDConfig(),
     mapping: VocabMapping | None = None,
-    stats: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """ULD (or hybrid ULD) loss SUM from last hidden states and lm_head weights, chunked.
 
@@ -197,8 +193,6 @@ def uld_loss_sum(
             ``axolotl_gold.crosstok.alignment.align_completion`` (no empty groups).
         config: temperatures, merge, weights, hybrid settings, chunk size.
         mapping: a ``VocabMapping`` switches on hybrid ULD.
-        stats: if given, receives detached sums ``uld_sum`` (and ``matched_sum``,
-            ``unmatched_sum`` for hybrid, ``ce_sum`` with cross-entropy), for logging.
 
     Returns:
         ``(loss_sum, num_positions)``: ``sum_p distillation_weight * D_p + crossentropy_weight *
@@ -234,7 +228,7 @@ def uld_loss_sum(
             _unmatched_ids(mapping.teacher_ids, teacher_weight.size(0)),
         )
     loss = _ChunkedULD.apply(
-        s_flat, student_weight, t_flat.detach(), teacher_weight.detach(), chunks, config, mapping, unmatched, stats
+        s_flat, student_weight, t_flat.detach(), teacher_weight.detach(), chunks, config, mapping, unmatched
     )
     return loss, s_index.num_positions
 

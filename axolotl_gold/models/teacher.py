@@ -7,46 +7,25 @@ import logging
 import torch
 from torch import nn
 
+from axolotl_gold.config.settings import TeacherSettings
 from axolotl_gold.models.isolation import (
     modeling_modules,
     original_modeling,
     record_modules,
     restore_original_attributes,
 )
+from axolotl_gold.models.student import disable_dropout
+from axolotl_gold.vision.setup import is_vision_config
 
 LOG = logging.getLogger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def disable_dropout(model: nn.Module) -> None:
-    """Deterministic scoring and training: dropout would make the target noisy."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-
-
-def is_vision_config(config) -> bool:
-    """A vision-language model's config (it has a vision tower)."""
-    return getattr(config, "vision_config", None) is not None
-
-
 def auto_model_class(config):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     return AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
-
-
-def teacher_dtype(cfg) -> torch.dtype:
-    kwargs = cfg.get("teacher_model_init_kwargs") or {}
-    dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
-    if isinstance(dtype, str) and dtype != "auto":
-        return _DTYPES[dtype]
-    if cfg.get("bf16") in (True, "auto") and torch.cuda.is_available():
-        return torch.bfloat16
-    if cfg.get("fp16"):
-        return torch.float16
-    return torch.float32
 
 
 def model_classes(config) -> list[type]:
@@ -81,26 +60,26 @@ def record_teacher_modeling(cfg) -> list[str]:
         return []
 
 
-def load_teacher(cfg, device: torch.device) -> nn.Module:
-    """The teacher of ``cfg.teacher_model`` on ``device``, with no gradients.
+def load_teacher(teacher: TeacherSettings, device: torch.device) -> nn.Module:
+    """The teacher on ``device``, with no gradients.
 
     Built and run from its modeling code as recorded by ``record_teacher_modeling``
     (when it was), not as Axolotl has patched it for the student since.
     """
     from transformers import AutoConfig
 
-    kwargs = dict(cfg.get("teacher_model_init_kwargs") or {})
+    kwargs = dict(teacher.init_kwargs)
     kwargs.pop("torch_dtype", None)
-    kwargs["dtype"] = teacher_dtype(cfg)
-    if cfg.get("teacher_model_revision"):
-        kwargs["revision"] = cfg["teacher_model_revision"]
-    config = AutoConfig.from_pretrained(cfg["teacher_model"], revision=kwargs.get("revision"))
+    kwargs["dtype"] = _DTYPES[teacher.dtype]
+    if teacher.revision:
+        kwargs["revision"] = teacher.revision
+    config = AutoConfig.from_pretrained(teacher.model, revision=teacher.revision)
     with original_modeling():
-        teacher = auto_model_class(config).from_pretrained(cfg["teacher_model"], **kwargs)
-    restored = restore_original_attributes(teacher)
+        model = auto_model_class(config).from_pretrained(teacher.model, **kwargs)
+    restored = restore_original_attributes(model)
     if restored:
         LOG.info("teacher: unpatched %s (Axolotl patched them for the student)", restored)
-    teacher.requires_grad_(False)
-    teacher.eval()
-    disable_dropout(teacher)
-    return teacher.to(device)
+    model.requires_grad_(False)
+    model.eval()
+    disable_dropout(model)
+    return model.to(device)

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from axolotl_gold.config.schema import LOSS_CHUNK_SIZE
 from axolotl_gold.data.batching import completion_token_count
-from axolotl_gold.scoring.forward import CompletionStates
 from axolotl_gold.losses import fused_jsd_loss_sum, generalized_jsd_token_loss
-from axolotl_gold.config.settings import LOSS_CHUNK_SIZE
+from axolotl_gold.scoring.forward import CompletionStates
 
 
 @dataclass
@@ -29,8 +29,8 @@ class JsdObjective:
     embedding matrices differently, only the real tokens are compared.
     """
 
-    beta: float = 0.5
-    temperature: float = 1.0
+    beta: float
+    temperature: float
     chunk_size: int = LOSS_CHUNK_SIZE
     vocab_size: int | None = None
     backend: str = "torch"  # or "liger" / "auto" (Liger's fused linear JSD on CUDA)

@@ -29,9 +29,13 @@ from time import perf_counter
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 
-from axolotl_gold.data.batching import GoldCollator
+from axolotl_gold.config.settings import GoldSettings
+from axolotl_gold.data.sampler import WindowSampler
+from axolotl_gold.data.turns import text_tokenizer
+from axolotl_gold.models.zero3 import gathered_heads, generation_weights, inference_engine
 from axolotl_gold.rollouts.window import policy_draws
-from axolotl_gold.data.turns import stop_token_ids, text_tokenizer
+from axolotl_gold.scoring.forward import bypassable_head
+from axolotl_gold.scoring.loss import loss_sum, scoring_batch, synchronize
 from axolotl_gold.trainer.completions_log import (
     COMPLETIONS_LOG,
     append_jsonl,
@@ -39,33 +43,12 @@ from axolotl_gold.trainer.completions_log import (
     log_to_trackers,
     row_scores,
 )
-from axolotl_gold.rollouts.engines.base import SamplingSettings
-from axolotl_gold.rollouts.engines.static import FastHFEngine
-from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
 from axolotl_gold.trainer.evaluation import EvalTotals, sample_eval_rows
-from axolotl_gold.scoring.forward import bypassable_head
-from axolotl_gold.data.sampler import WindowSampler
-from axolotl_gold.config.settings import GoldSettings
-from axolotl_gold.scoring.loss import (
-    generation_inputs,
-    loss_sum,
-    prepare_window,
-    scoring_batch,
-    synchronize,
-)
-from axolotl_gold.models.teacher import disable_dropout
-from axolotl_gold.vision.batch import GoldVisionCollator
-from axolotl_gold.models.zero3 import gathered_heads, generation_weights, inference_engine, zero3_enabled
+from axolotl_gold.trainer.parts import GoldParts
+from axolotl_gold.trainer.window import prepare_window
+from axolotl_gold.vision.batch import rollout_inputs
 
 WINDOW_LOG = "gold_windows.jsonl"
-
-
-def select_engine(name: str, device: torch.device, images: bool = False):
-    """``static`` (static KV cache, CUDA-graph decode) is the default on CUDA for
-    text students; image prompts go through HF ``generate``."""
-    if name == "static" or (name == "auto" and device.type == "cuda" and not images):
-        return FastHFEngine
-    return HFGenerateEngine
 
 
 class GoldTrainer(AxolotlTrainer):
@@ -88,99 +71,19 @@ class GoldTrainer(AxolotlTrainer):
         self._eval_batches = 0
 
     # ------------------------------------------------------------------ setup
-    def setup_gold(
-        self, settings: GoldSettings, teacher, objective, tokenizer, vision=None, ds_cfg=None
-    ) -> None:
-        """Attach the teacher, objective and engines (called by the plugin).
-
-        ``vision`` (a ``VisionEncoder``) switches to raw image rows: the collator
-        decodes images per micro-batch and rollouts sample with them.
-        """
-        self.gold = settings
-        self.teacher = teacher
-        self.objective = objective
-        self.vision = vision
-        self._gold_tokenizer = tokenizer  # decodes the completions log
-        self.zero3 = zero3_enabled(self.accelerator)
-        if vision is not None:
-            collator = GoldVisionCollator(vision, ds_cfg, settings.max_completion_length)
-        else:
-            collator = GoldCollator()
-        self.data_collator = collator
-        self.eval_data_collator = collator
-        disable_dropout(self.model)
-        pad_id = tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = tokenizer.eos_token_id
-        self.pad_id = pad_id
-        # ONE stop set (eos, generation_config eos, the template's turn end) for every
-        # engine and for ULD's end-of-completion handling
-        eos_ids = stop_token_ids(tokenizer, getattr(self.model, "generation_config", None))
-        if hasattr(objective, "inputs"):
-            objective.inputs.student_stop_ids = eos_ids
-        sampling = SamplingSettings(
-            max_new_tokens=settings.max_completion_length,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            top_k=settings.top_k,
-        )
-        engine_cls = select_engine(
-            settings.generation_engine,
-            self.accelerator.device,
-            # gathered ZeRO-3 weights move between calls: no captured CUDA graphs
-            images=vision is not None or self.zero3,
-        )
-        if settings.use_vllm and settings.vllm_mode == "server":
-            from axolotl_gold.rollouts.vllm.client import VLLMServerEngine
-
-            self.student_engine = VLLMServerEngine(
-                settings.vllm_server_url,
-                get_model=lambda: self.model,
-                get_step=lambda: self.state.global_step,
-                sampling=sampling,
-                eos_ids=eos_ids,
-                timeout=settings.vllm_server_timeout,
-                sync_every=settings.vllm_sync_steps,
-                is_main_process=self.accelerator.is_main_process,
-            )
-        elif settings.use_vllm:
-            from axolotl_gold.config.schema import GoldConfigError
-            from axolotl_gold.rollouts.vllm.colocate import VLLMColocateEngine
-
-            if self.accelerator.num_processes > 1:
-                raise GoldConfigError(
-                    "`vllm_mode: colocate` runs one engine per process and is verified for a "
-                    "single training process only: use `vllm_mode: server` for several "
-                    "processes, or train with one process."
-                )
-
-            self.student_engine = VLLMColocateEngine(
-                settings.student_path,
-                get_model=lambda: self.model,
-                get_step=lambda: self.state.global_step,
-                sampling=sampling,
-                eos_ids=eos_ids,
-                gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
-                tensor_parallel_size=settings.vllm_tensor_parallel_size,
-                max_model_len=settings.vllm_max_model_len,
-                enable_sleep_mode=settings.vllm_enable_sleep_mode,
-                sync_every=settings.vllm_sync_steps,
-                dtype=settings.vllm_dtype,
-            )
-        else:
-            self.student_engine = engine_cls(
-                lambda: self.model, sampling, pad_id, eos_ids, **self._engine_kwargs()
-            )
-        if settings.seq_kd:
-            self.teacher_engine = engine_cls(
-                lambda: self.teacher, sampling, pad_id, eos_ids, **self._engine_kwargs()
-            )
-
-    def _engine_kwargs(self) -> dict:
-        if self.vision is None:
-            return {}
-        # a sampled image token would make the model look for image features
-        return {"generate_kwargs": {"suppress_tokens": self.vision.vision_token_ids}}
+    def setup_gold(self, parts: GoldParts) -> None:
+        """Take the parts ``axolotl_gold.assembly`` built (called by the plugin)."""
+        self.gold = parts.settings
+        self.teacher = parts.teacher
+        self.objective = parts.objective
+        self.vision = parts.vision
+        self.student_engine = parts.student_engine
+        self.teacher_engine = parts.teacher_engine
+        self.pad_id = parts.pad_id
+        self.zero3 = parts.zero3
+        self._gold_tokenizer = parts.tokenizer  # decodes the completions log
+        self.data_collator = parts.collator
+        self.eval_data_collator = parts.collator
 
     # ------------------------------------------------------------------ data
     def _get_train_sampler(self, train_dataset=None):
@@ -221,8 +124,21 @@ class GoldTrainer(AxolotlTrainer):
 
         self._teacher_engine_ready()
         calls_before = self.student_engine.calls
-        with self._generation_weights(len(batches)):
-            prepared = self._prepare_window(batches, device)
+        step = self.state.global_step
+        draws = policy_draws(self.gold.seed, step, len(batches), self.gold.lmbda)  # once per window
+        with self._generation_weights(draws):
+            prepared = prepare_window(
+                [b["gold_rollouts"] for b in batches],
+                draws=draws,
+                step=step,
+                seed=self.gold.seed,
+                rank=self.accelerator.process_index,
+                pad_id=self.pad_id,
+                student_engine=self.student_engine,
+                objective=self.objective,
+                teacher_engine=self.teacher_engine,
+                vision=self.vision,
+            )
         window = prepared.window
         total = torch.tensor(prepared.local_tokens, device=device, dtype=torch.long)
         if self.accelerator.num_processes > 1:
@@ -230,7 +146,6 @@ class GoldTrainer(AxolotlTrainer):
         total = total.clamp(min=1)
 
         lengths = window.completion_lengths()
-        draws = window.on_policy
         self._gold_sums["gold/on_policy_fraction"] += sum(draws) / len(draws)
         self._gold_sums["gold/completion_length"] += sum(lengths) / max(len(lengths), 1)
         self._gold_sums["gold/time_generation_s"] += prepared.generation_seconds
@@ -238,7 +153,7 @@ class GoldTrainer(AxolotlTrainer):
         self._gold_sums["gold/completion_tokens"] += sum(lengths)
         self._gold_windows += 1
         calls = self.student_engine.calls - calls_before
-        self._record_window(self.state.global_step, draws, window, int(total), calls)
+        self._record_window(step, draws, window, int(total), calls)
         every = self.gold.log_completions_steps
         if every and (self.state.global_step + 1) % every == 0:
             self._log_completions(window)
@@ -251,24 +166,9 @@ class GoldTrainer(AxolotlTrainer):
             ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
             self.teacher = inference_engine(self.teacher, ds_config, self.accelerator.num_processes)
 
-    def _prepare_window(self, batches, device):
-        return prepare_window(
-            [b["gold_rollouts"] for b in batches],
-            step=self.state.global_step,
-            seed=self.gold.seed,
-            rank=self.accelerator.process_index,
-            lmbda=self.gold.lmbda,
-            pad_id=self.pad_id,
-            student_engine=self.student_engine,
-            teacher_engine=self.teacher_engine,
-            objective=self.objective,
-            vision=self.vision,
-        )
-
-    def _generation_weights(self, num_slices: int):
+    def _generation_weights(self, draws: list[bool]):
         """ZeRO-3: the student's full weights, gathered once for the window's rollouts
         (only when a slice is sampled on-policy; the draws are known in advance)."""
-        draws = policy_draws(self.gold.seed, self.state.global_step, num_slices, self.gold.lmbda)
         if not self.zero3 or not any(draws):
             return contextlib.nullcontext()
         return generation_weights(self.model_wrapped)
@@ -372,7 +272,7 @@ class GoldTrainer(AxolotlTrainer):
                 rows = sample_eval_rows(
                     rows, self.student_engine, self.gold.seed, self._eval_batches,
                     self.accelerator.process_index,
-                    encode=generation_inputs(self.vision) if self.vision is not None else None,
+                    encode=rollout_inputs(self.vision) if self.vision is not None else None,
                 )
             self._eval_batches += 1
             total, units = self._eval_loss_sum(model, rows)

@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from axolotl_gold.config.schema import GoldConfigError
+from axolotl_gold.config.errors import GoldConfigError
 from axolotl_gold.data.batching import Rollout, build_scoring_batch
 from axolotl_gold.data.chat_template import completion_ids_for, normalize_messages
 from axolotl_gold.vision.rows import open_image, split_vision_row
@@ -174,3 +174,14 @@ class GoldVisionCollator:
 
     def __call__(self, rows: list[dict]) -> dict:
         return {"gold_rollouts": [self.rollout(row, row.get("gold_row", "(in this batch)")) for row in rows]}
+
+
+def rollout_inputs(vision):
+    """Rows to the processor's left-padded prompt batch, for the rollout engine."""
+
+    def encode(rows: list[Rollout]) -> dict:
+        return vision.model_inputs(
+            [r.prompt_text for r in rows], [r.images for r in rows], [r.prompt_ids for r in rows]
+        )
+
+    return encode

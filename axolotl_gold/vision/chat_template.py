@@ -18,7 +18,7 @@ GOLD routes ``type: chat_template`` here when ``processor_type`` is set.
 
 from __future__ import annotations
 
-from axolotl_gold.config.schema import GoldConfigError
+from axolotl_gold.config.errors import GoldConfigError
 from axolotl_gold.data.chat_template import normalize_messages
 from axolotl_gold.vision.rows import open_image, split_vision_row
 

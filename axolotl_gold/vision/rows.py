@@ -24,9 +24,9 @@ import io
 import os
 from dataclasses import dataclass, field
 
-from axolotl_gold.config.schema import GoldConfigError
+from axolotl_gold.config.errors import GoldConfigError
+from axolotl_gold.data.chat_template import is_image_part
 
-IMAGE_TYPES = ("image", "image_url")
 _INLINE_KEYS = ("image", "path", "base64", "url", "image_url")
 
 
@@ -39,23 +39,6 @@ class VisionRow:
     prompt_messages: list[dict]
     completion: str | None
     images: list = field(default_factory=list)
-
-
-def is_image_part(part) -> bool:
-    return isinstance(part, dict) and part.get("type") in IMAGE_TYPES
-
-
-def message_has_images(messages: list[dict]) -> bool:
-    return any(
-        is_image_part(part)
-        for m in messages
-        if isinstance(m.get("content"), list)
-        for part in m["content"]
-    )
-
-
-def row_has_images(row: dict, messages: list[dict], images_field: str = "images") -> bool:
-    return message_has_images(messages) or bool(row.get(images_field))
 
 
 def _inline_image(part: dict):

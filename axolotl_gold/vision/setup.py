@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 import os
 
-from axolotl_gold.config.schema import GoldConfigError
-from axolotl_gold.models.teacher import is_vision_config
+from axolotl_gold.config.errors import GoldConfigError
 
 LOG = logging.getLogger(__name__)
 
 VISION_TOWER_NAMES = ("vision_tower", "visual", "vision_model")
+
+
+def is_vision_config(config) -> bool:
+    """A vision-language model's config (it has a vision tower)."""
+    return getattr(config, "vision_config", None) is not None
 
 
 def _processor(path: str, revision=None, **kwargs):
@@ -74,24 +78,21 @@ def check_vision_pair(cfg, teacher_config) -> None:
 
 
 def student_vision(cfg, tokenizer, settings):
-    """The student's processor (Axolotl's loader) as a :class:`VisionEncoder`."""
+    """The student's processor (Axolotl's loader, from ``cfg``) as a :class:`VisionEncoder`."""
     from axolotl.loaders.processor import load_processor
 
     from axolotl_gold.vision.batch import VisionEncoder
 
     processor = load_processor(cfg, tokenizer=tokenizer)
-    return VisionEncoder(processor, _max_prompt(cfg, settings.max_completion_length))
+    return VisionEncoder(processor, settings.max_prompt_length)
 
 
-def teacher_vision(cfg, max_prompt_length: int):
+def teacher_vision(settings):
+    """The teacher's processor as a :class:`VisionEncoder` (cross-family ULD)."""
     from axolotl_gold.vision.batch import VisionEncoder
 
-    path = cfg.get("teacher_tokenizer") or cfg["teacher_model"]
-    return VisionEncoder(_processor(path, cfg.get("teacher_model_revision")), max_prompt_length)
-
-
-def _max_prompt(cfg, max_completion: int) -> int:
-    return int(cfg.get("sequence_len") or 2048) - max_completion
+    teacher = settings.teacher
+    return VisionEncoder(_processor(teacher.tokenizer, teacher.revision), settings.max_prompt_length)
 
 
 def dataset_dirs(cfg) -> tuple[str, ...]:

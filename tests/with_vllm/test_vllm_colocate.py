@@ -78,7 +78,7 @@ def test_full_weight_sync_matches_hf_logprobs(engine_and_model):
 def test_lora_sync_pushes_only_changed_modules(engine_and_model):
     from peft import LoraConfig, get_peft_model
 
-    from axolotl_gold.rollouts.vllm.colocate import lora_merged_weights
+    from axolotl_gold.rollouts.vllm.weights import lora_merged_weights
 
     engine, state, step, tok, pair = engine_and_model
     # the engine already holds this model's weights; LoRA then changes only q/v
@@ -105,7 +105,7 @@ def test_completions_map_back_to_their_prompts(engine_and_model, num_generations
     """Greedy samples of distinct prompts, each repeated num_generations times, come back
     in row order: every copy of a prompt gets that prompt's greedy completion."""
     from axolotl_gold.rollouts.engines.base import SamplingSettings
-    from axolotl_gold.rollouts.vllm.colocate import sample_rollouts
+    from axolotl_gold.rollouts.vllm.sampling import sample_rollouts
 
     engine, state, step, tok, _ = engine_and_model
     distinct = [_ids(tok)[: 6 + i] for i in range(3)]

@@ -44,14 +44,12 @@ def refuse_model_inputs(engine, model_inputs) -> None:
         )
 
 
-def trim_completion(ids: list[int], eos_ids: set[int], pad_id: int | None = None) -> list[int]:
+def trim_completion(ids: list[int], eos_ids: set[int]) -> list[int]:
     """Cut after the first EOS (kept, so the student learns to stop).
 
     Engines pad only *after* EOS, so cutting there drops all padding; a pad id the
-    model samples mid-sequence is a real token and is kept (``pad_id`` is accepted
-    for engines that pass it, and unused).
+    model samples mid-sequence is a real token and is kept.
     """
-    del pad_id
     out = []
     for token in ids:
         out.append(token)

@@ -140,7 +140,7 @@ class HFGenerateEngine:
                 inputs = {k: _to_model(v, param) for k, v in model_inputs.items()}
                 sequences = model.generate(**inputs, **self._kwargs())
                 new_tokens = sequences[:, inputs["input_ids"].shape[1]:].tolist()
-                return [trim_completion(t, self.eos_ids, self.pad_id) for t in new_tokens]
+                return [trim_completion(t, self.eos_ids) for t in new_tokens]
             for start in range(0, len(prompts), step):
                 chunk = prompts[start : start + step]
                 ids, mask = left_pad(chunk, self.pad_id)
@@ -148,5 +148,5 @@ class HFGenerateEngine:
                     input_ids=ids.to(device), attention_mask=mask.to(device), **self._kwargs()
                 )
                 new_tokens = sequences[:, ids.shape[1]:].tolist()
-                out.extend(trim_completion(t, self.eos_ids, self.pad_id) for t in new_tokens)
+                out.extend(trim_completion(t, self.eos_ids) for t in new_tokens)
         return out

@@ -106,7 +106,7 @@ class _DecodeStep:
         return out.logits[:, -1]
 
 
-class FastHFEngine(HFGenerateEngine):
+class StaticCacheEngine(HFGenerateEngine):
     """Drop-in for ``HFGenerateEngine``: same constructor and ``generate`` contract.
 
     ``min_new_tokens`` suppresses EOS before that many tokens (benchmarks use it to force
@@ -192,7 +192,7 @@ class FastHFEngine(HFGenerateEngine):
             decode.tokens.copy_(tokens.view(batch, 1))
         rows = generated[:, :count].tolist()
         del graph, graph_logits, decode, cache
-        return [trim_completion(r, self.eos_ids, self.pad_id) for r in rows]
+        return [trim_completion(r, self.eos_ids) for r in rows]
 
     def _want_graph(self, device: torch.device) -> bool:
         if device.type != "cuda":

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from axolotl_gold.rollouts.engines.base import SamplingSettings, refuse_model_inputs
-from axolotl_gold.rollouts.vllm.colocate import student_weights
+from axolotl_gold.rollouts.vllm.weights import student_weights
 
 
 class VLLMServerUnreachable(RuntimeError):

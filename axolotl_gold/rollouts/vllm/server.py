@@ -27,7 +27,7 @@ def build_app(llm):
     from safetensors.torch import load
 
     from axolotl_gold.rollouts.engines.base import SamplingSettings
-    from axolotl_gold.rollouts.vllm.colocate import model_runner, sample_rollouts
+    from axolotl_gold.rollouts.vllm.sampling import model_runner, sample_rollouts
 
     app = FastAPI(title="axolotl-gold vLLM rollout server")
     # one engine, many training processes: requests take turns (the LLM is not thread-safe)
@@ -81,9 +81,9 @@ def main(argv=None) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import uvicorn
 
-    from axolotl_gold.rollouts.vllm.colocate import _shield_lazy_module_objects
+    from axolotl_gold.rollouts.vllm.sampling import shield_lazy_module_objects
 
-    _shield_lazy_module_objects()
+    shield_lazy_module_objects()
     from vllm import LLM
 
     llm = LLM(

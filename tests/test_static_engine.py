@@ -1,10 +1,10 @@
-"""FastHFEngine against model.generate, and its sampling helpers against HF's warpers."""
+"""StaticCacheEngine against model.generate, and its sampling helpers against HF's warpers."""
 
 import pytest
 import torch
 
 from axolotl_gold.rollouts.engines.base import SamplingSettings
-from axolotl_gold.rollouts.engines.static import FastHFEngine, filter_logits, sample_tokens
+from axolotl_gold.rollouts.engines.static import StaticCacheEngine, filter_logits, sample_tokens
 from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
 
 VOCAB, PAD, EOS = 97, 0, 1
@@ -34,7 +34,7 @@ def _prompts(seed=0):
 def _engines(model, max_new, **fast_kwargs):
     greedy = SamplingSettings(max_new_tokens=max_new, temperature=0.0)
     hf = HFGenerateEngine(lambda: model, greedy, PAD, {EOS})
-    fast = FastHFEngine(lambda: model, greedy, PAD, {EOS}, **fast_kwargs)
+    fast = StaticCacheEngine(lambda: model, greedy, PAD, {EOS}, **fast_kwargs)
     return hf, fast
 
 
@@ -61,7 +61,7 @@ def test_min_new_tokens_forces_full_length_and_matches_generate():
     model = _model()
     greedy = SamplingSettings(max_new_tokens=20, temperature=0.0)
     hf = HFGenerateEngine(lambda: model, greedy, PAD, {EOS}, min_new_tokens=20)
-    fast = FastHFEngine(lambda: model, greedy, PAD, {EOS}, min_new_tokens=20)
+    fast = StaticCacheEngine(lambda: model, greedy, PAD, {EOS}, min_new_tokens=20)
     prompts = _prompts()
     out = fast.generate(prompts, seed=0)
     assert out == hf.generate(prompts, seed=0)
@@ -71,7 +71,7 @@ def test_min_new_tokens_forces_full_length_and_matches_generate():
 def test_sampling_is_seeded_and_completions_are_trimmed():
     model = _model()
     settings = SamplingSettings(max_new_tokens=16, temperature=0.9, top_p=0.95, top_k=20)
-    fast = FastHFEngine(lambda: model, settings, PAD, {EOS}, eos_check_every=4)
+    fast = StaticCacheEngine(lambda: model, settings, PAD, {EOS}, eos_check_every=4)
     prompts = _prompts()
     first, again, other = (fast.generate(prompts, seed=s) for s in (3, 3, 4))
     assert first == again

@@ -1,0 +1,99 @@
+"""Which engine samples a run's rollouts, built from the settings.
+
+``static`` (static KV cache, CUDA-graph decode) is the default on CUDA for text
+students; image prompts and ZeRO-3's gathered weights (they move between calls, so
+no captured graphs) go through HF ``generate``; ``use_vllm`` selects a colocated
+engine or the rollout server's client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from axolotl_gold.config.errors import GoldConfigError
+from axolotl_gold.config.settings import GoldSettings
+from axolotl_gold.rollouts.engines.base import RolloutEngine, SamplingSettings
+from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
+from axolotl_gold.rollouts.engines.static import StaticCacheEngine
+
+
+def select_engine(name: str, device: torch.device, images: bool = False):
+    """The local engine class for ``gold_generation_engine: name``."""
+    if name == "static" or (name == "auto" and device.type == "cuda" and not images):
+        return StaticCacheEngine
+    return HFGenerateEngine
+
+
+def sampling_settings(settings: GoldSettings) -> SamplingSettings:
+    return SamplingSettings(
+        max_new_tokens=settings.max_completion_length,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+    )
+
+
+@dataclass
+class EngineContext:
+    """What engines read from the running trainer: models and step, read at call time."""
+
+    get_student: Callable[[], torch.nn.Module]
+    get_teacher: Callable[[], torch.nn.Module]
+    get_step: Callable[[], int]
+    device: torch.device
+    num_processes: int = 1
+    is_main_process: bool = True
+    zero3: bool = False
+    suppress_tokens: list[int] | None = None  # image tokens a VLM must never sample
+
+
+def build_engines(
+    settings: GoldSettings, ctx: EngineContext, pad_id: int, stop_ids: set[int]
+) -> tuple[RolloutEngine, RolloutEngine | None]:
+    """(the student's engine, the teacher's engine for ``seq_kd`` or None)."""
+    sampling = sampling_settings(settings)
+    local = select_engine(settings.generation_engine, ctx.device, images=settings.vision or ctx.zero3)
+    kwargs = {"generate_kwargs": {"suppress_tokens": ctx.suppress_tokens}} if ctx.suppress_tokens else {}
+    vllm = settings.vllm
+    if vllm.enabled and vllm.mode == "server":
+        from axolotl_gold.rollouts.vllm.client import VLLMServerEngine
+
+        student = VLLMServerEngine(
+            vllm.server_url,
+            get_model=ctx.get_student,
+            get_step=ctx.get_step,
+            sampling=sampling,
+            eos_ids=stop_ids,
+            timeout=vllm.server_timeout,
+            sync_every=vllm.sync_steps,
+            is_main_process=ctx.is_main_process,
+        )
+    elif vllm.enabled:
+        if ctx.num_processes > 1:
+            raise GoldConfigError(
+                "`vllm_mode: colocate` runs one engine per process and is verified for a "
+                "single training process only: use `vllm_mode: server` for several "
+                "processes, or train with one process."
+            )
+        from axolotl_gold.rollouts.vllm.colocate import VLLMColocateEngine
+
+        student = VLLMColocateEngine(
+            settings.student_path,
+            get_model=ctx.get_student,
+            get_step=ctx.get_step,
+            sampling=sampling,
+            eos_ids=stop_ids,
+            gpu_memory_utilization=vllm.gpu_memory_utilization,
+            tensor_parallel_size=vllm.tensor_parallel_size,
+            max_model_len=vllm.max_model_len,
+            enable_sleep_mode=vllm.enable_sleep_mode,
+            sync_every=vllm.sync_steps,
+            dtype=vllm.dtype,
+        )
+    else:
+        student = local(ctx.get_student, sampling, pad_id, stop_ids, **kwargs)
+    teacher = local(ctx.get_teacher, sampling, pad_id, stop_ids, **kwargs) if settings.seq_kd else None
+    return student, teacher
