@@ -168,3 +168,38 @@ def test_batch_size_key_sets_the_window_as_axolotl_derives_it(tiny_pair, tmp_pat
 def test_fsdp_is_refused_before_loading(tiny_pair, tmp_path, keys):
     with pytest.raises(ValueError, match="DeepSpeed ZeRO-3"):
         _validate(_cfg(tiny_pair, tmp_path, **keys))
+
+
+@pytest.mark.parametrize(
+    "given,vision,expected",
+    [
+        (None, False, "axolotl_gold.data.chat_template"),
+        ("chat_template", False, "axolotl_gold.data.chat_template"),
+        ("axolotl_gold.chat_template", False, "axolotl_gold.data.chat_template"),  # before 0.2's layout
+        ("chat_template", True, "axolotl_gold.vision.chat_template"),
+        ("axolotl_gold.vision_chat", True, "axolotl_gold.vision.chat_template"),
+        ("alpaca", False, "alpaca"),  # not ours: left for Axolotl (and its own error)
+    ],
+)
+def test_dataset_types_route_to_the_gold_strategies(given, vision, expected):
+    from axolotl_gold.config.validation import route_chat_datasets
+
+    ds = {"path": "x.jsonl"} | ({"type": given} if given else {})
+    data = {"datasets": [ds], "test_datasets": [dict(ds)]} | ({"processor_type": "AutoProcessor"} if vision else {})
+    route_chat_datasets(data)
+    assert [d["type"] for d in data["datasets"] + data["test_datasets"]] == [expected, expected]
+
+
+def test_settings_take_every_default_from_the_schema():
+    """GoldSettings of a YAML without GOLD keys holds GoldArgs' defaults (one place)."""
+    from axolotl_gold.config.schema import gold_defaults
+    from axolotl_gold.config.settings import GoldSettings
+
+    defaults = gold_defaults()
+    settings = GoldSettings.from_cfg({"teacher_model": "t", "seed": 3})
+    assert settings.lmbda == defaults["lmbda"] and settings.beta == defaults["beta"]
+    assert settings.max_completion_length == defaults["max_completion_length"]
+    assert settings.uld.merge == defaults["uld_token_merge_strategy"]
+    assert settings.vllm.server_url.endswith(f":{defaults['vllm_server_port']}")
+    assert settings.seed == 3 and settings.teacher.tokenizer == "t"
+    assert GoldSettings.from_cfg({"teacher_model": "t", "gold_seed": 9, "seed": 3}).seed == 9
