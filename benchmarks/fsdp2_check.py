@@ -18,6 +18,8 @@ processes). Cases:
 
 - ``jsd``: off-policy window, fused generalized JSD (``chunked_jsd_loss_sum``), untied heads;
 - ``jsd_tied``: the same with tied embeddings (the head is the embedding matrix);
+- ``jsd_nosync``: ``jsd`` with the micro-steps before the last under ``no_sync`` (gradients
+  accumulated unsharded, reduce-scattered once), as the HF trainer runs FSDP2;
 - ``jsd_onpolicy``: greedy rollouts from the student under ``generation_weights`` (they must
   equal the reference's), then the fused JSD on them;
 - ``hybrid_uld``: off-policy, cross-vocabulary hybrid ULD (``uld_loss_sum``) with a synthetic
@@ -59,7 +61,17 @@ MEM_STUDENT = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads
                "num_key_value_heads": 2, "intermediate_size": 4864}
 MEM_TEACHER = {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
                "num_key_value_heads": 2, "intermediate_size": 8960}
-CASES = ("jsd", "jsd_tied", "jsd_onpolicy", "hybrid_uld")
+CASES = ("jsd", "jsd_tied", "jsd_onpolicy", "jsd_nosync", "hybrid_uld")
+
+
+@contextlib.contextmanager
+def no_sync(model):
+    """Accelerate's ``no_sync`` under FSDP2."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 # ---------------------------------------------------------------- models
@@ -217,7 +229,10 @@ def to_device(value, device):
 
 
 # ---------------------------------------------------------------- one window
-def run_window(prepared, student, teacher, world, objective, device, backward, heads):
+def run_window(prepared, student, teacher, world, objective, device, backward, heads, no_sync=None):
+    """``no_sync(model)``: a context for every micro-step but the last (what the HF trainer
+    does under FSDP2 through ``accelerator.no_sync``: ``set_requires_gradient_sync(False)``,
+    unsharded gradients accumulated locally, one reduce-scatter at the window's end)."""
     import torch
     import torch.distributed as dist
 
@@ -226,9 +241,11 @@ def run_window(prepared, student, teacher, world, objective, device, backward, h
     total = torch.tensor(float(prepared.local_tokens), device=device, dtype=torch.float32)
     if world > 1:
         dist.all_reduce(total)
-    for micro in prepared.micro_batches:
+    last = len(prepared.micro_batches) - 1
+    for i, micro in enumerate(prepared.micro_batches):
         batch = to_device(micro, device)
-        with heads():  # across forward, loss and backward
+        sync = no_sync(student) if no_sync is not None and i < last else contextlib.nullcontext()
+        with sync, heads():  # across forward, loss and backward
             summed, _, _ = loss_sum(student, teacher, batch, objective, fused=True)
             backward(summed / total * world)  # FSDP averages gradients over processes
 
@@ -301,7 +318,7 @@ def equality(case: str, args, rank: int, world: int, device, counter: GatherCoun
     optimizer.zero_grad(set_to_none=True)
 
     run_window(prepared, student, teacher, world, objective, device,
-               lambda loss: loss.backward(), heads)
+               lambda loss: loss.backward(), heads, no_sync=no_sync if case == "jsd_nosync" else None)
     optimizer.step()
     after = full_state_dict(student)  # rank 0: the full tensors, on the CPU
     completions = [r.completion_ids for s in prepared.window.slices for r in s]

@@ -91,7 +91,7 @@ def test_window_step_matches_one_process(tmp_path):
     report = json.loads(out.read_text())
     assert report["backend"] == "gloo" and report["world_size"] == 2
     cases = report["cases"]
-    assert set(cases) == {"jsd", "jsd_tied", "jsd_onpolicy", "hybrid_uld"}
+    assert set(cases) == {"jsd", "jsd_tied", "jsd_onpolicy", "jsd_nosync", "hybrid_uld"}
     for name, case in cases.items():
         assert case["fused_heads"] == [True, True], name  # the loss applied both heads itself
         assert case["relative_l2"] < 1e-4, (name, case)
