@@ -123,6 +123,8 @@ def test_teacher_sharded_from_rank0(stage_report):
     assert r["logits_max_abs_diff"] < 1e-5  # rank 1 built it on meta: its shards came from rank 0
     assert r["head_resharded_after_forward"]  # no full teacher head left behind by a forward
     assert r["local_fraction"] < 0.6  # each process holds about half of the weights
+    # rank 1 loaded zeros (Accelerate's cpu_ram_efficient_loading): rank 0's weights win
+    assert r["zeros_on_rank1_logits_max_abs_diff"] < 1e-5
 
 
 @pytest.mark.e2e
@@ -241,6 +243,27 @@ def _worker(out_path: str) -> None:
         "logits_max_abs_diff": float((got - ref).abs().max()),
     }
     del replicated
+
+    # ---- Accelerate's cpu_ram_efficient_loading: transformers gave rank 1 zeros, not weights
+    zeros = _llama(seed=2, layers=3)
+    if rank != 0:
+        with torch.no_grad():
+            for p in zeros.parameters():
+                p.zero_()
+    saved_env = {k: os.environ.get(k) for k in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")}
+    os.environ.update({"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"})
+    try:
+        zeros = shard_teacher(zeros, mesh)
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    with torch.no_grad():
+        got = zeros(input_ids=ids).logits
+    report["teacher_sharded"]["zeros_on_rank1_logits_max_abs_diff"] = float((got - ref).abs().max())
+    del zeros
 
     # ---- gathered_heads: full inside, sharded after, settings restored
     student = _shard_student(_llama(seed=1), mesh)

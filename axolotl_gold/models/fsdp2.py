@@ -273,6 +273,18 @@ def _broadcast_buffers(model: nn.Module, buffers: dict[str, torch.Tensor], devic
         _set_buffer(model, fqn, value)
 
 
+def _rank0_only_loading() -> bool:
+    """Accelerate's ``cpu_ram_efficient_loading`` (its environment variables): transformers'
+    ``from_pretrained`` then reads the weights on local rank 0 only and fills the other
+    ranks' tensors with zeros (real CPU tensors, not meta): rank 0's must be broadcast."""
+    import os
+
+    def on(key):
+        return os.environ.get(key, "false").lower() in ("1", "true", "yes")
+
+    return on("ACCELERATE_USE_FSDP") and on("FSDP_CPU_RAM_EFFICIENT_LOADING")
+
+
 def _mesh_device(mesh) -> torch.device:
     if mesh.device_type == "cpu":
         return torch.device("cpu")
@@ -315,7 +327,9 @@ def shard_teacher(
     holds a CPU copy; the model is sharded on ``meta``, allocated shard-sized
     (``to_empty``) and filled by ``set_model_state_dict(..., broadcast_from_rank0=True)``
     tensor by tensor, non-persistent buffers (rotary ``inv_freq``) broadcast from rank
-    0. ``broadcast_from_rank0=None`` picks that path when any rank holds meta tensors.
+    0. ``broadcast_from_rank0=None`` picks that path when any rank holds meta tensors, or
+    when Accelerate's ``cpu_ram_efficient_loading`` is on (then transformers loaded zeros,
+    not weights, on the other ranks).
 
     Replicated (``replicate=True``): the teacher whole on every device (the user says it
     fits), no FSDP; meta ranks get rank 0's weights by broadcast.
@@ -330,7 +344,7 @@ def shard_teacher(
     device = _mesh_device(mesh)
     meta = _has_meta(teacher)
     if broadcast_from_rank0 is None:
-        broadcast_from_rank0 = _any_rank(meta, device)
+        broadcast_from_rank0 = _any_rank(meta, device) or _rank0_only_loading()
     rank0 = dist.get_rank() == 0
     if broadcast_from_rank0 and rank0 and meta:
         raise ValueError("shard_teacher(broadcast_from_rank0=True): rank 0 must hold the real weights")
