@@ -8,6 +8,8 @@ static buffers, so on CUDA it is captured once per call as a CUDA graph and repl
 - the KV cache is HF's ``StaticCache``, sized prompt width + ``max_new_tokens``, storing
   in the dtype attention computes in (``static_support``); its write position is a
   device tensor that the step itself advances;
+- decode attention reads each cached KV head once (``decode_attention``: HF's sdpa
+  path copies every KV head per query head whenever a mask is given);
 - the attention mask is a 4D ``[B, 1, 1, L]`` mask built on the device from the
   prompt's padding and a device step counter (HF passes a 4D mask through unchanged,
   so it is built in the form the attention implementation reads);
@@ -26,6 +28,7 @@ sliding-window layers narrower than the sequence), the window goes through HF
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable
 
@@ -33,6 +36,7 @@ import torch
 
 from axolotl_gold.data.batching import left_pad
 from axolotl_gold.rollouts.engines.base import SamplingSettings, refuse_model_inputs, trim_completion
+from axolotl_gold.rollouts.engines.decode_attention import grouped_decode
 from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
 from axolotl_gold.rollouts.engines.static_support import attention_mask_for, blocker, static_cache
 
@@ -79,8 +83,12 @@ class _DecodeStep:
     of the token being fed, counted from 0 at the first generated token) advances inside.
     """
 
-    def __init__(self, model, cache, prompt_mask: torch.Tensor, prompt_lengths: torch.Tensor, total: int):
+    def __init__(
+        self, model, cache, prompt_mask: torch.Tensor, prompt_lengths: torch.Tensor, total: int,
+        grouped: bool = True,
+    ):
         batch, width = prompt_mask.shape
+        self.grouped = grouped
         device = prompt_mask.device
         self.model, self.cache, self.width = model, cache, width
         self.base_mask = torch.zeros((batch, 1, 1, total), dtype=torch.bool, device=device)
@@ -94,14 +102,15 @@ class _DecodeStep:
         # the token fed now sits at cache column width + step and attends to itself
         new = (self.columns >= self.width) & (self.columns <= self.width + self.step)
         mask = attention_mask_for(self.model, self.base_mask | new)
-        out = self.model(
-            input_ids=self.tokens,
-            attention_mask=mask,
-            position_ids=self.prompt_lengths + self.step,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with grouped_decode(self.model) if self.grouped else contextlib.nullcontext():
+            out = self.model(
+                input_ids=self.tokens,
+                attention_mask=mask,
+                position_ids=self.prompt_lengths + self.step,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         self.step.add_(1)
         return out.logits[:, -1]
 
@@ -124,8 +133,10 @@ class StaticCacheEngine(HFGenerateEngine):
         min_new_tokens: int = 0,
         eos_check_every: int = 32,
         use_cuda_graph: bool | None = None,
+        grouped_attention: bool = True,
     ):
         super().__init__(get_model, sampling, pad_id, eos_ids, batch_size, min_new_tokens)
+        self.grouped_attention = grouped_attention
         self.eos_check_every = max(1, eos_check_every)
         self.use_cuda_graph = use_cuda_graph
         self.graphs_captured = 0
@@ -167,7 +178,7 @@ class StaticCacheEngine(HFGenerateEngine):
             input_ids=ids, attention_mask=mask, position_ids=positions,
             past_key_values=cache, use_cache=True, logits_to_keep=1,
         ).logits[:, -1]
-        decode = _DecodeStep(model, cache, mask, mask.sum(-1), width + max_new)
+        decode = _DecodeStep(model, cache, mask, mask.sum(-1), width + max_new, self.grouped_attention)
         graph, graph_logits = None, None
         count = 0
         for index in range(max_new):

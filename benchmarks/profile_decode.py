@@ -1,0 +1,167 @@
+"""Where a decode step of the static engine spends its time (one GPU).
+
+    python benchmarks/profile_decode.py [--layers 24 --hidden 896 ...] [--json out.json]
+
+The 0.5B-shaped student of ``bench_vs_reference.py`` (Qwen2: 24 layers, hidden 896,
+14 query / 2 KV heads, vocabulary 151,936; random bf16 weights) at batch 16, prompt 256,
+768 new tokens. Prints one table, each row device-synced and timed in this process:
+
+- the engine's whole call per token step (prefill included), forced to full length;
+- the captured decode graph replayed alone (the model's forward for one token);
+- the per-token sampling alone (temperature, top-p, the exponential race);
+- the lm_head matmul alone, and the weight-read floor (bytes of weights and KV cache
+  at the device's measured copy bandwidth);
+- the top CUDA kernels of a few eager decode steps (torch.profiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=896)
+    p.add_argument("--heads", type=int, default=14)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=4864)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--prompt", type=int, default=256)
+    p.add_argument("--new", type=int, default=768)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--temperature", type=float, default=0.9)
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def timed(fn, repeats: int) -> float:
+    """Milliseconds per call, device-synced."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / repeats
+
+
+def rewind(cache, decode, width: int) -> None:
+    """Back to the first decode position (the cache write index and the step counter)."""
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(width)
+    decode.step.zero_()
+
+
+def replay_ms(graph, cache, decode, width: int, new: int) -> float:
+    """Milliseconds per replay over the positions of a real call (the cache never overflows)."""
+    steps = new - 2
+    rewind(cache, decode, width)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
+def build(args):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(
+        hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate, vocab_size=args.vocab,
+        max_position_embeddings=4096, tie_word_embeddings=True, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().eval()
+    return model
+
+
+def main(argv=None) -> dict:
+    from axolotl_gold.rollouts.engines.base import SamplingSettings
+    from axolotl_gold.rollouts.engines.static import StaticCacheEngine, _DecodeStep, sample_tokens
+    from axolotl_gold.rollouts.engines.static_support import static_cache
+
+    args = parse_args(argv)
+    model = build(args)
+    vocab = args.vocab
+    pad, eos = vocab - 3, vocab - 1
+    sampling = SamplingSettings(max_new_tokens=args.new, temperature=args.temperature, top_p=args.top_p)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, vocab - 10, (args.prompt,), generator=g).tolist() for _ in range(args.batch)]
+    rows = {}
+
+    for grouped in (False, True):
+        engine = StaticCacheEngine(
+            lambda: model, sampling, pad, {eos}, min_new_tokens=args.new, grouped_attention=grouped
+        )
+        with torch.no_grad():
+            engine.generate(prompts, seed=0)  # warm-up (allocator, kernels)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            engine.generate(prompts, seed=1)
+            torch.cuda.synchronize()
+        label = "grouped attention" if grouped else "HF sdpa (repeat_kv)"
+        rows[f"engine call, ms per token step, {label}"] = (time.perf_counter() - start) * 1e3 / args.new
+
+    # the decode forward alone: a captured graph replayed
+    with torch.no_grad():
+        width, total = args.prompt, args.prompt + args.new
+        ids = torch.tensor(prompts, device="cuda")
+        mask = torch.ones_like(ids)
+        cache = static_cache(model.config, total)
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for grouped in (False, True):
+            decode = _DecodeStep(model, cache, mask, mask.sum(-1), total, grouped)
+            rewind(cache, decode, width)
+            _, graph, _ = engine._first_step_and_capture(decode)
+            label = "grouped attention" if grouped else "HF sdpa (repeat_kv)"
+            rows[f"decode graph replay (forward), ms, {label}"] = replay_ms(graph, cache, decode, width, args.new)
+            del graph
+        logits = torch.randn(args.batch, vocab, device="cuda", dtype=torch.bfloat16)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        rows["sampling (top-p sort + race), ms"] = timed(lambda: sample_tokens(logits.float(), sampling, gen), 100)
+        greedy = SamplingSettings(max_new_tokens=1, temperature=0.0)
+        rows["sampling greedy (argmax), ms"] = timed(lambda: sample_tokens(logits.float(), greedy, gen), 100)
+        hidden = torch.randn(args.batch, args.hidden, device="cuda", dtype=torch.bfloat16)
+        head = model.lm_head.weight
+        rows["lm_head matmul alone, ms"] = timed(lambda: hidden @ head.T, 200)
+        # floor: weights + this step's KV cache (K and V, all layers) read once
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        kv_bytes = 2 * args.layers * args.batch * args.kv_heads * (args.hidden // args.heads) * total * 2
+        big = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+        copy_ms = timed(lambda: big.clone(), 50)
+        bandwidth = 2 * big.numel() / (copy_ms / 1e3)  # read + write
+        rows["floor: weights + KV read at copy bandwidth, ms"] = (weight_bytes + kv_bytes) / bandwidth * 1e3
+        rows["copy bandwidth, TB/s"] = bandwidth / 1e12
+
+        from torch.profiler import ProfilerActivity, profile
+
+        eager = _DecodeStep(model, static_cache(model.config, total), mask, mask.sum(-1), total)
+        model(input_ids=ids, attention_mask=mask, past_key_values=eager.cache, use_cache=True, logits_to_keep=1)
+        for _ in range(3):
+            eager()
+        torch.cuda.synchronize()  # 13 eager steps in all: well inside the cache
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                eager()
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=15))
+    width_name = max(map(len, rows))
+    print(f"\n| {'measure'.ljust(width_name)} | value |\n| {'-' * width_name} | ----- |")
+    for name, value in rows.items():
+        print(f"| {name.ljust(width_name)} | {value:.3f} |")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
