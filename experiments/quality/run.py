@@ -39,7 +39,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # (GPU profile, tiny CPU profile)
 PROFILES = {
     "full": {
-        "digits": 8, "n_eval": 1000, "n_dev": 256, "n_train": 20000, "n_warm": 512, "warm_target": 0.2,
+        "digits": 8, "n_eval": 1000, "n_dev": 256, "n_train": 20000, "n_warm": 4000, "warm_target": 0.2,
         "teacher": {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 1024},
         "student": {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 256},
         "teacher_train": {"batch_size": 256, "lr": 1e-3, "steps": 3000, "warmup": 50, "eval_every": 100,
