@@ -204,3 +204,29 @@ def test_cuda_graph_float32_student_under_autocast(attention):
     prompts = _prompts()
     assert fast.generate(prompts, seed=0) == hf.generate(prompts, seed=0)
     assert fast.graphs_captured == 1 and fast.fallbacks == 0
+
+
+def test_rows_that_stopped_are_dropped_and_greedy_still_matches_generate():
+    model = _model()
+    prompts = _prompts(1) + _prompts(2) + _prompts(3)
+    hf, _ = _engines(model, max_new=40)
+    # a second stop token that half the rows sample early and the rest late or never
+    stops = {EOS, hf.generate(prompts, seed=0)[0][5]}
+    greedy = SamplingSettings(max_new_tokens=40, temperature=0.0)
+    hf = HFGenerateEngine(lambda: model, greedy, PAD, stops)
+    fast = StaticCacheEngine(lambda: model, greedy, PAD, stops, eos_check_every=2)
+    expected = hf.generate(prompts, seed=0)
+    lengths = sorted(len(c) for c in expected)
+    assert lengths[len(lengths) // 2] < lengths[-1] - 4, lengths  # ragged: the case under test
+    assert fast.generate(prompts, seed=0) == expected
+    assert fast.compactions >= 1
+
+
+def test_compaction_keeps_sampling_seeded():
+    model = _model()
+    settings = SamplingSettings(max_new_tokens=30, temperature=1.0)
+    fast = StaticCacheEngine(lambda: model, settings, PAD, {EOS}, eos_check_every=2)
+    prompts = _prompts(1) + _prompts(2)
+    first = fast.generate(prompts, seed=5)
+    assert fast.generate(prompts, seed=5) == first
+    assert all(len(c) <= 30 and (EOS not in c or c.index(EOS) == len(c) - 1) for c in first)

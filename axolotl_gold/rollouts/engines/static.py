@@ -15,7 +15,9 @@ static buffers, so on CUDA it is captured once per call as a CUDA graph and repl
   so it is built in the form the attention implementation reads);
 - sampling (temperature, top-k, top-p, then an exponential race, as vLLM does) runs on
   the device from a seeded generator, and EOS is checked on the host only every
-  ``eos_check_every`` tokens.
+  ``eos_check_every`` tokens; once half the rows have stopped, the others go on as a
+  smaller batch (cache rows dropped, the graph captured anew), so stopped rows cost
+  nothing afterwards.
 
 The prompt (prefill) runs once through HF's own forward with a 2D mask, exactly as
 ``generate`` does. On CPU, or with ``use_cuda_graph=False``, the same loop runs eagerly;
@@ -38,7 +40,7 @@ from axolotl_gold.data.batching import left_pad
 from axolotl_gold.rollouts.engines.base import SamplingSettings, refuse_model_inputs, trim_completion
 from axolotl_gold.rollouts.engines.decode_attention import grouped_decode
 from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
-from axolotl_gold.rollouts.engines.static_support import attention_mask_for, blocker, static_cache
+from axolotl_gold.rollouts.engines.static_support import attention_mask_for, blocker, compact_cache, static_cache
 
 LOG = logging.getLogger(__name__)
 
@@ -114,6 +116,13 @@ class _DecodeStep:
         self.step.add_(1)
         return out.logits[:, -1]
 
+    def compact(self, keep: torch.Tensor) -> None:
+        """Only rows ``keep`` go on (with ``compact_cache`` on the cache); a captured
+        graph of the old batch no longer applies."""
+        self.base_mask = self.base_mask.index_select(0, keep)
+        self.prompt_lengths = self.prompt_lengths.index_select(0, keep)
+        self.tokens = self.tokens.index_select(0, keep)
+
 
 class StaticCacheEngine(HFGenerateEngine):
     """Drop-in for ``HFGenerateEngine``: same constructor and ``generate`` contract.
@@ -134,9 +143,12 @@ class StaticCacheEngine(HFGenerateEngine):
         eos_check_every: int = 32,
         use_cuda_graph: bool | None = None,
         grouped_attention: bool = True,
+        compact_finished: bool = True,
     ):
         super().__init__(get_model, sampling, pad_id, eos_ids, batch_size, min_new_tokens)
         self.grouped_attention = grouped_attention
+        self.compact_finished = compact_finished
+        self.compactions = 0
         self.eos_check_every = max(1, eos_check_every)
         self.use_cuda_graph = use_cuda_graph
         self.graphs_captured = 0
@@ -179,6 +191,7 @@ class StaticCacheEngine(HFGenerateEngine):
             past_key_values=cache, use_cache=True, logits_to_keep=1,
         ).logits[:, -1]
         decode = _DecodeStep(model, cache, mask, mask.sum(-1), width + max_new, self.grouped_attention)
+        live = torch.arange(batch, device=device)  # the original row of each row still sampled
         graph, graph_logits = None, None
         count = 0
         for index in range(max_new):
@@ -186,7 +199,7 @@ class StaticCacheEngine(HFGenerateEngine):
                 if graph is not None:
                     graph.replay()
                     logits = graph_logits
-                elif index == 1 and self._want_graph(device):
+                elif self._want_graph(device):
                     logits, graph, graph_logits = self._first_step_and_capture(decode)
                 else:
                     logits = decode()
@@ -194,13 +207,23 @@ class StaticCacheEngine(HFGenerateEngine):
             if index < self.min_new_tokens and eos.numel():
                 logits[:, eos] = float("-inf")
             tokens = sample_tokens(logits, self.sampling, generator)
-            generated[:, index] = tokens
+            generated[live, index] = tokens
             count = index + 1
             if eos.numel():
                 finished |= torch.isin(tokens, eos)
-                if count % self.eos_check_every == 0 and bool(finished.all()):
-                    break
-            decode.tokens.copy_(tokens.view(batch, 1))
+                if count % self.eos_check_every == 0:
+                    done = int(finished.sum())  # the one host sync per check
+                    if done == finished.numel():
+                        break
+                    if self.compact_finished and 2 * done >= finished.numel():
+                        # half the rows stopped: the rest go on as a smaller batch
+                        keep = (~finished).nonzero().squeeze(1)
+                        compact_cache(cache, keep)
+                        decode.compact(keep)
+                        live, finished, tokens = live[keep], finished[keep], tokens[keep]
+                        graph, graph_logits = None, None
+                        self.compactions += 1
+            decode.tokens.copy_(tokens.view(-1, 1))
         rows = generated[:, :count].tolist()
         del graph, graph_logits, decode, cache
         return [trim_completion(r, self.eos_ids) for r in rows]

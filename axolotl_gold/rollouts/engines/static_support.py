@@ -49,6 +49,18 @@ def static_cache(config, max_cache_len: int):
     return cache
 
 
+def compact_cache(cache, keep: torch.Tensor) -> None:
+    """Keep only the batch rows ``keep`` of every layer (rows that stopped sampling are
+    dropped; the write position is shared by all rows and stays)."""
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", False):
+            continue
+        layer.keys = layer.keys.index_select(0, keep)
+        layer.values = layer.values.index_select(0, keep)
+        if hasattr(layer, "batch_size"):
+            layer.batch_size = int(keep.numel())
+
+
 def attention_implementation(model) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None)
