@@ -14,7 +14,8 @@ static buffers, so on CUDA it is captured once per call as a CUDA graph and repl
   prompt's padding and a device step counter (HF passes a 4D mask through unchanged,
   so it is built in the form the attention implementation reads);
 - sampling (temperature, top-k, top-p, then an exponential race, as vLLM does) runs on
-  the device from a seeded generator, and EOS is checked on the host only every
+  the device with noise that is a function of (seed, row, step) (``noise``): a row's
+  sample does not depend on its batch, and EOS is checked on the host only every
   ``eos_check_every`` tokens; once half the rows have stopped, the others go on as a
   smaller batch (cache rows dropped, the graph captured anew), so stopped rows cost
   nothing afterwards.
@@ -39,6 +40,7 @@ import torch
 from axolotl_gold.data.batching import left_pad
 from axolotl_gold.rollouts.engines.base import SamplingSettings, refuse_model_inputs, trim_completion
 from axolotl_gold.rollouts.engines.decode_attention import grouped_decode
+from axolotl_gold.rollouts.engines.noise import exponential_noise, row_seeds
 from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
 from axolotl_gold.rollouts.engines.static_support import attention_mask_for, blocker, compact_cache, static_cache
 
@@ -67,14 +69,19 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
 
 def sample_tokens(
-    logits: torch.Tensor, sampling: SamplingSettings, generator: torch.Generator | None
+    logits: torch.Tensor, sampling: SamplingSettings, noise: torch.Generator | torch.Tensor | None
 ) -> torch.Tensor:
-    """``[B]`` next tokens from ``[B, V]`` logits: argmax when greedy, else a sample."""
+    """``[B]`` next tokens from ``[B, V]`` logits: argmax when greedy, else a sample.
+
+    ``noise``: ``[B, V]`` Exp(1) draws (``noise.exponential_noise``), or a generator to
+    draw them from.
+    """
     if sampling.temperature <= 0:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits.float(), sampling.temperature, sampling.top_k, sampling.top_p).softmax(-1)
     # argmax(p / E) with E ~ Exp(1) samples from p, with no host sync (unlike multinomial)
-    noise = torch.empty_like(probs).exponential_(generator=generator)
+    if not isinstance(noise, torch.Tensor):
+        noise = torch.empty_like(probs).exponential_(generator=noise)
     return probs.div_(noise).argmax(dim=-1)
 
 
@@ -164,15 +171,17 @@ class StaticCacheEngine(HFGenerateEngine):
             self.fallbacks += 1
             return super()._sample(model, prompts, seed, model_inputs)
         device = next(model.parameters()).device
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+        # each row's noise is its own (seed, row index): the same samples however the
+        # call is split into chunks or rows are dropped
+        seeds = row_seeds(seed, torch.arange(len(prompts), device=device))
         step = self.batch_size or len(prompts)
         out: list[list[int]] = []
         for start in range(0, len(prompts), step):
-            out.extend(self._generate_chunk(model, prompts[start : start + step], device, generator))
+            chunk = prompts[start : start + step]
+            out.extend(self._generate_chunk(model, chunk, device, seeds[start : start + len(chunk)]))
         return out
 
-    def _generate_chunk(self, model, prompts, device, generator) -> list[list[int]]:
+    def _generate_chunk(self, model, prompts, device, seeds) -> list[list[int]]:
         max_new = self.sampling.max_new_tokens
         ids, mask = left_pad(prompts, self.pad_id)
         ids, mask = ids.to(device), mask.to(device)
@@ -206,7 +215,9 @@ class StaticCacheEngine(HFGenerateEngine):
             logits = logits.float()
             if index < self.min_new_tokens and eos.numel():
                 logits[:, eos] = float("-inf")
-            tokens = sample_tokens(logits, self.sampling, generator)
+            greedy = self.sampling.temperature <= 0
+            noise = None if greedy else exponential_noise(seeds[live], index, logits.shape[-1])
+            tokens = sample_tokens(logits, self.sampling, noise)
             generated[live, index] = tokens
             count = index + 1
             if eos.numel():
