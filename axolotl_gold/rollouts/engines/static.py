@@ -131,6 +131,28 @@ class _DecodeStep:
         self.tokens = self.tokens.index_select(0, keep)
 
 
+# share of the free device memory one chunk of rollouts may take (KV cache and sampling
+# buffers), when the number of rows generated at once is not set
+FREE_MEMORY_SHARE = 0.5
+
+
+def rows_that_fit(model, rows: int, columns: int) -> int:
+    """How many rows to generate at once: all, unless their KV cache and per-token
+    sampling buffers would take more than ``FREE_MEMORY_SHARE`` of the free device memory."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return rows
+    config = model.config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    itemsize = 2 if torch.is_autocast_enabled("cuda") else next(model.parameters()).element_size()
+    kv = 2 * config.num_hidden_layers * kv_heads * head_dim * columns * itemsize
+    sampling = config.vocab_size * 32  # float32 logits and probabilities, int64 hash, float64 draw
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(rows, int(FREE_MEMORY_SHARE * free) // (kv + sampling)))
+
+
 class StaticCacheEngine(HFGenerateEngine):
     """Drop-in for ``HFGenerateEngine``: same constructor and ``generate`` contract.
 
@@ -174,7 +196,7 @@ class StaticCacheEngine(HFGenerateEngine):
         # each row's noise is its own (seed, row index): the same samples however the
         # call is split into chunks or rows are dropped
         seeds = row_seeds(seed, torch.arange(len(prompts), device=device))
-        step = self.batch_size or len(prompts)
+        step = self.batch_size or rows_that_fit(model, len(prompts), max(map(len, prompts)) + self.sampling.max_new_tokens)
         out: list[list[int]] = []
         for start in range(0, len(prompts), step):
             chunk = prompts[start : start + step]
