@@ -14,6 +14,7 @@ from axolotl_gold.config.settings import GoldSettings
 from axolotl_gold.data.batching import GoldCollator
 from axolotl_gold.data.turns import stop_token_ids
 from axolotl_gold.models.compatibility import check_runtime_tokens, shared_vocab_size
+from axolotl_gold.models.fsdp2 import fsdp2_enabled, load_sharded_teacher
 from axolotl_gold.models.student import disable_dropout
 from axolotl_gold.models.teacher import load_teacher
 from axolotl_gold.models.zero3 import full_loading, zero3_enabled
@@ -39,11 +40,16 @@ def assemble(cfg, trainer) -> GoldParts:
         if not settings.train_vision_tower:
             freeze_vision_tower(trainer.model)
     zero3 = zero3_enabled(trainer.accelerator)
+    fsdp2 = fsdp2_enabled(trainer.accelerator)
     if not settings.use_uld_loss:
         check_runtime_tokens(cfg, tokenizer)
-    # ZeRO-3: loaded whole; the trainer partitions it in an inference engine
-    with full_loading() if zero3 else contextlib.nullcontext():
-        teacher = load_teacher(settings.teacher, trainer.accelerator.device)
+    if fsdp2:
+        # FSDP2: read on process 0's CPU, sharded for inference (or replicated)
+        teacher = load_sharded_teacher(settings.teacher, trainer.accelerator, settings.teacher_replicate)
+    else:
+        # ZeRO-3: loaded whole; the trainer partitions it in an inference engine
+        with full_loading() if zero3 else contextlib.nullcontext():
+            teacher = load_teacher(settings.teacher, trainer.accelerator.device)
     disable_dropout(trainer.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # ONE stop set (eos, generation_config eos, the template's turn end) for every
@@ -58,6 +64,7 @@ def assemble(cfg, trainer) -> GoldParts:
         num_processes=trainer.accelerator.num_processes,
         is_main_process=trainer.accelerator.is_main_process,
         zero3=zero3,
+        fsdp2=fsdp2,
         # a sampled image token would make the model look for image features
         suppress_tokens=vision.vision_token_ids if vision is not None else None,
     )
@@ -80,6 +87,7 @@ def assemble(cfg, trainer) -> GoldParts:
         stop_ids=stop_ids,
         vision=vision,
         zero3=zero3,
+        fsdp2=fsdp2,
     )
 
 

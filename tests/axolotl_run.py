@@ -93,6 +93,8 @@ def run_train(cfg: dict, workdir: Path, num_processes: int = 1, timeout: int = 6
                 entry = [str(Path(__file__).with_name("cpu_deepspeed_train.py"))]
         elif not torch.cuda.is_available():
             env["ACCELERATE_USE_CPU"] = "true"
+            if cfg.get("fsdp_config"):  # Accelerate keeps FSDP for accelerators: see the launcher
+                entry = [str(Path(__file__).with_name("cpu_fsdp2_train.py"))]
         cmd = [
             str(BIN / "torchrun"), "--nproc_per_node", str(num_processes),
             "--master_port", str(29500 + os.getpid() % 1000),

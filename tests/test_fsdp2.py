@@ -73,6 +73,50 @@ def test_stage_contexts_are_no_ops_without_fsdp():
         assert m is model
 
 
+def test_fsdp_wrapped_head_is_bypassable():
+    """``fully_shard`` turns the head into ``FSDPLinear`` (FSDPModule + nn.Linear): the fused
+    loss still takes it (hidden states back, the head applied by the loss), while a
+    LoRA-style subclass of nn.Linear is still refused. One gloo process, in this process."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from axolotl_gold.models.fsdp2 import gathered_heads
+    from axolotl_gold.scoring.forward import bypassable_head, completion_states
+
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ref = _llama(seed=3)
+        model = _llama(seed=3)
+        mesh = init_device_mesh("cpu", (1,))
+        _shard_student(model, mesh, head_group=True)
+        assert isinstance(model.lm_head, FSDPModule) and isinstance(model.lm_head, torch.nn.Linear)
+        assert type(model.lm_head) is not torch.nn.Linear
+        assert bypassable_head(model) is model.lm_head
+
+        ids = torch.randint(1, 90, (2, 9), generator=torch.Generator().manual_seed(0))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                 "completion_labels": torch.zeros(2, 4, dtype=torch.long)}
+        with gathered_heads(model), torch.no_grad():
+            out = completion_states(model, batch, use_head_bypass=True)
+            assert out.head is model.lm_head and out.values.shape == (2, 4, 32)  # hidden, not vocab
+            logits = out.values @ out.head.weight.T
+            expected = completion_states(ref, batch, use_head_bypass=False).values
+        assert torch.allclose(logits, expected, atol=1e-5)
+
+        class LoraLike(torch.nn.Linear):
+            pass
+
+        ref.lm_head = LoraLike(32, 96, bias=False)
+        assert bypassable_head(ref) is None
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------- 2 processes
 def _torchrun(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -52,6 +52,8 @@ class GoldArgs(BaseModel):
         default=None,
         json_schema_extra={"description": "Teacher tokenizer (ULD); default: teacher_model."},
     )
+    # FSDP2: the teacher whole on every GPU (it fits) instead of sharded for inference
+    gold_teacher_replicate: bool = False
 
     # --- on-policy mixture and divergence ----------------------------------
     lmbda: float = 0.5

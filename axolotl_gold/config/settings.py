@@ -84,6 +84,7 @@ class GoldSettings:
     vllm: VllmSettings
     eval_on_policy: bool
     log_completions_steps: int
+    teacher_replicate: bool  # FSDP2: the teacher whole on every device, not sharded
 
     @property
     def max_prompt_length(self) -> int:
@@ -156,6 +157,7 @@ class GoldSettings:
             ),
             eval_on_policy=bool(get("gold_eval_on_policy")),
             log_completions_steps=int(get("gold_log_completions_steps")),
+            teacher_replicate=bool(get("gold_teacher_replicate")),
         )
 
 

@@ -60,9 +60,12 @@ def record_teacher_modeling(cfg) -> list[str]:
         return []
 
 
-def load_teacher(teacher: TeacherSettings, device: torch.device) -> nn.Module:
-    """The teacher on ``device``, with no gradients.
+def load_teacher(teacher: TeacherSettings, device: torch.device | None, *, meta: bool = False) -> nn.Module:
+    """The teacher on ``device`` (None: left where ``from_pretrained`` put it, the CPU),
+    with no gradients.
 
+    ``meta``: built from its config on the ``meta`` device, no weights read (FSDP2's
+    ranks other than 0: ``shard_teacher`` fills their shards from rank 0).
     Built and run from its modeling code as recorded by ``record_teacher_modeling``
     (when it was), not as Axolotl has patched it for the student since.
     """
@@ -75,11 +78,17 @@ def load_teacher(teacher: TeacherSettings, device: torch.device) -> nn.Module:
         kwargs["revision"] = teacher.revision
     config = AutoConfig.from_pretrained(teacher.model, revision=teacher.revision)
     with original_modeling():
-        model = auto_model_class(config).from_pretrained(teacher.model, **kwargs)
+        if meta:
+            keep = ("attn_implementation", "trust_remote_code")
+            config_kwargs = {k: v for k, v in kwargs.items() if k in keep}
+            with torch.device("meta"):
+                model = auto_model_class(config).from_config(config, dtype=kwargs["dtype"], **config_kwargs)
+        else:
+            model = auto_model_class(config).from_pretrained(teacher.model, **kwargs)
     restored = restore_original_attributes(model)
     if restored:
         LOG.info("teacher: unpatched %s (Axolotl patched them for the student)", restored)
     model.requires_grad_(False)
     model.eval()
     disable_dropout(model)
-    return model.to(device)
+    return model if device is None or meta else model.to(device)

@@ -31,13 +31,30 @@ def bypassable_head(model: nn.Module) -> nn.Linear | None:
     """The output head if the loss may apply it itself, else None."""
     inner = unwrap(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if type(head) is not nn.Linear:  # LoRA / modules_to_save wrappers change the weight
+    if not _plain_linear(head):  # LoRA / modules_to_save wrappers change the weight
         return None
     config = getattr(inner, "config", None)
     config = getattr(config, "get_text_config", lambda: config)()
     if any(getattr(config, key, None) for key in _LOGIT_POSTPROCESSING):
         return None
     return head
+
+
+def _plain_linear(head) -> bool:
+    """``nn.Linear`` itself, or FSDP2's ``fully_shard`` of one (``FSDPLinear``: the class
+    FSDP2 derives from ``FSDPModule`` and ``nn.Linear``; its weight is the head's, sharded
+    or, inside ``models.fsdp2.gathered_heads``, gathered). Any other subclass or wrapper
+    may change what the weight means."""
+    cls = type(head)
+    if cls is nn.Linear:
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        return False
+    if not issubclass(cls, FSDPModule):
+        return False
+    return [b for b in cls.__bases__ if not issubclass(b, FSDPModule)] == [nn.Linear]
 
 
 @contextlib.contextmanager

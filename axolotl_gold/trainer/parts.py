@@ -23,3 +23,4 @@ class GoldParts:
     stop_ids: set[int]
     vision: object | None = None  # a VisionEncoder: rows with images
     zero3: bool = False
+    fsdp2: bool = False

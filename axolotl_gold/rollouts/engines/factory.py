@@ -1,7 +1,7 @@
 """Which engine samples a run's rollouts, built from the settings.
 
 ``static`` (static KV cache, CUDA-graph decode) is the default on CUDA for text
-students; image prompts and ZeRO-3's gathered weights (they move between calls, so
+students; image prompts and ZeRO-3's or FSDP2's gathered weights (they move between calls, so
 no captured graphs) go through HF ``generate``; ``use_vllm`` selects a colocated
 engine or the rollout server's client.
 """
@@ -47,6 +47,7 @@ class EngineContext:
     num_processes: int = 1
     is_main_process: bool = True
     zero3: bool = False
+    fsdp2: bool = False
     suppress_tokens: list[int] | None = None  # image tokens a VLM must never sample
 
 
@@ -55,7 +56,7 @@ def build_engines(
 ) -> tuple[RolloutEngine, RolloutEngine | None]:
     """(the student's engine, the teacher's engine for ``seq_kd`` or None)."""
     sampling = sampling_settings(settings)
-    local = select_engine(settings.generation_engine, ctx.device, images=settings.vision or ctx.zero3)
+    local = select_engine(settings.generation_engine, ctx.device, images=settings.vision or ctx.zero3 or ctx.fsdp2)
     kwargs = {"generate_kwargs": {"suppress_tokens": ctx.suppress_tokens}} if ctx.suppress_tokens else {}
     vllm = settings.vllm
     if vllm.enabled and vllm.mode == "server":
