@@ -161,13 +161,46 @@ def test_batch_size_key_sets_the_window_as_axolotl_derives_it(tiny_pair, tmp_pat
             _validate(bad)
 
 
-@pytest.mark.parametrize("keys", [
-    {"fsdp_version": 2, "fsdp_config": {"offload_params": False}},
-    {"fsdp": ["full_shard", "auto_wrap"]},
+FSDP2 = {"fsdp_version": 2, "fsdp_config": {"auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}}
+
+
+def test_fsdp2_config_is_accepted(tiny_pair, tmp_path):
+    out = _validate(_cfg(tiny_pair, tmp_path, **FSDP2, gold_teacher_replicate=True))
+    assert str(out.fsdp_version) == "2" and out.gold_teacher_replicate is True
+    # the version inside fsdp_config counts too
+    nested = {"fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}}
+    assert str(_validate(_cfg(tiny_pair, tmp_path, **nested)).fsdp_version) == "2"
+
+
+@pytest.mark.parametrize("keys,pattern", [
+    ({"fsdp": ["full_shard", "auto_wrap"]}, r"`fsdp: \['full_shard', 'auto_wrap'\]`"),
+    ({"fsdp_version": 1, "fsdp_config": {"offload_params": False}}, r"`fsdp_version: 1`"),
+    ({"fsdp_config": {"offload_params": False}}, r"`fsdp_config` without `fsdp_version`"),
 ])
-def test_fsdp_is_refused_before_loading(tiny_pair, tmp_path, keys):
-    with pytest.raises(ValueError, match="DeepSpeed ZeRO-3"):
+def test_fsdp1_is_refused_naming_the_key(tiny_pair, tmp_path, keys, pattern):
+    with pytest.raises(ValueError, match=pattern) as err:
         _validate(_cfg(tiny_pair, tmp_path, **keys))
+    assert "fsdp_version: 2" in str(err.value)
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    ({"use_vllm": True}, r"`use_vllm: true` \(`vllm_mode: colocate`\) with FSDP2"),
+    ({"use_vllm": True, "vllm_mode": "server"}, r"`vllm_mode: server`\) with FSDP2"),
+    ({"gold_generation_engine": "static"}, r"`gold_generation_engine: static`.*FSDP2"),
+    ({"processor_type": "AutoProcessor", "skip_prepare_dataset": True}, r"`processor_type`.*FSDP2"),
+])
+def test_fsdp2_refuses_what_it_cannot_run_before_loading(tiny_pair, tmp_path, overrides, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        _validate(_cfg(tiny_pair, tmp_path, **FSDP2, **overrides))
+
+
+def test_fsdp_version_reader():
+    from axolotl_gold.config.validation import fsdp_version
+
+    assert fsdp_version({}) is None
+    assert fsdp_version({"fsdp_version": "2"}) == 2
+    assert fsdp_version({"fsdp_config": {"fsdp_version": 2}}) == 2
+    assert fsdp_version({"fsdp_config": {"version": 1}}) == 1
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ _TEACHER_ONLY_KEYS = (
     "teacher_tokenizer",
     "loss_temperature",
     "teacher_chat_template_kwargs",
+    "gold_teacher_replicate",
 )
 
 
