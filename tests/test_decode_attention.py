@@ -65,3 +65,15 @@ def test_installed_only_inside_the_block_and_only_for_one_token():
             prefill = model(input_ids=ids).logits  # 7 query tokens: HF's own sdpa serves them
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
     torch.testing.assert_close(prefill, full)
+
+
+def test_half_precision_scores_are_computed_in_float32():
+    """bf16 inputs: the output equals attention on the same bf16 values computed in float64
+    up to bf16 rounding of the output (scores rounded to bf16 would miss by far more)."""
+    q, k, v, mask = _inputs(2, 8, 2, length=64, dim=64, seed=3, dtype=torch.float64)
+    q, k, v = (x.mul(3).bfloat16() for x in (q, k, v))
+    exact = grouped_decode_attention(q.double(), k.double(), v.double(), mask, 0.125)
+    ours = grouped_decode_attention(q, k, v, mask, 0.125).double()
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, exact, rtol=2e-2, atol=2e-2)
+    assert (ours - exact).abs().max() < 0.05

@@ -8,7 +8,7 @@ is most of the attention's memory traffic: 7x the cache for Qwen2.5-0.5B's 14 qu
 cached key and value is read once::
 
     q [B, H, 1, D] -> [B, Hkv, H/Hkv, D];  scores = q @ K^T [B, Hkv, H/Hkv, L]
-    softmax in float32 (as HF's eager attention), then @ V -> [B, 1, H, D]
+    scores and softmax in float32 (as SDPA's kernels), then @ V -> [B, 1, H, D]
 
 It is installed only around the static engine's decode step (``grouped_decode``) for
 models that read HF's attention interface; anything it does not serve (more than one
@@ -38,20 +38,29 @@ def grouped_decode_attention(
     batch, heads, q_len, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     group = heads // kv_heads
-    # query head h reads KV head h // group (HF's repeat_kv order)
-    q = query.reshape(batch, kv_heads, group * q_len, dim)
-    scores = torch.matmul(q, key.transpose(-1, -2))  # [B, Hkv, G*Q, L]
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scaling
-    if mask is not None:
-        scores = scores.view(batch, kv_heads, group, q_len, length)
-        m = mask.reshape(mask.shape[0], 1, 1, mask.shape[-2], length)
-        if m.dtype == torch.bool:
-            scores = scores.masked_fill(~m, float("-inf"))
+    low = key.dtype in (torch.float16, torch.bfloat16)
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        # as SDPA's kernels compute: queries in the cache's dtype, scores accumulated and
+        # kept in float32 (bf16 scores would round to 3 digits before the softmax)
+        q = query.to(key.dtype)
+        if low:
+            q, k = q.float(), key.float()
         else:
-            scores = scores + m.to(scores.dtype)
-        scores = scores.view(batch, kv_heads, group * q_len, length)
-    probs = scores.softmax(dim=-1).to(value.dtype)
-    out = torch.matmul(probs, value)  # [B, Hkv, G*Q, D]
+            k = key
+        # query head h reads KV head h // group (HF's repeat_kv order)
+        q = q.reshape(batch, kv_heads, group * q_len, dim)
+        scores = torch.matmul(q, k.transpose(-1, -2))  # [B, Hkv, G*Q, L]
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scaling
+        if mask is not None:
+            scores = scores.view(batch, kv_heads, group, q_len, length)
+            m = mask.reshape(mask.shape[0], 1, 1, mask.shape[-2], length)
+            if m.dtype == torch.bool:
+                scores = scores.masked_fill(~m, float("-inf"))
+            else:
+                scores = scores + m.to(scores.dtype)
+            scores = scores.view(batch, kv_heads, group * q_len, length)
+        probs = scores.softmax(dim=-1).to(value.dtype)
+        out = torch.matmul(probs, value)  # [B, Hkv, G*Q, D]
     return out.view(batch, heads, q_len, dim).transpose(1, 2).contiguous()
 
 
