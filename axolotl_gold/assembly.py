@@ -7,17 +7,13 @@ Built top-down here, once, after Axolotl created the trainer (the plugin's
 
 from __future__ import annotations
 
-import contextlib
-
 from axolotl_gold.config.errors import GoldConfigError
 from axolotl_gold.config.settings import GoldSettings
 from axolotl_gold.data.batching import GoldCollator
 from axolotl_gold.data.turns import stop_token_ids
 from axolotl_gold.models.compatibility import check_runtime_tokens, shared_vocab_size
-from axolotl_gold.models.fsdp2 import fsdp2_enabled, load_sharded_teacher
+from axolotl_gold.models.sharding import sharding_for
 from axolotl_gold.models.student import disable_dropout
-from axolotl_gold.models.teacher import load_teacher
-from axolotl_gold.models.zero3 import full_loading, zero3_enabled
 from axolotl_gold.rollouts.engines.factory import EngineContext, build_engines
 from axolotl_gold.scoring.objectives import JsdObjective, UldObjective
 from axolotl_gold.trainer.parts import GoldParts
@@ -39,17 +35,10 @@ def assemble(cfg, trainer) -> GoldParts:
         check_datasets(cfg, settings, trainer.train_dataset, trainer.eval_dataset)
         if not settings.train_vision_tower:
             freeze_vision_tower(trainer.model)
-    zero3 = zero3_enabled(trainer.accelerator)
-    fsdp2 = fsdp2_enabled(trainer.accelerator)
+    sharding = sharding_for(trainer.accelerator)
     if not settings.use_uld_loss:
         check_runtime_tokens(cfg, tokenizer)
-    if fsdp2:
-        # FSDP2: read on process 0's CPU, sharded for inference (or replicated)
-        teacher = load_sharded_teacher(settings.teacher, trainer.accelerator, settings.teacher_replicate)
-    else:
-        # ZeRO-3: loaded whole; the trainer partitions it in an inference engine
-        with full_loading() if zero3 else contextlib.nullcontext():
-            teacher = load_teacher(settings.teacher, trainer.accelerator.device)
+    teacher = sharding.load_teacher(settings, trainer.accelerator)
     disable_dropout(trainer.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # ONE stop set (eos, generation_config eos, the template's turn end) for every
@@ -63,8 +52,7 @@ def assemble(cfg, trainer) -> GoldParts:
         device=trainer.accelerator.device,
         num_processes=trainer.accelerator.num_processes,
         is_main_process=trainer.accelerator.is_main_process,
-        zero3=zero3,
-        fsdp2=fsdp2,
+        gathered_weights=sharding.gathers,
         # a sampled image token would make the model look for image features
         suppress_tokens=vision.vision_token_ids if vision is not None else None,
     )
@@ -86,8 +74,7 @@ def assemble(cfg, trainer) -> GoldParts:
         pad_id=pad_id,
         stop_ids=stop_ids,
         vision=vision,
-        zero3=zero3,
-        fsdp2=fsdp2,
+        sharding=sharding,
     )
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 from collections import defaultdict
 from time import perf_counter
@@ -33,8 +32,6 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl_gold.config.settings import GoldSettings
 from axolotl_gold.data.sampler import WindowSampler
 from axolotl_gold.data.turns import text_tokenizer
-from axolotl_gold.models import fsdp2
-from axolotl_gold.models.zero3 import gathered_heads, generation_weights, inference_engine
 from axolotl_gold.rollouts.window import policy_draws
 from axolotl_gold.scoring.forward import bypassable_head
 from axolotl_gold.scoring.loss import loss_sum, scoring_batch, synchronize
@@ -51,7 +48,6 @@ from axolotl_gold.trainer.window import prepare_window
 from axolotl_gold.vision.batch import rollout_inputs
 
 WINDOW_LOG = "gold_windows.jsonl"
-LOG = logging.getLogger(__name__)
 
 
 class GoldTrainer(AxolotlTrainer):
@@ -72,7 +68,7 @@ class GoldTrainer(AxolotlTrainer):
         self._gold_tokenizer = None
         self._eval_totals: EvalTotals | None = None
         self._eval_batches = 0
-        self.zero3 = self.fsdp2 = self._fsdp2_logged = False
+        self.sharding = None
 
     # ------------------------------------------------------------------ setup
     def setup_gold(self, parts: GoldParts) -> None:
@@ -84,17 +80,18 @@ class GoldTrainer(AxolotlTrainer):
         self.student_engine = parts.student_engine
         self.teacher_engine = parts.teacher_engine
         self.pad_id = parts.pad_id
-        self.zero3 = parts.zero3
-        self.fsdp2 = parts.fsdp2
+        self.sharding = parts.sharding
         self._gold_tokenizer = parts.tokenizer  # decodes the completions log
         self.data_collator = parts.collator
         self.eval_data_collator = parts.collator
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """Resume: a LoRA student under FSDP2 with ``FULL_STATE_DICT`` is loaded by
-        ``models.fsdp2`` (Accelerate 1.13 loads it wrong); everything else as HF does."""
+        """Resume as HF does, unless the sharding strategy loads the checkpoint itself
+        (a LoRA student under FSDP2 with ``FULL_STATE_DICT``)."""
         target = model if model is not None else self.model
-        if self.fsdp2 and fsdp2.load_full_adapter_checkpoint(self.accelerator, target, resume_from_checkpoint):
+        if self.sharding is not None and self.sharding.load_checkpoint(
+            self.accelerator, target, resume_from_checkpoint
+        ):
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
@@ -136,9 +133,6 @@ class GoldTrainer(AxolotlTrainer):
             return [], None
 
         self._teacher_engine_ready()
-        if self.fsdp2 and not self._fsdp2_logged:
-            LOG.info("GOLD student under FSDP2: %s", fsdp2.describe(self.model_wrapped))
-            self._fsdp2_logged = True
         calls_before = self.student_engine.calls
         step = self.state.global_step
         draws = policy_draws(self.gold.seed, step, len(batches), self.gold.lmbda)  # once per window
@@ -176,37 +170,23 @@ class GoldTrainer(AxolotlTrainer):
         return prepared.micro_batches, total
 
     def _teacher_engine_ready(self) -> None:
-        if self.zero3 and not hasattr(self.teacher, "optimizer"):
-            # the teacher (loaded partitioned) gets its inference engine once the
-            # student's engine exists
-            ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
-            self.teacher = inference_engine(self.teacher, ds_config, self.accelerator.num_processes)
+        self.teacher = self.sharding.teacher_ready(self.teacher, self.accelerator)
 
     def _generation_weights(self, draws: list[bool]):
-        """ZeRO-3 / FSDP2: the student's full weights, gathered once for the window's
-        rollouts (only when a slice is sampled on-policy; the draws are known in advance
-        and the same on every process, which all enter the gather); FSDP2 with
-        ``seq_kd`` also gathers the teacher for its off-policy slices."""
-        if self.fsdp2:
-            sampling_teacher = self.teacher_engine is not None and not all(draws)
-            return fsdp2.rollout_weights(
-                self.model_wrapped if any(draws) else None, self.teacher if sampling_teacher else None
-            )
-        if not self.zero3 or not any(draws):
-            return contextlib.nullcontext()
-        return generation_weights(self.model_wrapped)
+        """The weights the window's engine call samples from, gathered once for it when
+        sharded: the student's when a slice is on-policy (the draws are known in advance
+        and the same on every process), the teacher's too for ``seq_kd``'s other slices."""
+        sampling_teacher = self.teacher_engine is not None and not all(draws)
+        return self.sharding.rollout_weights(
+            self.model_wrapped if any(draws) else None, self.teacher if sampling_teacher else None
+        )
 
     def _head_weights(self):
-        """ZeRO-3 / FSDP2 with the fused loss: the output heads the loss applies itself
-        gathered once for a micro-step (forward, loss and backward)."""
-        if not (self.zero3 or self.fsdp2) or not self.gold.fused_loss:
+        """With the fused loss: the output heads the loss applies itself, gathered once
+        for a micro-step (forward, loss and backward) when sharded."""
+        if not self.gold.fused_loss:
             return contextlib.nullcontext()
-        if self.fsdp2:
-            return fsdp2.gathered_heads(
-                self.model_wrapped if bypassable_head(self.model) is not None else None,
-                self.teacher if bypassable_head(self.teacher) is not None else None,
-            )
-        return gathered_heads(bypassable_head(self.model), bypassable_head(self.teacher))
+        return self.sharding.head_weights(self.model_wrapped, self.teacher)
 
     def _record_window(self, step, draws, window, tokens, calls) -> None:
         """Append the window's draws and prompts to ``gold_windows.jsonl`` (main process)."""
@@ -275,10 +255,7 @@ class GoldTrainer(AxolotlTrainer):
         output = super().evaluation_loop(
             dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
         )
-        if self.zero3 and hasattr(self.model_wrapped, "empty_partition_cache"):
-            self.model_wrapped.empty_partition_cache()  # the next window gathers anew
-        if self.fsdp2:
-            fsdp2.reshard(self.model_wrapped)  # eval forwards leave the root gathered
+        self.sharding.after_eval(self.model_wrapped)
         totals = self._eval_totals.reduced(self.accelerator)
         self._eval_totals = None
         output.metrics.pop(f"{metric_key_prefix}_loss", None)
@@ -322,14 +299,7 @@ class GoldTrainer(AxolotlTrainer):
         return total.detach(), units
 
     def _generation_weights_for_eval(self):
-        if self.fsdp2:
-            return fsdp2.rollout_weights(self.model_wrapped)
-        if not self.zero3:
-            return contextlib.nullcontext()
-        # an eval forward (no backward, no step) leaves prefetched parameters in flight,
-        # which the gather for generation would trip over: release them first
-        self.model_wrapped.empty_partition_cache()
-        return generation_weights(self.model_wrapped)
+        return self.sharding.eval_rollout_weights(self.model_wrapped)
 
     # ------------------------------------------------------------------ completions log
     def _log_completions(self, window) -> None:

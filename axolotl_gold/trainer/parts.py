@@ -22,5 +22,4 @@ class GoldParts:
     pad_id: int
     stop_ids: set[int]
     vision: object | None = None  # a VisionEncoder: rows with images
-    zero3: bool = False
-    fsdp2: bool = False
+    sharding: object = None  # models.sharding: whole, ZeRO-3 or FSDP2

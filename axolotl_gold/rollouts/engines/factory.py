@@ -46,8 +46,7 @@ class EngineContext:
     device: torch.device
     num_processes: int = 1
     is_main_process: bool = True
-    zero3: bool = False
-    fsdp2: bool = False
+    gathered_weights: bool = False  # ZeRO-3 / FSDP2: weights gathered anew per call
     suppress_tokens: list[int] | None = None  # image tokens a VLM must never sample
 
 
@@ -56,7 +55,7 @@ def build_engines(
 ) -> tuple[RolloutEngine, RolloutEngine | None]:
     """(the student's engine, the teacher's engine for ``seq_kd`` or None)."""
     sampling = sampling_settings(settings)
-    local = select_engine(settings.generation_engine, ctx.device, images=settings.vision or ctx.zero3 or ctx.fsdp2)
+    local = select_engine(settings.generation_engine, ctx.device, images=settings.vision or ctx.gathered_weights)
     kwargs = {"generate_kwargs": {"suppress_tokens": ctx.suppress_tokens}} if ctx.suppress_tokens else {}
     vllm = settings.vllm
     if vllm.enabled and vllm.mode == "server":
