@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--new", type=int, default=768)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--temperature", type=float, default=0.9)
+    p.add_argument("--compile", action="store_true",
+                   help="also the decode forward through torch.compile (fused pointwise kernels), captured")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -49,6 +51,14 @@ def timed(fn, repeats: int) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3 / repeats
+
+
+def sorted_top_p(logits, top_p: float):
+    """The sort-and-cumsum top-p (HF's ``TopPLogitsWarper``), the baseline of the radix select."""
+    sorted_logits, order = torch.sort(logits, dim=-1)
+    remove_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1.0 - top_p
+    remove_sorted[..., -1] = False
+    return logits.masked_fill(remove_sorted.scatter(-1, order, remove_sorted), float("-inf"))
 
 
 def rewind(cache, decode, width: int) -> None:
@@ -124,9 +134,29 @@ def main(argv=None) -> dict:
             label = "grouped attention" if grouped else "HF sdpa (repeat_kv)"
             rows[f"decode graph replay (forward), ms, {label}"] = replay_ms(graph, cache, decode, width, args.new)
             del graph
+        if args.compile:
+            decode = _DecodeStep(model, cache, mask, mask.sum(-1), total, True)
+            compiled = torch.compile(decode.__call__, dynamic=False)
+            rewind(cache, decode, width)
+            start = time.perf_counter()
+            _, graph, _ = engine._first_step_and_capture(compiled)
+            rows["torch.compile of the decode forward, s (once per shape)"] = time.perf_counter() - start
+            rows["decode graph replay (forward), ms, grouped + torch.compile"] = replay_ms(
+                graph, cache, decode, width, args.new
+            )
+            del graph
         logits = torch.randn(args.batch, vocab, device="cuda", dtype=torch.bfloat16)
         gen = torch.Generator(device="cuda").manual_seed(0)
-        rows["sampling (top-p sort + race), ms"] = timed(lambda: sample_tokens(logits.float(), sampling, gen), 100)
+        rows["sampling (top-p radix select + race), ms"] = timed(lambda: sample_tokens(logits.float(), sampling, gen), 100)
+        from axolotl_gold.rollouts.engines.noise import exponential_noise, row_seeds
+        from axolotl_gold.rollouts.engines.static import top_p_removed
+
+        scaled = logits.float() / args.temperature
+        rows["top-p by a full-vocabulary sort (HF's rule), ms"] = timed(lambda: sorted_top_p(scaled, args.top_p), 100)
+        rows["top-p by radix select (ours), ms"] = timed(lambda: top_p_removed(scaled.softmax(-1), args.top_p), 100)
+
+        seeds = row_seeds(0, torch.arange(args.batch, device="cuda"))
+        rows["row noise (counter hash), ms"] = timed(lambda: exponential_noise(seeds, 3, vocab), 100)
         greedy = SamplingSettings(max_new_tokens=1, temperature=0.0)
         rows["sampling greedy (argmax), ms"] = timed(lambda: sample_tokens(logits.float(), greedy, gen), 100)
         hidden = torch.randn(args.batch, args.hidden, device="cuda", dtype=torch.bfloat16)
