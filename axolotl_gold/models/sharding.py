@@ -1,9 +1,9 @@
 """How the student and the teacher are held across processes, as one object the trainer
 asks at fixed points: whole (one process, DDP), DeepSpeed ZeRO-3, or FSDP2.
 
-The trainer never branches on the strategy; it enters ``rollout_weights`` around a
-window's engine call, ``head_weights`` around a micro-step, calls ``teacher_ready``
-before the teacher's first use and ``after_eval`` after an evaluation. The gathers
+The trainer never branches on the strategy; it calls ``window_ready`` before each window
+and evaluation batch, enters ``rollout_weights`` around a window's engine call and
+``head_weights`` around a micro-step, and calls ``after_eval`` after an evaluation. The gathers
 themselves live in ``zero3`` and ``fsdp2``.
 """
 
@@ -29,7 +29,8 @@ class Whole:
         """The teacher as this strategy holds it (``settings``: ``GoldSettings``)."""
         return load_teacher(settings.teacher, accelerator.device)
 
-    def teacher_ready(self, teacher, accelerator):
+    def window_ready(self, student, teacher, accelerator):
+        """Before a window (or an eval batch): the teacher as the window uses it."""
         return teacher
 
     def rollout_weights(self, student, teacher=None):
@@ -60,11 +61,11 @@ class Zero3(Whole):
     gathers = True
 
     def load_teacher(self, settings, accelerator):
-        # loaded whole (not partitioned at load); ``teacher_ready`` partitions it
+        # loaded whole (not partitioned at load); ``window_ready`` partitions it
         with zero3.full_loading():
             return load_teacher(settings.teacher, accelerator.device)
 
-    def teacher_ready(self, teacher, accelerator):
+    def window_ready(self, student, teacher, accelerator):
         if hasattr(teacher, "optimizer"):  # already an engine
             return teacher
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -103,10 +104,13 @@ class Fsdp2(Whole):
         # read on process 0's CPU, sharded for inference (or replicated)
         return fsdp2.load_sharded_teacher(settings.teacher, accelerator, settings.teacher_replicate)
 
-    def rollout_weights(self, student, teacher=None):
-        if not self._described and student is not None:
+    def window_ready(self, student, teacher, accelerator):
+        if not self._described:
             LOG.info("GOLD student under FSDP2: %s", fsdp2.describe(student))
             self._described = True
+        return teacher
+
+    def rollout_weights(self, student, teacher=None):
         return fsdp2.rollout_weights(student, teacher)
 
     def eval_rollout_weights(self, student):

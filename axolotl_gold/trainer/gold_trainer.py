@@ -170,7 +170,7 @@ class GoldTrainer(AxolotlTrainer):
         return prepared.micro_batches, total
 
     def _teacher_engine_ready(self) -> None:
-        self.teacher = self.sharding.teacher_ready(self.teacher, self.accelerator)
+        self.teacher = self.sharding.window_ready(self.model_wrapped, self.teacher, self.accelerator)
 
     def _generation_weights(self, draws: list[bool]):
         """The weights the window's engine call samples from, gathered once for it when
