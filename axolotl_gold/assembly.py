@@ -38,7 +38,13 @@ def assemble(cfg, trainer) -> GoldParts:
     sharding = sharding_for(trainer.accelerator)
     if not settings.use_uld_loss:
         check_runtime_tokens(cfg, tokenizer)
-    teacher = sharding.load_teacher(settings, trainer.accelerator)
+    if settings.teacher_server.url:
+        from axolotl_gold.models.remote.teacher import connect_teacher
+
+        # the teacher runs in its server; only its output head is loaded here
+        teacher = connect_teacher(settings, trainer.accelerator.device)
+    else:
+        teacher = sharding.load_teacher(settings, trainer.accelerator)
     disable_dropout(trainer.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # ONE stop set (eos, generation_config eos, the template's turn end) for every

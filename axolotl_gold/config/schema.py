@@ -54,6 +54,11 @@ class GoldArgs(BaseModel):
     )
     # FSDP2: the teacher whole on every GPU (it fits) instead of sharded for inference
     gold_teacher_replicate: bool = False
+    # a teacher server (`python -m axolotl_gold.models.teacher_server`): the teacher runs
+    # there, `teacher_model` then supplies its config, tokenizer and output head only
+    teacher_server_url: str | None = None
+    teacher_server_timeout: float = 120.0  # seconds per request
+    teacher_server_retries: int = 3  # tries per request (connection errors, timeouts, 5xx)
 
     # --- on-policy mixture and divergence ----------------------------------
     lmbda: float = 0.5

@@ -22,6 +22,15 @@ class TeacherSettings:
 
 
 @dataclass(frozen=True)
+class TeacherServerSettings:
+    """``teacher_server_url`` and its keys: the teacher runs in a teacher server."""
+
+    url: str | None
+    timeout: float
+    retries: int
+
+
+@dataclass(frozen=True)
 class UldSettings:
     """Cross-tokenizer distillation (``use_uld_loss``): the ``uld_*`` keys."""
 
@@ -85,6 +94,7 @@ class GoldSettings:
     eval_on_policy: bool
     log_completions_steps: int
     teacher_replicate: bool  # FSDP2: the teacher whole on every device, not sharded
+    teacher_server: TeacherServerSettings
 
     @property
     def max_prompt_length(self) -> int:
@@ -158,6 +168,11 @@ class GoldSettings:
             eval_on_policy=bool(get("gold_eval_on_policy")),
             log_completions_steps=int(get("gold_log_completions_steps")),
             teacher_replicate=bool(get("gold_teacher_replicate")),
+            teacher_server=TeacherServerSettings(
+                url=get("teacher_server_url"),
+                timeout=float(get("teacher_server_timeout")),
+                retries=int(get("teacher_server_retries")),
+            ),
         )
 
 

@@ -29,6 +29,7 @@ _TEACHER_ONLY_KEYS = (
     "loss_temperature",
     "teacher_chat_template_kwargs",
     "gold_teacher_replicate",
+    "teacher_server_url",
 )
 
 
@@ -111,6 +112,8 @@ def validate_gold_settings(data: dict) -> None:
             "`generation_batch_size` (or omit it to derive it) or the batch keys."
         )
 
+    if data.get("teacher_server_url"):
+        _validate_teacher_server(data)
     if data.get("fsdp") or data.get("fsdp_config") or data.get("fsdp_version"):
         _validate_fsdp(data)
     if _zero_stage(data.get("deepspeed")) == 3:
@@ -174,6 +177,36 @@ def honour_batch_size(data: dict) -> dict:
         data["gradient_accumulation_steps"] = accumulation_steps(data, micro)
         data.pop("batch_size")
     return data
+
+
+def _validate_teacher_server(data: dict) -> None:
+    """A teacher server (``teacher_server_url``) serves final hidden states of token ids:
+    what needs the teacher's weights here, or images, is refused until it is wired."""
+    url = str(data["teacher_server_url"])
+    if not url.startswith(("http://", "https://")):
+        raise GoldConfigError(
+            f"`teacher_server_url: {url}` must be an http(s) URL, e.g. `http://10.0.0.5:8012` "
+            "(where `python -m axolotl_gold.models.teacher_server` listens)."
+        )
+    if float(setting(data, "teacher_server_timeout")) <= 0:
+        raise GoldConfigError("`teacher_server_timeout` must be > 0 (seconds per request).")
+    if int(setting(data, "teacher_server_retries")) < 1:
+        raise GoldConfigError("`teacher_server_retries` must be >= 1 (tries per request).")
+    refused = [
+        (data.get("seq_kd"), "`seq_kd: true` samples completions from the teacher, which the "
+         "teacher server does not serve yet: set `seq_kd: false`"),
+        (_zero_stage(data.get("deepspeed")) == 3, "DeepSpeed ZeRO-3 (`deepspeed`) is not wired with "
+         "a teacher server yet: use ZeRO-1/2 or DDP"),
+        (data.get("fsdp") or data.get("fsdp_config") or data.get("fsdp_version"), "FSDP "
+         "(`fsdp_config` / `fsdp_version`) is not wired with a teacher server yet: use DDP"),
+        (data.get("processor_type"), "vision-language students (`processor_type`) are not served: "
+         "the teacher server takes token ids only"),
+        (data.get("gold_teacher_replicate"), "`gold_teacher_replicate` places a local teacher: "
+         "remove it"),
+    ]
+    for wrong, why in refused:
+        if wrong:
+            raise GoldConfigError(f"`teacher_server_url` is set, but {why} (or remove `teacher_server_url`).")
 
 
 def _validate_zero3(data: dict) -> None:

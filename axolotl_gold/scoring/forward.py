@@ -100,7 +100,14 @@ class CompletionStates:
 
 
 def completion_states(model: nn.Module, batch: dict, use_head_bypass: bool) -> CompletionStates:
-    """Run ``model`` on a scoring batch and keep the completion region only."""
+    """Run ``model`` on a scoring batch and keep the completion region only.
+
+    A model that is not run here (a teacher server's ``RemoteTeacher``, ``models.remote``)
+    has its own ``completion_states(batch, use_head_bypass)`` and answers the same way.
+    """
+    remote = getattr(model, "completion_states", None)
+    if remote is not None:
+        return remote(batch, use_head_bypass)
     width = batch["completion_labels"].shape[1]
     head = bypassable_head(model) if use_head_bypass else None
     ctx = _head_as_identity(model, head) if head is not None else contextlib.nullcontext()

@@ -1,0 +1,341 @@
+"""The trainer's side of a teacher server: ``RemoteTeacher``.
+
+It stands wherever the scoring code uses the local teacher: ``scoring.forward.completion_states``
+hands it the teacher's scoring batch (its own tokens in cross-tokenizer runs), it posts the batch
+to the server and returns ``CompletionStates(values=[B, C, H] final hidden states, head=the
+teacher's output head)``. Only the head is held here (loaded from ``teacher_model`` alone: the
+``lm_head`` weight, or the tied input embeddings), so the fused JSD / ULD losses run unchanged
+and the gradients are those of the local teacher.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+from torch import nn
+
+from axolotl_gold.config.errors import GoldConfigError
+from axolotl_gold.models.compatibility import text_config
+from axolotl_gold.models.remote import wire
+from axolotl_gold.scoring.forward import CompletionStates
+
+LOG = logging.getLogger(__name__)
+
+START_COMMAND = "python -m axolotl_gold.models.teacher_server --model {model} --host <host> --port <port>"
+
+
+class TeacherServerError(RuntimeError):
+    """The teacher server could not give a complete answer: nothing is trained on it."""
+
+
+class RemoteTeacher(nn.Module):
+    """A teacher served by ``axolotl_gold.models.teacher_server``; holds its config and head."""
+
+    def __init__(
+        self,
+        url: str,
+        config,
+        head: nn.Linear,
+        *,
+        model_id: str = "<teacher_model>",
+        timeout: float = 120.0,
+        retries: int = 3,
+        backoff: float = 1.0,
+    ):
+        super().__init__()
+        self.url = url.rstrip("/")
+        self.config = config
+        self.lm_head = head
+        self.model_id = model_id
+        self.timeout = float(timeout)
+        self.retries = max(1, int(retries))
+        self.backoff = backoff
+        self.server_info: dict = {}
+        self.head_sha256: str | None = None
+        self.requests = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._session = None
+
+    # --- what the scoring code reads -------------------------------------
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(self, *args, **kwargs):
+        raise TypeError(
+            "a RemoteTeacher is not run here: the scoring code calls `completion_states` (the "
+            "server returns final hidden states only; sampling from the teacher, `seq_kd`, is "
+            "not served)."
+        )
+
+    def completion_states(self, batch: dict, use_head_bypass: bool) -> CompletionStates:
+        """The teacher's completion states of a scoring batch, computed by the server."""
+        if batch.get("vision"):
+            raise TeacherServerError("the teacher server takes token ids only (no pixel_values)")
+        scored = batch["completion_labels"] != -100
+        num = int(scored.sum())
+        hidden_size = self.lm_head.weight.shape[1]
+        values = torch.zeros(
+            (*scored.shape, hidden_size), dtype=self.dtype, device=batch["input_ids"].device
+        )
+        if num:  # nothing scored (prompt-only rows): nothing to ask
+            states = self._post_states(wire.encode_request(batch), num, hidden_size)
+            values[scored.to(values.device)] = states.to(values.device, self.dtype)
+        if use_head_bypass:
+            return CompletionStates(values=values, head=self.lm_head)
+        return CompletionStates(values=self.lm_head(values), head=None)
+
+    # --- HTTP ---------------------------------------------------------------
+    def _session_(self):
+        import requests
+
+        if self._session is None:
+            self._session = requests.Session()
+        return self._session
+
+    def _unreachable(self, what: str, last) -> TeacherServerError:
+        return TeacherServerError(
+            f"the teacher server at {self.url} did not answer {what} after {self.retries} "
+            f"tries ({last}). Start it on the teacher's machine with `"
+            + START_COMMAND.format(model=self.model_id)
+            + "` and set `teacher_server_url` to its address (now "
+            f"`{self.url}`), or raise `teacher_server_timeout` / `teacher_server_retries`."
+        )
+
+    def _request(self, method: str, path: str, decode, **kwargs):
+        """``decode(response)`` of the first complete answer; connection errors, timeouts,
+        5xx answers and malformed payloads are retried (bounded); a 4xx is raised at once."""
+        import requests
+
+        url = f"{self.url}{path}"
+        last = None
+        for attempt in range(self.retries):
+            if attempt:
+                time.sleep(min(self.backoff * 2.0 ** (attempt - 1), 10.0))
+            try:
+                response = self._session_().request(method, url, timeout=self.timeout, **kwargs)
+            except requests.Timeout:
+                last = f"timed out after {self.timeout:g} s"
+                continue
+            except requests.ConnectionError as err:
+                last = f"connection failed: {type(err).__name__}"
+                continue
+            if response.status_code >= 500:
+                last = f"HTTP {response.status_code}: {response.text[:300]}"
+                continue
+            if not response.ok:  # the request itself is wrong: retrying cannot help
+                raise TeacherServerError(
+                    f"the teacher server at {url} refused the request: HTTP {response.status_code}: "
+                    f"{response.text[:500]}"
+                )
+            try:
+                return decode(response)
+            except wire.PayloadError as err:
+                last = f"malformed answer: {err}"
+                LOG.warning("teacher server %s: %s (try %d of %d)", url, last, attempt + 1, self.retries)
+                continue
+        if last is not None and str(last).startswith("malformed"):
+            raise TeacherServerError(
+                f"the teacher server at {url} gave no complete answer in {self.retries} tries "
+                f"({last}); nothing was trained on it."
+            )
+        raise self._unreachable(f"{method} {path}", last)
+
+    def _post_states(self, body: bytes, num: int, hidden_size: int) -> torch.Tensor:
+        received = []
+
+        def decode(response):
+            received.append(len(response.content))
+            return wire.decode_response(response.content, num, hidden_size, self.head_sha256)
+
+        states = self._request(
+            "POST", "/hidden_states", decode, data=body,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        self.requests += 1
+        self.bytes_sent += len(body)
+        self.bytes_received += received[-1]  # the whole body: states and header
+        return states
+
+    def health(self) -> dict:
+        def decode(response):
+            try:
+                return response.json()
+            except ValueError as err:
+                raise wire.PayloadError(f"/health did not answer JSON: {response.text[:200]}") from err
+
+        return self._request("GET", "/health", decode)
+
+    def check_server(self) -> dict:
+        """Compare what the server serves with the teacher the config names (its head above
+        all); raise ``GoldConfigError`` on any difference. Returns the server's /health."""
+        info = self.health()
+        head = self.lm_head
+        config = text_config(self.config)
+        if info.get("format") != wire.FORMAT:
+            raise GoldConfigError(
+                f"`teacher_server_url: {self.url}` speaks {info.get('format')!r}, this trainer "
+                f"{wire.FORMAT!r}: run the same axolotl_gold version on both sides."
+            )
+        expected = {
+            "hidden_size": int(head.weight.shape[1]),
+            "vocab_size": int(config.vocab_size),
+            "head_rows": int(head.weight.shape[0]),
+            "head_bias": head.bias is not None,
+        }
+        wrong = {k: (info.get(k), v) for k, v in expected.items() if info.get(k) != v}
+        served = info.get("model")
+        if wrong:
+            detail = ", ".join(f"{k} {got} (config: {want})" for k, (got, want) in wrong.items())
+            raise GoldConfigError(
+                f"`teacher_server_url: {self.url}` serves `{served}` with {detail}, not the teacher "
+                f"`teacher_model: {self.model_id}` names: start the server with `--model` the "
+                "checkpoint `teacher_model` names, or point `teacher_model` at the served one."
+            )
+        dtype = wire.DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise GoldConfigError(f"`teacher_server_url: {self.url}` runs in {info.get('dtype')!r}")
+        digest = wire.head_digest(head.weight, head.bias, dtype)
+        if info.get("head_sha256") != digest:
+            raise GoldConfigError(
+                f"`teacher_server_url: {self.url}` serves `{served}`, whose output head differs from "
+                f"the one in `teacher_model: {self.model_id}` (sha256 in {info.get('dtype')}: server "
+                f"{str(info.get('head_sha256'))[:16]}..., config {digest[:16]}...): the same "
+                "architecture with other weights. Serve the checkpoint `teacher_model` names."
+            )
+        if dtype != self.dtype:
+            LOG.info("teacher server runs in %s; its hidden states are cast to the head's %s", dtype, self.dtype)
+        self.server_info = info
+        self.head_sha256 = digest
+        return info
+
+
+# --- the output head alone, from the checkpoint ------------------------------
+
+
+def load_output_head(model: str, revision: str | None, dtype: torch.dtype, device) -> tuple[object, nn.Linear]:
+    """(the teacher's config, its output head) read from ``model`` without loading the model:
+    the ``lm_head`` tensors, or the input embeddings when they are tied. Falls back to loading
+    the whole model on the CPU (and keeping its head) when the checkpoint has no safetensors."""
+    from transformers import AutoConfig
+
+    from axolotl_gold.models.teacher import auto_model_class
+
+    config = AutoConfig.from_pretrained(model, revision=revision)
+    with torch.device("meta"):
+        skeleton = auto_model_class(config).from_config(config)
+    head = skeleton.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise GoldConfigError(
+            f"`teacher_model: {model}`: its output head is a {type(head).__name__}, not an "
+            "nn.Linear; the teacher server cannot serve it yet (remove `teacher_server_url`)."
+        )
+    tied = bool(getattr(text_config(config), "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+    weight_names = _names(skeleton, head.weight)
+    if tied:
+        weight_names += [n for n in _names(skeleton, skeleton.get_input_embeddings().weight) if n not in weight_names]
+    bias_names = _names(skeleton, head.bias) if head.bias is not None else []
+    tensors = _read_tensors(model, revision, weight_names, bias_names)
+    if tensors is None:
+        LOG.warning("teacher %s: no safetensors tensor for its head; loading the whole model on the CPU once", model)
+        full = auto_model_class(config).from_pretrained(model, revision=revision, dtype=dtype)
+        full_head = full.get_output_embeddings()
+        weight, bias = full_head.weight.detach(), None if full_head.bias is None else full_head.bias.detach()
+        del full
+    else:
+        weight, bias = tensors
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    out.weight = nn.Parameter(weight.to(device, dtype).contiguous(), requires_grad=False)
+    if bias is not None:
+        out.bias = nn.Parameter(bias.to(device, dtype).contiguous(), requires_grad=False)
+    return config, out
+
+
+def _names(module: nn.Module, param) -> list[str]:
+    return [n for n, p in module.named_parameters(remove_duplicate=False) if p is param]
+
+
+def _candidates(names: list[str]) -> list[str]:
+    out = []
+    for name in names:
+        for variant in (name, name.removeprefix("model."), f"model.{name}"):
+            if variant not in out:
+                out.append(variant)
+    return out
+
+
+def _read_tensors(model: str, revision, weight_names, bias_names):
+    """(weight, bias) from the checkpoint's safetensors, or None when it has none."""
+    import json
+
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    def fetch(name):
+        return cached_file(model, name, revision=revision, _raise_exceptions_for_missing_entries=False)
+
+    index = fetch("model.safetensors.index.json")
+    if index is not None:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    else:
+        single = fetch("model.safetensors")
+        if single is None:
+            return None
+        with safe_open(single, framework="pt") as f:
+            weight_map = {k: os.path.basename(single) for k in f.keys()}
+
+    def find(names, kind):
+        for key in _candidates(names):
+            if key in weight_map:
+                return key
+        suffix = ".".join(names[0].split(".")[-2:]) if names else kind
+        matches = [k for k in weight_map if k.endswith(suffix)]
+        return matches[0] if len(matches) == 1 else None
+
+    def read(key):
+        path = fetch(weight_map[key])
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(key)
+
+    weight_key = find(weight_names, "lm_head.weight")
+    if weight_key is None:
+        return None
+    bias_key = find(bias_names, "lm_head.bias") if bias_names else None
+    if bias_names and bias_key is None:
+        return None
+    return read(weight_key), (read(bias_key) if bias_key else None)
+
+
+def connect_teacher(settings, device) -> RemoteTeacher:
+    """The remote teacher of ``settings`` (``GoldSettings``), its head on ``device``, checked
+    against the server (reachable, same model, vocabulary and head) before any step."""
+    teacher = settings.teacher
+    dtype = wire.DTYPES[teacher.dtype]
+    config, head = load_output_head(teacher.model, teacher.revision, dtype, device)
+    remote = RemoteTeacher(
+        settings.teacher_server.url,
+        config,
+        head,
+        model_id=teacher.model,
+        timeout=settings.teacher_server.timeout,
+        retries=settings.teacher_server.retries,
+    )
+    info = remote.check_server()
+    LOG.info(
+        "GOLD teacher: served by %s (%s, %s on %s); output head local (%s, %s)",
+        remote.url, info.get("model"), info.get("dtype"), info.get("device"),
+        tuple(head.weight.shape), head.weight.dtype,
+    )
+    return remote
