@@ -108,6 +108,8 @@ class GoldArgs(BaseModel):
     vllm_enable_sleep_mode: bool = False
     vllm_sync_steps: int = 1
     vllm_max_model_len: int | None = None
+    # false: vLLM captures CUDA graphs (colocate; the server takes --enforce-eager)
+    vllm_enforce_eager: bool = False
     vllm_server_host: str = "127.0.0.1"
     vllm_server_port: int = 8011
     vllm_server_timeout: float = 240.0

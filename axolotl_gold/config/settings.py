@@ -60,6 +60,7 @@ class VllmSettings:
     enable_sleep_mode: bool
     sync_steps: int
     max_model_len: int | None
+    enforce_eager: bool
     dtype: str  # the precision the student trains in
     server_url: str
     server_timeout: float
@@ -161,6 +162,7 @@ class GoldSettings:
                 enable_sleep_mode=bool(get("vllm_enable_sleep_mode")),
                 sync_steps=int(get("vllm_sync_steps")),
                 max_model_len=cfg.get("vllm_max_model_len") or cfg.get("sequence_len"),
+                enforce_eager=bool(get("vllm_enforce_eager")),
                 dtype="bfloat16" if cfg.get("bf16") is True else "float16" if cfg.get("fp16") else "float32",
                 server_url=f"http://{get('vllm_server_host')}:{get('vllm_server_port')}",
                 server_timeout=float(get("vllm_server_timeout")),

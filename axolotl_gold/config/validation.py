@@ -114,6 +114,7 @@ def validate_gold_settings(data: dict) -> None:
 
     if data.get("teacher_server_url"):
         _validate_teacher_server(data)
+    _validate_teacher_placement(data)
     if data.get("fsdp") or data.get("fsdp_config") or data.get("fsdp_version"):
         _validate_fsdp(data)
     if _zero_stage(data.get("deepspeed")) == 3:
@@ -207,6 +208,25 @@ def _validate_teacher_server(data: dict) -> None:
     for wrong, why in refused:
         if wrong:
             raise GoldConfigError(f"`teacher_server_url` is set, but {why} (or remove `teacher_server_url`).")
+
+
+def _validate_teacher_placement(data: dict) -> None:
+    """A quantized or ``device_map``-placed teacher is held whole by one process."""
+    kwargs = data.get("teacher_model_init_kwargs") or {}
+    keys = [k for k in ("quantization_config", "device_map", "load_in_4bit", "load_in_8bit") if kwargs.get(k)]
+    if not keys:
+        return
+    sharded = (
+        "ZeRO-3" if _zero_stage(data.get("deepspeed")) == 3
+        else "FSDP" if (data.get("fsdp") or data.get("fsdp_config") or data.get("fsdp_version")) else None
+    )
+    if sharded:
+        raise GoldConfigError(
+            f"`teacher_model_init_kwargs` {', '.join(f'`{k}`' for k in keys)} with {sharded}: a "
+            f"quantized or device_map-placed teacher cannot be partitioned by {sharded}. Remove "
+            f"{', '.join(f'`teacher_model_init_kwargs.{k}`' for k in keys)}, or train without "
+            f"{sharded} (DDP / ZeRO-1/2 hold the quantized teacher whole on each GPU)."
+        )
 
 
 def _validate_zero3(data: dict) -> None:

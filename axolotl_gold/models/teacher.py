@@ -60,9 +60,48 @@ def record_teacher_modeling(cfg) -> list[str]:
         return []
 
 
+PLACEMENT_KEYS = ("quantization_config", "device_map", "load_in_4bit", "load_in_8bit")
+
+
+def placed_by_loader(init_kwargs: dict) -> bool:
+    """``teacher_model_init_kwargs`` that place the teacher themselves: a bitsandbytes
+    quantization (``quantization_config``, or ``load_in_4bit`` / ``load_in_8bit``) or a
+    ``device_map``. Such a teacher is never moved with ``.to(device)`` afterwards."""
+    return any(init_kwargs.get(key) for key in PLACEMENT_KEYS)
+
+
+def placement_kwargs(kwargs: dict, device: torch.device | None) -> dict:
+    """``from_pretrained`` kwargs with the placement filled in.
+
+    ``load_in_4bit`` / ``load_in_8bit`` become a ``quantization_config`` (transformers 5
+    takes only that); a quantized teacher without a ``device_map`` is loaded straight
+    onto ``device`` (``{"": device}``), so its weights are quantized as they arrive and
+    never exist in full precision on the device. bitsandbytes leaves the output head
+    (``lm_head``) unquantized unless ``llm_int8_skip_modules`` says otherwise, so the
+    fused losses still apply it themselves (see ``scoring.forward.bypassable_head``).
+    """
+    kwargs = dict(kwargs)
+    bits = {k: bool(kwargs.pop(k)) for k in ("load_in_4bit", "load_in_8bit") if k in kwargs}
+    if any(bits.values()) and not kwargs.get("quantization_config"):
+        kwargs["quantization_config"] = dict(bits)
+    quantization = kwargs.get("quantization_config")
+    if isinstance(quantization, dict) and quantization.get("load_in_4bit"):
+        # 4-bit layers compute in float32 unless told: compute in the teacher's dtype
+        dtype = kwargs.get("dtype")
+        name = str(dtype).removeprefix("torch.") if dtype is not None else None
+        kwargs["quantization_config"] = {"bnb_4bit_compute_dtype": name, **quantization} if name else quantization
+    if kwargs.get("quantization_config") and not kwargs.get("device_map") and device is not None:
+        kwargs["device_map"] = {"": str(device)}
+    return kwargs
+
+
 def load_teacher(teacher: TeacherSettings, device: torch.device | None, *, meta: bool = False) -> nn.Module:
     """The teacher on ``device`` (None: left where ``from_pretrained`` put it, the CPU),
     with no gradients.
+
+    A quantized teacher (bitsandbytes 8-bit / 4-bit through ``teacher_model_init_kwargs``)
+    or one with a ``device_map`` stays where ``from_pretrained`` placed it
+    (``placement_kwargs``): no ``.to(device)`` undoes it.
 
     ``meta``: built from its config on the ``meta`` device, no weights read (FSDP2's
     ranks other than 0: ``shard_teacher`` fills their shards from rank 0).
@@ -76,6 +115,9 @@ def load_teacher(teacher: TeacherSettings, device: torch.device | None, *, meta:
     kwargs["dtype"] = _DTYPES[teacher.dtype]
     if teacher.revision:
         kwargs["revision"] = teacher.revision
+    placed = placed_by_loader(kwargs) and not meta
+    if placed:
+        kwargs = placement_kwargs(kwargs, device)
     config = AutoConfig.from_pretrained(teacher.model, revision=teacher.revision)
     with original_modeling():
         if meta:
@@ -91,4 +133,13 @@ def load_teacher(teacher: TeacherSettings, device: torch.device | None, *, meta:
     model.requires_grad_(False)
     model.eval()
     disable_dropout(model)
+    if placed:
+        LOG.info("teacher placed by from_pretrained (%s): not moved", _describe_placement(model))
+        return model
     return model if device is None or meta else model.to(device)
+
+
+def _describe_placement(model: nn.Module) -> str:
+    devices = sorted({str(p.device) for p in model.parameters()})
+    quantized = getattr(model, "hf_quantizer", None)
+    return f"devices {devices}" + (f", {type(quantized).__name__}" if quantized is not None else "")

@@ -28,7 +28,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def bypassable_head(model: nn.Module) -> nn.Linear | None:
-    """The output head if the loss may apply it itself, else None."""
+    """The output head if the loss may apply it itself, else None.
+
+    A bitsandbytes-quantized head (``Linear4bit`` / ``Linear8bitLt``, only when
+    ``llm_int8_skip_modules`` leaves it out: bitsandbytes keeps ``lm_head`` in the load
+    dtype by default) is not a plain ``nn.Linear``: the model applies it, and the loss
+    reads its completion-region logits."""
     inner = unwrap(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if not _plain_linear(head):  # LoRA / modules_to_save wrappers change the weight
@@ -109,7 +114,12 @@ def completion_states(model: nn.Module, batch: dict, use_head_bypass: bool) -> C
     if remote is not None:
         return remote(batch, use_head_bypass)
     width = batch["completion_labels"].shape[1]
+    device = batch["input_ids"].device
     head = bypassable_head(model) if use_head_bypass else None
+    if head is not None and head.weight.device != device:
+        # a device_map placed the head elsewhere (another GPU, or offloaded: its weight
+        # is on ``meta`` between calls): the model applies it, its logits come here
+        head = None
     ctx = _head_as_identity(model, head) if head is not None else contextlib.nullcontext()
     with ctx:
         kwargs = dict(batch.get("vision") or {})  # pixel_values etc. of a vision batch
@@ -123,4 +133,6 @@ def completion_states(model: nn.Module, batch: dict, use_head_bypass: bool) -> C
             **kwargs,
         )
     values = out.logits[:, -(width + 1): -1]
+    if values.device != device:  # a device_map ending on another device
+        values = values.to(device)
     return CompletionStates(values=values, head=head)

@@ -100,6 +100,72 @@ def test_lora_sync_pushes_only_changed_modules(engine_and_model):
     torch.testing.assert_close(_vllm_prompt_logprobs(engine, ids), _hf_logprobs(lora, ids), atol=2e-3, rtol=0)
 
 
+def test_resumed_dora_with_modules_to_save_syncs_on_the_first_window(engine_and_model, tmp_path):
+    """A run resumed from `lora_model_dir`: the engine starts from the base checkpoint,
+    the student at step 0 is base + a trained DoRA adapter with trained `lm_head` and
+    `embed_tokens` copies. The first window syncs (step still 0), and vLLM's log-probs
+    are then the student's."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_gold.rollouts.vllm.sampling import model_runner
+    from axolotl_gold.rollouts.vllm.weights import full_weights
+
+    engine, state, step, tok, pair = engine_and_model
+    base = AutoModelForCausalLM.from_pretrained(pair["student"])
+    # a fresh engine: the base checkpoint's weights, never synced
+    model_runner(engine.llm).reload_weights(weights_iterator=full_weights(base))
+    engine._synced_step = None
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True, target_modules=["q_proj", "v_proj", "up_proj"],
+                        modules_to_save=["lm_head", "embed_tokens"])
+    trained = get_peft_model(AutoModelForCausalLM.from_pretrained(pair["student"]), config)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    trained.save_pretrained(tmp_path / "adapter")
+    student = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pair["student"]), str(tmp_path / "adapter"), is_trainable=True)
+    ids = _ids(tok)
+    stale = _vllm_prompt_logprobs(engine, ids)
+    expected = _hf_logprobs(student, ids)
+    assert max(abs(a - b) for a, b in zip(stale, expected)) > 1e-2  # the base is not the student
+    state["model"] = student
+    syncs = engine.syncs
+    engine.generate([ids[:5]], seed=0)  # step unchanged: the first window syncs anyway
+    assert engine.syncs == syncs + 1
+    torch.testing.assert_close(_vllm_prompt_logprobs(engine, ids), expected, atol=2e-3, rtol=0)
+
+
+def test_vllm_stops_at_the_run_stop_set(engine_and_model):
+    """The stop set reaches SamplingParams: vLLM itself stops at a stop id (finish
+    reason "stop"), instead of sampling to max_tokens and leaving the cut to trim."""
+    from axolotl_gold.rollouts.engines.base import SamplingSettings
+    from axolotl_gold.rollouts.vllm.sampling import sample_rollouts
+
+    engine, state, step, tok, _ = engine_and_model
+    prompt = _ids(tok)[:6]
+    greedy = SamplingSettings(max_new_tokens=8, temperature=0.0)
+    free, _ = sample_rollouts(engine.llm, [prompt], greedy, seed=0, eos_ids=set())
+    stop = free[0][2]
+    seen = []
+    generate = engine.llm.generate
+
+    def recording(*args, **kwargs):
+        outs = generate(*args, **kwargs)
+        seen.extend(outs)
+        return outs
+
+    engine.llm.generate = recording
+    try:
+        out, _ = sample_rollouts(engine.llm, [prompt], greedy, seed=0, eos_ids={stop})
+    finally:
+        del engine.llm.generate
+    cut = free[0][: free[0].index(stop) + 1]
+    assert out == [cut]
+    sample = seen[0].outputs[0]
+    assert sample.finish_reason == "stop" and list(sample.token_ids) == cut
+
+
 @pytest.mark.parametrize("num_generations", [1, 4])
 def test_completions_map_back_to_their_prompts(engine_and_model, num_generations):
     """Greedy samples of distinct prompts, each repeated num_generations times, come back

@@ -80,7 +80,8 @@ def test_weights_pushed_over_http_change_the_samples(server, tiny_pair):
             p.add_(torch.randn_like(p) * 0.05)
     step["n"] = 1
     after = engine.generate([prompt], seed=0)
-    assert engine.syncs == 1 and after == [hf_greedy()]
+    # the first window synced too (the server starts from the base checkpoint)
+    assert engine.syncs == 2 and after == [hf_greedy()]
 
 
 def test_unreachable_server_names_the_url():
@@ -88,8 +89,9 @@ def test_unreachable_server_names_the_url():
     from axolotl_gold.rollouts.vllm.client import VLLMServerEngine, VLLMServerUnreachable
 
     url = f"http://127.0.0.1:{_free_port()}"
-    engine = VLLMServerEngine(url, lambda: None, lambda: 0, SamplingSettings(max_new_tokens=4), {2}, timeout=2, retries=2)
-    with pytest.raises(VLLMServerUnreachable, match=f"{url} did not answer /generate after 2 tries"):
+    # the first window's sync is the first request
+    engine = VLLMServerEngine(url, lambda: torch.nn.Linear(2, 2), lambda: 0, SamplingSettings(max_new_tokens=4), {2}, timeout=2, retries=2)
+    with pytest.raises(VLLMServerUnreachable, match=f"{url} did not answer /update_weights after 2 tries"):
         engine.generate([[1, 2, 3]], seed=0)
 
 

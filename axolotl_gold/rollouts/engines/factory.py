@@ -92,6 +92,7 @@ def build_engines(
             enable_sleep_mode=vllm.enable_sleep_mode,
             sync_every=vllm.sync_steps,
             dtype=vllm.dtype,
+            enforce_eager=vllm.enforce_eager,
         )
     else:
         student = local(ctx.get_student, sampling, pad_id, stop_ids, **kwargs)

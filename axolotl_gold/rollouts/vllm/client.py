@@ -16,7 +16,8 @@ class VLLMServerUnreachable(RuntimeError):
 
 
 class VLLMServerEngine:
-    """Same contract as the other engines; weights go over HTTP after optimizer steps.
+    """Same contract as the other engines; weights go over HTTP before the first window
+    (the server starts from the base checkpoint) and after optimizer steps.
 
     With several training processes, the main process pushes the weights and every
     process waits at a barrier before sampling, so no rank samples stale weights.
@@ -49,7 +50,7 @@ class VLLMServerEngine:
         self.syncs = 0
         self.sync_seconds = 0.0
         self.dropped = 0
-        self._synced_step = 0
+        self._synced_step: int | None = None  # the server starts from the base checkpoint
 
     def _post(self, path: str, **kwargs):
         import requests
@@ -80,14 +81,15 @@ class VLLMServerEngine:
         from safetensors.torch import save
 
         start = time.perf_counter()
-        tensors = {name: t.contiguous().cpu() for name, t in student_weights(self.get_model())}
+        first = self._synced_step is None
+        tensors = {name: t.contiguous().cpu() for name, t in student_weights(self.get_model(), first=first)}
         self._post("/update_weights", data=save(tensors))
         self.syncs += 1
         self.sync_seconds += time.perf_counter() - start
 
     def _maybe_sync(self) -> None:
         step = self.get_step()
-        if step - self._synced_step < self.sync_every:
+        if self._synced_step is not None and step - self._synced_step < self.sync_every:
             return
         if self.is_main_process:
             self.sync_weights()

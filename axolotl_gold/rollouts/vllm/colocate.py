@@ -4,9 +4,12 @@ One engine per training process, started from the student checkpoint with
 ``distributed_executor_backend="external_launcher"`` (it joins the process's
 ``torch.distributed`` group instead of spawning workers). Before a window's single
 ``generate`` call, the engine pulls the student's current weights if an optimizer
-step happened since the last pull (every ``sync_every`` steps): full weights for a
-full fine-tune; for a LoRA student, only the modules LoRA changes, merged on the fly
-(``W + scale * B @ A``), never the whole model.
+step happened since the last pull (every ``sync_every`` steps), and always before the
+run's first window (the engine starts from the base checkpoint, which is not the
+student when an adapter is resumed from ``lora_model_dir``, when ``modules_to_save``
+differ, or when a QLoRA student computes with its dequantized 4-bit base): full
+weights for a full fine-tune; for an adapter, only what it changes, merged with peft's
+own merge logic (``weights``), never the whole model.
 
 Sampled-token log-probabilities come back with the completions; a completion whose
 log-probabilities are not finite is reported and dropped from training (its row
@@ -47,6 +50,7 @@ class VLLMColocateEngine:
         sync_every: int = 1,
         dtype: str = "auto",
         min_new_tokens: int = 0,
+        enforce_eager: bool = False,
     ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         ensure_process_group()
@@ -68,13 +72,16 @@ class VLLMColocateEngine:
             max_model_len=max_model_len,
             enable_sleep_mode=enable_sleep_mode,
             dtype=dtype,
-            enforce_eager=True,
+            # False: CUDA graphs captured (reloads copy weights in place, so they stay
+            # valid); without CUDA (the CPU build) always eager: there the graphs'
+            # stand-in is a slow torch.compile of the model
+            enforce_eager=enforce_eager or not torch.cuda.is_available(),
         )
         self.calls = 0
         self.syncs = 0
         self.sync_seconds = 0.0
         self.dropped = 0
-        self._synced_step = 0  # the engine starts from the checkpoint = step 0's weights
+        self._synced_step: int | None = None  # None: the base checkpoint, not yet the student
         if enable_sleep_mode:
             self.llm.sleep(level=1)
 
@@ -84,13 +91,14 @@ class VLLMColocateEngine:
         import time
 
         start = time.perf_counter()
-        model_runner(self.llm).reload_weights(weights_iterator=student_weights(self.get_model()))
+        first = self._synced_step is None
+        model_runner(self.llm).reload_weights(weights_iterator=student_weights(self.get_model(), first=first))
         self.syncs += 1
         self.sync_seconds += time.perf_counter() - start
 
     def _maybe_sync(self) -> None:
         step = self.get_step()
-        if step - self._synced_step >= self.sync_every:
+        if self._synced_step is None or step - self._synced_step >= self.sync_every:
             self.sync_weights()
             self._synced_step = step
 

@@ -84,6 +84,9 @@ def sample_rollouts(llm, prompts, sampling: SamplingSettings, seed: int, eos_ids
             logprobs=0,
             seed=(seed + i) % 2**31,
             min_tokens=min_new_tokens,
+            # the run's stop set (the other engines' ``stop_ids``): vLLM stops there
+            # instead of sampling on to ``max_tokens`` and leaving the cut to ``trim``
+            stop_token_ids=sorted(int(t) for t in eos_ids),
         )
         for i, (_, count) in enumerate(groups)
     ]

@@ -1,6 +1,6 @@
 """The vLLM rollout server for ``vllm_mode: server``: one command on its own devices.
 
-    python -m axolotl_gold.rollouts.vllm.server --model <base_model> [--port 8011] [--host 127.0.0.1]
+    python -m axolotl_gold.rollouts.vllm.server --model <base_model> [--port 8011] [--host 127.0.0.1] [--enforce-eager]
 
 Protocol (HTTP, JSON except weights):
 
@@ -75,10 +75,15 @@ def main(argv=None) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument(
+        "--enforce-eager", action="store_true",
+        help="no CUDA graphs (the default captures them; `vllm_enforce_eager` in the training config)",
+    )
     args = parser.parse_args(argv)
 
     # in-process engine core: weights are reloaded through its model runner
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
     import uvicorn
 
     from axolotl_gold.rollouts.vllm.sampling import shield_lazy_module_objects
@@ -92,7 +97,7 @@ def main(argv=None) -> None:
         max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
         tensor_parallel_size=args.tensor_parallel_size,
-        enforce_eager=True,
+        enforce_eager=args.enforce_eager or not torch.cuda.is_available(),  # CPU build: eager
     )
     uvicorn.run(build_app(llm), host=args.host, port=args.port, log_level="warning")
 
