@@ -42,6 +42,11 @@ class GoldPlugin(BasePlugin):
             from axolotl_gold.models.compatibility import check_teacher_compatible
 
             check_teacher_compatible(cfg)
+            if cfg.get("teacher_server_url"):  # reachable, and serving this teacher's sizes
+                from axolotl_gold.config.settings import GoldSettings
+                from axolotl_gold.models.remote.teacher import check_teacher_server
+
+                check_teacher_server(GoldSettings.from_cfg(cfg))
 
     def post_model_load(self, cfg, model) -> None:
         if gold_enabled(cfg):

@@ -338,6 +338,16 @@ def test_server_of_another_model_is_refused(server, tiny_pair, tiny_cross_pair, 
         connect_teacher(settings_for({"teacher": other}, server), "cpu")
 
 
+def test_early_check_before_any_model_loads(server, tiny_pair, tiny_cross_pair):
+    from axolotl_gold.models.remote.teacher import check_teacher_server
+
+    assert check_teacher_server(settings_for(tiny_pair, server))["model"] == tiny_pair["teacher"]
+    with pytest.raises(GoldConfigError, match="vocab_size"):
+        check_teacher_server(settings_for(tiny_cross_pair, server))
+    with pytest.raises(TeacherServerError, match="python -m axolotl_gold.models.teacher_server"):
+        check_teacher_server(settings_for(tiny_pair, f"http://127.0.0.1:{free_port()}", teacher_server_retries=1))
+
+
 class _Fake(http.server.BaseHTTPRequestHandler):
     """A server that answers /health like the real one and /hidden_states wrongly."""
 
@@ -484,3 +494,14 @@ def test_two_training_processes_share_the_teacher_server(server, tiny_pair, tmp_
     error = relative_l2(remote, local)
     print(f"axolotl train, 2 processes x (2, 2) remote vs (8, 1) local: relative L2 {error:.2e}")
     assert error < 1e-5
+
+
+@pytest.mark.e2e
+def test_axolotl_train_stops_before_loading_when_the_server_is_down(tiny_pair, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    cfg = gold_config(tiny_pair, tmp_path, teacher_server_url=url, teacher_server_retries=1)
+    with pytest.raises(AssertionError) as err:
+        run_train(cfg, tmp_path)
+    message = str(err.value)
+    assert url in message and "python -m axolotl_gold.models.teacher_server" in message
+    assert "pre_model_load" in (tmp_path / "log.txt").read_text()  # before the student loads

@@ -177,6 +177,17 @@ class RemoteTeacher(nn.Module):
 
         return self._request("GET", "/health", decode)
 
+    def compare(self, info: dict, expected: dict) -> None:
+        """``GoldConfigError`` naming both models when /health's ``info`` differs from ``expected``."""
+        wrong = {k: (info.get(k), v) for k, v in expected.items() if info.get(k) != v}
+        if wrong:
+            detail = ", ".join(f"{k} {got} (config: {want})" for k, (got, want) in wrong.items())
+            raise GoldConfigError(
+                f"`teacher_server_url: {self.url}` serves `{info.get('model')}` with {detail}, not the "
+                f"teacher `teacher_model: {self.model_id}` names: start the server with `--model` the "
+                "checkpoint `teacher_model` names, or point `teacher_model` at the served one."
+            )
+
     def check_server(self) -> dict:
         """Compare what the server serves with the teacher the config names (its head above
         all); raise ``GoldConfigError`` on any difference. Returns the server's /health."""
@@ -194,15 +205,8 @@ class RemoteTeacher(nn.Module):
             "head_rows": int(head.weight.shape[0]),
             "head_bias": head.bias is not None,
         }
-        wrong = {k: (info.get(k), v) for k, v in expected.items() if info.get(k) != v}
+        self.compare(info, expected)
         served = info.get("model")
-        if wrong:
-            detail = ", ".join(f"{k} {got} (config: {want})" for k, (got, want) in wrong.items())
-            raise GoldConfigError(
-                f"`teacher_server_url: {self.url}` serves `{served}` with {detail}, not the teacher "
-                f"`teacher_model: {self.model_id}` names: start the server with `--model` the "
-                "checkpoint `teacher_model` names, or point `teacher_model` at the served one."
-            )
         dtype = wire.DTYPES.get(info.get("dtype"))
         if dtype is None:
             raise GoldConfigError(f"`teacher_server_url: {self.url}` runs in {info.get('dtype')!r}")
@@ -316,6 +320,27 @@ def _read_tensors(model: str, revision, weight_names, bias_names):
     if bias_names and bias_key is None:
         return None
     return read(weight_key), (read(bias_key) if bias_key else None)
+
+
+def check_teacher_server(settings) -> dict:
+    """Before any model loads (the plugin's ``pre_model_load``): the server answers /health
+    and serves a model of the configured teacher's sizes (the head itself is compared once it
+    is loaded, by ``connect_teacher``)."""
+    from transformers import AutoConfig
+
+    teacher = settings.teacher
+    config = AutoConfig.from_pretrained(teacher.model, revision=teacher.revision)
+    remote = RemoteTeacher(
+        settings.teacher_server.url, config, nn.Linear(1, 1, device="meta"), model_id=teacher.model,
+        timeout=settings.teacher_server.timeout, retries=settings.teacher_server.retries,
+    )
+    info = remote.health()
+    text = text_config(config)
+    expected = {"vocab_size": int(text.vocab_size)}
+    if getattr(text, "hidden_size", None) is not None:
+        expected["hidden_size"] = int(text.hidden_size)
+    remote.compare(info, expected)
+    return info
 
 
 def connect_teacher(settings, device) -> RemoteTeacher:
