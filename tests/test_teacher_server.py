@@ -194,6 +194,25 @@ def test_health_names_the_model(server, tiny_pair):
     assert (info["hidden_size"], info["dtype"], info["head_bias"]) == (128, "float32", False)
 
 
+@pytest.mark.parametrize("device_map", [None, "auto"])
+def test_server_states_in_process(tiny_pair, device_map):
+    """The server's forward (``--device-map auto`` included: the loader places the layers)
+    returns the local teacher's final hidden states at the scored positions only."""
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_gold.models.remote.server import hidden_states, load
+    from axolotl_gold.scoring.forward import completion_states
+
+    model = load(tiny_pair["teacher"], "float32", "cpu", device_map=device_map)
+    batch = _batch()
+    got = hidden_states(model, wire.decode_request(wire.encode_request(batch), 1000))
+    local = AutoModelForCausalLM.from_pretrained(tiny_pair["teacher"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = completion_states(local, batch, use_head_bypass=True).values
+    assert got.shape == (5, 128)
+    torch.testing.assert_close(got, want[batch["completion_labels"] != -100], rtol=1e-6, atol=1e-6)
+
+
 def test_bad_request_is_a_400_with_the_reason(server):
     response = requests.post(server + "/hidden_states", data=b"garbage", timeout=10)
     assert response.status_code == 400 and "safetensors" in response.json()["error"]

@@ -2,6 +2,7 @@
 
     python -m axolotl_gold.models.teacher_server --model <teacher_model> [--host 127.0.0.1]
         [--port 8012] [--dtype auto|bfloat16|float16|float32] [--device auto|cpu|cuda|cuda:N]
+        [--device-map auto]   # a teacher larger than one GPU, its layers over the visible GPUs
 
 - ``GET /health`` -> JSON: ``format``, ``model`` (as given), ``model_type``, ``hidden_size``,
   ``vocab_size`` (the config's), ``head_rows`` / ``head_bias``, ``dtype``, ``device`` and
@@ -52,7 +53,11 @@ def hidden_states(model, request: dict):
 
     from axolotl_gold.scoring.forward import completion_states
 
-    device = next(model.parameters()).device
+    from axolotl_gold.scoring.forward import bypassable_head
+
+    # the head's device: with a device_map the loader's hooks move the inputs to the
+    # embeddings, and the head is bypassed only when the batch sits where it does
+    device = bypassable_head(model).weight.device
     batch = {k: v.to(device) for k, v in request.items()}
     scored = batch.pop("scored")
     batch["completion_labels"] = scored  # only its width is read
@@ -110,7 +115,7 @@ def build_app(model, model_id: str):
     return app
 
 
-def load(model_path: str, dtype: str, device: str, revision=None):
+def load(model_path: str, dtype: str, device: str, revision=None, device_map=None):
     import torch
 
     from axolotl_gold.config.settings import TeacherSettings
@@ -120,7 +125,8 @@ def load(model_path: str, dtype: str, device: str, revision=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
-    settings = TeacherSettings(model=model_path, revision=revision, tokenizer=model_path, dtype=dtype)
+    init_kwargs = {"device_map": device_map} if device_map else {}
+    settings = TeacherSettings(model_path, revision, model_path, dtype, init_kwargs)
     return load_teacher(settings, torch.device(device))
 
 
@@ -133,11 +139,13 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="auto: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device-map", default=None,
+                        help="a teacher larger than one GPU: `auto` spreads its layers over the visible GPUs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     import uvicorn
 
-    model = load(args.model, args.dtype, args.device, args.revision)
+    model = load(args.model, args.dtype, args.device, args.revision, args.device_map)
     app = build_app(model, args.model)
     info = describe(model, args.model, "")
     LOG.info(
