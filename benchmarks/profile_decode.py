@@ -42,6 +42,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+class _Rows(dict):
+    """The table's rows, each also printed when measured (a cut-off run keeps them)."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        print(f"[profile] {key}: {value:.3f}", flush=True)
+
+
 def timed(fn, repeats: int) -> float:
     """Milliseconds per call, device-synced."""
     fn()
@@ -105,7 +113,7 @@ def main(argv=None) -> dict:
     sampling = SamplingSettings(max_new_tokens=args.new, temperature=args.temperature, top_p=args.top_p)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, vocab - 10, (args.prompt,), generator=g).tolist() for _ in range(args.batch)]
-    rows = {}
+    rows = _Rows()
 
     for grouped in (False, True):
         engine = StaticCacheEngine(
