@@ -266,23 +266,3 @@ def test_cuda_memory_bound_splits_the_call_with_the_same_samples(monkeypatch):
     on_cpu = StaticCacheEngine(lambda: cpu, settings, PAD, {EOS}).generate(prompts, seed=2)
     same = sum(a == b for a, b in zip(on_cpu, unbounded))
     assert same >= len(prompts) - 1, (on_cpu, unbounded)  # float rounding may flip one row
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
-@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.95, 0.999])
-@pytest.mark.parametrize("scale", [0.1, 1.0, 8.0])
-def test_top_p_without_a_sort_removes_what_hf_removes(top_p, scale, device):
-    """Flat, moderate and peaked distributions over a 5,000-token vocabulary, with
-    filtered (zero-probability) tokens: the same set as HF's sort-and-cumsum rule."""
-    from transformers.generation.logits_process import TopPLogitsWarper
-
-    from axolotl_gold.rollouts.engines.static import top_p_removed
-
-    g = torch.Generator().manual_seed(int(scale * 100 + top_p * 1000))
-    logits = torch.randn(6, 5000, generator=g) * scale
-    logits[0, :100] = float("-inf")
-    expected = torch.isinf(TopPLogitsWarper(top_p)(None, logits.clone()))
-    got = top_p_removed(logits.to(device).softmax(-1), top_p).cpu()
-    assert torch.equal(got, expected), (got != expected).sum()
-    assert not got.all(dim=1).any()  # the most likely token always stays

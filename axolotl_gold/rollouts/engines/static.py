@@ -59,44 +59,15 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        logits = logits.masked_fill(top_p_removed(logits.softmax(dim=-1), top_p), float("-inf"))
+        # a full-vocabulary sort: on an H200 0.55 ms at 16 x 151,936, where a radix select
+        # over the probabilities' bits (three scatter-add histograms) took 1.24 ms
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= 1.0 - top_p  # HF's TopPLogitsWarper rule
+        remove_sorted[..., -1] = False
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
     return logits
-
-
-# radix select over the bit patterns of non-negative float32 probabilities (31 bits):
-# (shift, width) of each level, most significant bits first
-_RADIX_LEVELS = ((20, 11), (10, 10), (0, 10))
-
-
-def top_p_removed(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """``[B, V]`` True for the tokens HF's top-p rule removes, without sorting the vocabulary.
-
-    HF sorts ascending and removes a token when the mass up to and including it is at
-    most ``1 - top_p``: for distinct values, exactly the tokens below the smallest value
-    ``T`` whose mass at or below it exceeds ``1 - top_p``. ``T`` is found by a radix
-    select on the float bit patterns (their integer order is the value order): three
-    levels of a per-row histogram of probability mass (float64, so the sums do not
-    depend on the order atomics add them in), each narrowing the bucket that holds
-    ``T``. About 15 kernels instead of a ``[B, V]`` sort.
-    """
-    rows = probs.shape[0]
-    bits = probs.float().contiguous().view(torch.int32)
-    mass = probs.double()
-    limit = 1.0 - top_p
-    threshold = torch.zeros(rows, dtype=torch.int32, device=probs.device)
-    below = torch.zeros(rows, 1, dtype=torch.float64, device=probs.device)  # mass under the bucket
-    inside = torch.ones_like(bits, dtype=torch.bool)  # tokens in the bucket narrowed so far
-    for shift, width in _RADIX_LEVELS:
-        key = ((bits >> shift) & ((1 << width) - 1)).long()
-        hist = torch.zeros(rows, 1 << width, dtype=torch.float64, device=probs.device)
-        hist.scatter_add_(1, key, mass * inside)
-        cumulative = below + hist.cumsum(dim=1)
-        # the first bucket whose cumulative mass exceeds the limit holds T
-        bucket = (cumulative <= limit).sum(dim=1, keepdim=True).clamp(max=(1 << width) - 1)
-        below = below + torch.gather(hist.cumsum(dim=1), 1, bucket) - torch.gather(hist, 1, bucket)
-        threshold = threshold | (bucket.squeeze(1).int() << shift)
-        inside = inside & (key == bucket)
-    return bits < threshold[:, None]
 
 
 def sample_tokens(
