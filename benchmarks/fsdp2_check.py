@@ -53,14 +53,12 @@ TINY_STUDENT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers"
                 "num_attention_heads": 4, "num_key_value_heads": 2}
 TINY_TEACHER = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3,
                 "num_attention_heads": 4, "num_key_value_heads": 2}
-SMALL_STUDENT = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-                 "num_key_value_heads": 2, "intermediate_size": 1024}
-SMALL_TEACHER = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
-                 "num_key_value_heads": 2, "intermediate_size": 2048}
-MEM_STUDENT = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
-               "num_key_value_heads": 2, "intermediate_size": 4864}
-MEM_TEACHER = {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
-               "num_key_value_heads": 2, "intermediate_size": 8960}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the same model shapes as the ZeRO-3 check: small for the gradient check, 0.5B / 1.5B for memory
+from zero3_check import SMALL_STUDENT, SMALL_TEACHER  # noqa: E402
+from zero3_check import STUDENT as MEM_STUDENT  # noqa: E402
+from zero3_check import TEACHER as MEM_TEACHER  # noqa: E402
+
 CASES = ("jsd", "jsd_tied", "jsd_onpolicy", "jsd_nosync", "hybrid_uld")
 
 
