@@ -99,6 +99,9 @@ class GoldArgs(BaseModel):
 
     # --- rollout engine ----------------------------------------------------
     gold_generation_engine: Literal["auto", "hf", "static"] = "auto"
+    # the static engine's decode step through torch.compile (fused kernels; a one-time
+    # compile per batch and cache-length bucket, about a minute each on a 0.5B model)
+    gold_rollout_compile: bool = False
     # --- vision-language students -------------------------------------------
     gold_train_vision_tower: bool = False
     use_vllm: bool = False
