@@ -211,17 +211,25 @@ def run_cli(own, args, bvr, models: Path) -> dict:
     work = Path(own.workdir or tempfile.mkdtemp(prefix="gold_bench_cli_"))
     work.mkdir(parents=True, exist_ok=True)
     path = write_config(own, args, bvr, models, work)
+    return train(path, work, cuda=args.device.startswith("cuda"), min_new_tokens=args.completion,
+                 warmup=args.warmup, steps=args.steps, timeout=own.timeout)
+
+
+def train(path: Path, work: Path, cuda: bool, min_new_tokens: int, warmup: int, steps: int,
+          timeout: float | None = None) -> dict:
+    """`axolotl train path` in a subprocess (log under ``work``), one process on one GPU;
+    the mean of steps ``warmup..warmup+steps-1`` as ``summarize`` gives it."""
     drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(
         HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1", WANDB_MODE="disabled", TRL_EXPERIMENTAL_SILENCE="1",
         TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=threads(),
         PYTHONUNBUFFERED="1",  # log lines arrive when printed
-        GOLD_BENCH_MIN_NEW_TOKENS=str(args.completion),
+        GOLD_BENCH_MIN_NEW_TOKENS=str(min_new_tokens),
         PYTHONPATH=os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH")) if p),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # accelerate, as tests do
     )
-    if args.device.startswith("cuda"):
+    if cuda:
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]  # one process
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -239,11 +247,11 @@ def run_cli(own, args, bvr, models: Path) -> dict:
                 stamps.append(time.perf_counter())
                 logs.append(entry)
                 print(f"[axolotl train] step {len(logs) - 1}: {line.strip()[:400]}", flush=True)
-            if own.timeout and time.perf_counter() - start > own.timeout:
+            if timeout and time.perf_counter() - start > timeout:
                 proc.kill()
                 break
         rc = proc.wait()
-    total = args.warmup + args.steps
+    total = warmup + steps
     if rc != 0 or len(logs) < total:
         tail = (work / "log.txt").read_text()[-3000:]
         print(tail, flush=True)
@@ -253,7 +261,7 @@ def run_cli(own, args, bvr, models: Path) -> dict:
         for entry, window in zip(logs, windows):
             entry["gold/scored_tokens"] = window["scored_tokens"]
     records = []
-    for i in range(args.warmup, total):  # step i's wall time: log line i-1 to log line i
+    for i in range(warmup, total):  # step i's wall time: log line i-1 to log line i
         entry = logs[i]
         records.append({"step": stamps[i] - stamps[i - 1], "generation": entry["gold/time_generation_s"],
                         "teacher": entry["gold/time_teacher_s"], "tokens": entry["gold/scored_tokens"],
@@ -277,9 +285,12 @@ def summarize(records: list[dict]) -> dict:
 # ---------------------------------------------------------------- table and driver
 
 
+def fmt(value, spec: str = "{:.2f}") -> str:
+    return "n/a" if value is None else spec.format(value)
+
+
 def table(rows: list[tuple[str, dict]], own, args) -> str:
     base = dict(rows).get("plain loop", {}).get("tokens_per_s")
-    fmt = lambda v, spec="{:.2f}": "n/a" if v is None else spec.format(v)  # noqa: E731
     lines = [
         f"device {args.device}; student {'tiny' if args.tiny else '~0.5B'}, teacher {'tiny' if args.tiny else '~1.5B'}, "
         f"vocab {args.vocab}; prompt {args.prompt} + completion {args.completion} tokens "

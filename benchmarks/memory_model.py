@@ -91,6 +91,7 @@ class Shape:
 # Qwen3 shapes (the 8B and 1.7B of the table); Qwen2.5 shapes of benchmarks/bench_cli.py
 QWEN3_8B = Shape("Qwen3-8B", 4096, 36, 32, 8, 128, 12288, 151936, tied=False)
 QWEN3_1_7B = Shape("Qwen3-1.7B", 2048, 28, 16, 8, 128, 6144, 151936, tied=True)
+QWEN3_14B = Shape("Qwen3-14B", 5120, 40, 40, 8, 128, 17408, 151936, tied=False)
 BENCH_STUDENT = Shape("0.5B (Qwen2.5-0.5B shape)", 896, 24, 14, 2, 64, 4864, 151936, tied=True)
 BENCH_TEACHER = Shape("1.5B (Qwen2.5-1.5B shape)", 1536, 28, 12, 2, 128, 8960, 151936, tied=True)
 
@@ -139,6 +140,47 @@ def peak(student: Shape, teacher: Shape, work: Workload, setup: str, gpus: int) 
     step = parts["student state"] + parts["teacher"] + gathered + act + loss
     parts.update({"gathered (step)": gathered, "activations": act, "loss chunk": loss,
                   "gathered student (rollouts)": gathered_student, "KV cache": kv})
+    return {"parts": parts, "rollout": rollout, "step": step, "peak": max(rollout, step)}
+
+
+# bitsandbytes nf4 with double quantization: 4 bits per weight, an 8-bit absmax per 64
+# weights and an fp32 scale per 256 absmaxes; embeddings, norms and lm_head stay bf16
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+LORA_STATE_BYTES = 16  # fp32 adapter weights (peft's autocast_adapter_dtype), grads, AdamW moments
+
+
+def lora_params(shape: Shape, rank: int) -> int:
+    """LoRA A and B of every linear layer of the decoder (``lora_target_linear``)."""
+    h, q, kv, i = shape.hidden, shape.q, shape.kv, shape.intermediate
+    shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+    return shape.layers * sum(rank * (a + b) for a, b in shapes)
+
+
+def peak_lora_quantized_teacher(student: Shape, teacher: Shape, work: Workload, rank: int = 16) -> dict:
+    """One GPU: a bf16 LoRA student (frozen base), an nf4 teacher, gradient checkpointing.
+
+    Rollouts: weights + the window's KV cache (all rows at once) + the sampling buffers
+    (float32 logits and probabilities, the top-p sort's values and int64 order, per row).
+    Micro-step: weights + adapter state + one hidden state per layer per token (the
+    checkpoints) + one layer's activations recomputed in the backward + the fused loss's
+    chunk + the teacher's widest dequantized linear layer.
+    """
+    linear = teacher.layers * (teacher.layer_params - 2 * teacher.hidden)
+    teacher_bytes = NF4_BYTES * linear + 2 * (teacher.params - linear)
+    weights = 2 * student.params + teacher_bytes + LORA_STATE_BYTES * lora_params(student, rank)
+    rows = work.micro_batch * work.accumulation
+    kv = 2 * student.layers * student.kv * rows * (work.prompt + work.completion) * 2
+    sampling = rows * student.vocab * (4 + 4 + 4 + 8)
+    tokens = work.tokens
+    checkpoints = 2 * student.hidden * student.layers * tokens
+    one_layer = 2 * (10 * student.hidden + 4 * student.kv + 4 * student.intermediate) * tokens
+    loss = LOSS_BYTES_PER_ELEMENT * min(work.chunk, work.micro_batch * work.completion) * student.vocab
+    dequantized = 2 * teacher.hidden * teacher.intermediate
+    rollout = weights + kv + sampling
+    step = weights + checkpoints + one_layer + loss + dequantized
+    parts = {"student weights": 2 * student.params, "teacher (nf4)": teacher_bytes,
+             "adapter state": LORA_STATE_BYTES * lora_params(student, rank), "KV cache": kv,
+             "sampling": sampling, "checkpoints": checkpoints, "one layer": one_layer, "loss chunk": loss}
     return {"parts": parts, "rollout": rollout, "step": step, "peak": max(rollout, step)}
 
 
