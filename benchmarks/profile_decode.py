@@ -8,7 +8,7 @@ The 0.5B-shaped student of ``bench_vs_reference.py`` (Qwen2: 24 layers, hidden 8
 
 - the engine's whole call per token step (prefill included), forced to full length;
 - the captured decode graph replayed alone (the model's forward for one token);
-- the per-token sampling alone (temperature, top-p, the exponential race);
+- the per-token sampling alone (temperature, top-p, the inverse-CDF draw);
 - the lm_head matmul alone, and the weight-read floor (bytes of weights and KV cache
   at the device's measured copy bandwidth);
 - the top CUDA kernels of a few eager decode steps (torch.profiler).
@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--temperature", type=float, default=0.9)
     p.add_argument("--compile", action="store_true",
-                   help="also the decode forward through torch.compile (fused pointwise kernels), captured")
+                   help="also the engine with compile_decode (torch.compile of the decode step, captured)")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -103,8 +103,8 @@ def build(args):
 
 def main(argv=None) -> dict:
     from axolotl_gold.rollouts.engines.base import SamplingSettings
-    from axolotl_gold.rollouts.engines.static import StaticCacheEngine, _DecodeStep, sample_tokens
-    from axolotl_gold.rollouts.engines.static_support import static_cache
+    from axolotl_gold.rollouts.engines.noise import row_seeds, row_uniforms
+    from axolotl_gold.rollouts.engines.static import StaticCacheEngine, _CompiledStep, _DecodeStep, sample_tokens
 
     args = parse_args(argv)
     model = build(args)
@@ -115,17 +115,22 @@ def main(argv=None) -> dict:
     prompts = [torch.randint(0, vocab - 10, (args.prompt,), generator=g).tolist() for _ in range(args.batch)]
     rows = _Rows()
 
-    for grouped in (False, True):
+    variants = [(False, False), (True, False)] + ([(True, True)] if args.compile else [])
+    for grouped, compiled in variants:
         engine = StaticCacheEngine(
-            lambda: model, sampling, pad, {eos}, min_new_tokens=args.new, grouped_attention=grouped
+            lambda: model, sampling, pad, {eos}, min_new_tokens=args.new, grouped_attention=grouped,
+            compile_decode=compiled,
         )
         with torch.no_grad():
-            engine.generate(prompts, seed=0)  # warm-up (allocator, kernels)
+            start = time.perf_counter()
+            engine.generate(prompts, seed=0)  # warm-up (allocator, kernels; the compile)
             torch.cuda.synchronize()
+            if compiled:
+                rows["first engine call with torch.compile, s (compiles once per shape)"] = time.perf_counter() - start
             start = time.perf_counter()
             engine.generate(prompts, seed=1)
             torch.cuda.synchronize()
-        label = "grouped attention" if grouped else "HF sdpa (repeat_kv)"
+        label = ("grouped + torch.compile" if compiled else "grouped attention") if grouped else "HF sdpa (repeat_kv)"
         rows[f"engine call, ms per token step, {label}"] = (time.perf_counter() - start) * 1e3 / args.new
 
     # the decode forward alone: a captured graph replayed
@@ -133,38 +138,27 @@ def main(argv=None) -> dict:
         width, total = args.prompt, args.prompt + args.new
         ids = torch.tensor(prompts, device="cuda")
         mask = torch.ones_like(ids)
-        cache = static_cache(model.config, total)
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        for grouped in (False, True):
-            decode = _DecodeStep(model, cache, mask, mask.sum(-1), total, grouped)
-            rewind(cache, decode, width)
-            _, graph, _ = engine._first_step_and_capture(decode)
-            label = "grouped attention" if grouped else "HF sdpa (repeat_kv)"
-            rows[f"decode graph replay (forward), ms, {label}"] = replay_ms(graph, cache, decode, width, args.new)
-            del graph
-        if args.compile:
-            decode = _DecodeStep(model, cache, mask, mask.sum(-1), total, True)
-            compiled = torch.compile(decode.__call__, dynamic=False)
-            rewind(cache, decode, width)
-            start = time.perf_counter()
-            _, graph, _ = engine._first_step_and_capture(compiled)
-            rows["torch.compile of the decode forward, s (once per shape)"] = time.perf_counter() - start
-            rows["decode graph replay (forward), ms, grouped + torch.compile"] = replay_ms(
-                graph, cache, decode, width, args.new
-            )
-            del graph
+        for grouped, compiled in variants:
+            decode = _DecodeStep(model, args.batch, total, "cuda", grouped)
+            decode.start(mask)
+            model(input_ids=ids, attention_mask=mask, past_key_values=decode.cache, use_cache=True, logits_to_keep=1)
+            rewind(decode.cache, decode, width)
+            _, graph, _ = engine._first_step_and_capture(_CompiledStep(decode) if compiled else decode)
+            label = ("grouped + torch.compile" if compiled else "grouped attention") if grouped else "HF sdpa (repeat_kv)"
+            rows[f"decode graph replay (forward), ms, {label}"] = replay_ms(graph, decode.cache, decode, width, args.new)
+            del graph, decode
         logits = torch.randn(args.batch, vocab, device="cuda", dtype=torch.bfloat16)
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        rows["sampling (top-p sort + race), ms"] = timed(lambda: sample_tokens(logits.float(), sampling, gen), 100)
-        from axolotl_gold.rollouts.engines.noise import exponential_noise, row_seeds
-
+        seeds = row_seeds(0, torch.arange(args.batch, device="cuda"))
+        uniforms = row_uniforms(seeds, 3)
+        rows["sampling (top-p sort + inverse CDF), ms"] = timed(lambda: sample_tokens(logits.float(), sampling, uniforms), 100)
         scaled = logits.float() / args.temperature
         rows["top-p by a full-vocabulary sort (HF's rule), ms"] = timed(lambda: sorted_top_p(scaled, args.top_p), 100)
-
-        seeds = row_seeds(0, torch.arange(args.batch, device="cuda"))
-        rows["row noise (counter hash), ms"] = timed(lambda: exponential_noise(seeds, 3, vocab), 100)
+        rows["row uniforms (counter hash), ms"] = timed(lambda: row_uniforms(seeds, 3), 100)
+        plain = SamplingSettings(max_new_tokens=1, temperature=args.temperature)
+        rows["sampling without top-p (inverse CDF in vocabulary order), ms"] = timed(
+            lambda: sample_tokens(logits.float(), plain, uniforms), 100)
         greedy = SamplingSettings(max_new_tokens=1, temperature=0.0)
-        rows["sampling greedy (argmax), ms"] = timed(lambda: sample_tokens(logits.float(), greedy, gen), 100)
+        rows["sampling greedy (argmax), ms"] = timed(lambda: sample_tokens(logits.float(), greedy, None), 100)
         hidden = torch.randn(args.batch, args.hidden, device="cuda", dtype=torch.bfloat16)
         head = model.lm_head.weight
         rows["lm_head matmul alone, ms"] = timed(lambda: hidden @ head.T, 200)
@@ -179,7 +173,8 @@ def main(argv=None) -> dict:
 
         from torch.profiler import ProfilerActivity, profile
 
-        eager = _DecodeStep(model, static_cache(model.config, total), mask, mask.sum(-1), total)
+        eager = _DecodeStep(model, args.batch, total, "cuda")
+        eager.start(mask)
         model(input_ids=ids, attention_mask=mask, past_key_values=eager.cache, use_cache=True, logits_to_keep=1)
         for _ in range(3):
             eager()

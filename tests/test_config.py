@@ -74,6 +74,12 @@ def test_zero3_config_is_accepted(tiny_pair, tmp_path):
             r"`gold_generation_engine: hf`",
         ),
         ({"loss_temperature": 0.0}, r"`loss_temperature` must be > 0"),
+        ({"gold_rollout_compile": True, "gold_generation_engine": "hf"}, r"`gold_generation_engine: hf`.*remove `gold_rollout_compile`"),
+        ({"gold_rollout_compile": True, "use_vllm": True}, r"`use_vllm: true`.*remove `gold_rollout_compile`"),
+        (
+            {"gold_rollout_compile": True, "deepspeed": {"zero_optimization": {"stage": 3}}},
+            r"FSDP2 / ZeRO-3.*remove `gold_rollout_compile`",
+        ),
     ],
 )
 def test_bad_config_fails_with_the_key(tiny_pair, tmp_path, overrides, pattern):

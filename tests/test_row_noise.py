@@ -1,28 +1,28 @@
-"""Row-owned sampling noise: Exp(1) draws that depend on (seed, row, step, token) only."""
+"""Row-owned sampling noise: U(0, 1) draws that depend on (seed, row, step) only."""
 
 import math
 
 import torch
 
 from axolotl_gold.rollouts.engines.base import SamplingSettings
-from axolotl_gold.rollouts.engines.noise import exponential_noise, mix64, row_seeds
+from axolotl_gold.rollouts.engines.noise import mix64, row_seeds, row_uniforms
 from axolotl_gold.rollouts.engines.static import StaticCacheEngine
 
 from test_static_engine import EOS, PAD, _model, _prompts
 
 
-def test_draws_are_exponential_and_uncorrelated():
-    seeds = row_seeds(3, torch.arange(8))
-    e = torch.cat([exponential_noise(seeds, step, 4096) for step in range(4)]).double()
-    n = e.numel()
-    assert e.min() > 0 and torch.isfinite(e).all()
-    # mean 1, variance 1, P(E > 1) = 1/e, within 5 standard errors of n = 131k draws
-    assert abs(e.mean() - 1) < 5 / math.sqrt(n)
-    assert abs(e.var() - 1) < 5 * math.sqrt(8 / n)
-    assert abs((e > 1).double().mean() - math.exp(-1)) < 5 * math.sqrt(0.25 / n)
-    # neighbouring tokens, rows and steps are not correlated
-    flat = e.view(4, 8, 4096)
-    for a, b in ((flat[:, :, 1:], flat[:, :, :-1]), (flat[:, 1:], flat[:, :-1]), (flat[1:], flat[:-1])):
+def test_draws_are_uniform_and_uncorrelated():
+    seeds = row_seeds(3, torch.arange(4096))
+    u = torch.stack([row_uniforms(seeds, step) for step in range(32)])  # [steps, rows]
+    n = u.numel()
+    assert u.min() > 0 and u.max() < 1
+    # mean 1/2, variance 1/12, and every tenth of (0, 1) a tenth of the draws (5 standard errors)
+    assert abs(u.mean() - 0.5) < 5 * math.sqrt(1 / 12 / n)
+    assert abs(u.var() - 1 / 12) < 5 * math.sqrt(1 / 180 / n)
+    deciles = torch.bincount((u * 10).long().flatten(), minlength=10).double() / n
+    assert (deciles - 0.1).abs().max() < 5 * math.sqrt(0.09 / n)
+    # neighbouring rows and steps are not correlated
+    for a, b in ((u[:, 1:], u[:, :-1]), (u[1:], u[:-1])):
         corr = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]
         assert abs(corr) < 5 / math.sqrt(a.numel())
 
@@ -30,8 +30,9 @@ def test_draws_are_exponential_and_uncorrelated():
 def test_a_rows_draws_do_not_depend_on_its_batch():
     all_rows = row_seeds(11, torch.arange(6))
     some = row_seeds(11, torch.tensor([4, 1]))
-    torch.testing.assert_close(exponential_noise(some, 7, 50), exponential_noise(all_rows, 7, 50)[[4, 1]])
-    assert not torch.equal(exponential_noise(all_rows, 7, 50), exponential_noise(row_seeds(12, torch.arange(6)), 7, 50))
+    torch.testing.assert_close(row_uniforms(some, 7), row_uniforms(all_rows, 7)[[4, 1]])
+    assert not torch.equal(row_uniforms(all_rows, 7), row_uniforms(row_seeds(12, torch.arange(6)), 7))
+    assert not torch.equal(row_uniforms(all_rows, 7), row_uniforms(all_rows, 8))
 
 
 def test_mix64_is_a_bijection_on_a_sample():

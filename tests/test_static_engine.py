@@ -118,6 +118,25 @@ def test_sample_tokens_follows_the_distribution():
     torch.testing.assert_close(freq, torch.tensor([0.1, 0.6, 0.3]), atol=0.015, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 10, 1.0), (1.3, 0, 0.9), (0.9, 7, 0.5), (0.5, 0, 0.3)]
+)
+def test_inverse_cdf_sampling_is_the_warped_distribution(temperature, top_k, top_p):
+    """Uniforms on a fine grid through sample_tokens give each token exactly the
+    probability HF's warpers (filter_logits, checked above) give it, and never a token
+    they remove."""
+    torch.manual_seed(1)
+    logits = torch.randn(1, 50) * 2
+    grid = 200_000
+    uniforms = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
+    settings = SamplingSettings(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
+    tokens = sample_tokens(logits.expand(grid, -1), settings, uniforms)
+    freq = torch.bincount(tokens, minlength=50).double() / grid
+    expected = filter_logits(logits, temperature, top_k, top_p).softmax(-1)[0].double()
+    assert (freq[expected == 0] == 0).all()
+    torch.testing.assert_close(freq, expected, atol=2 / grid, rtol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph decode step needs a CUDA device")
 def test_cuda_graph_greedy_matches_generate():
     model = _model("cuda")
@@ -125,6 +144,23 @@ def test_cuda_graph_greedy_matches_generate():
     prompts = _prompts()
     assert fast.generate(prompts, seed=0) == hf.generate(prompts, seed=0)
     assert fast.graphs_captured == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the decode step is CUDA-only")
+def test_compiled_decode_greedy_matches_generate_and_compiles_once_per_bucket():
+    from torch._dynamo.utils import counters
+
+    model = _model("cuda")
+    hf, fast = _engines(model, max_new=24, eos_check_every=4, compile_decode=True)
+    prompts = _prompts() * 3  # 12 rows: stops at different steps, so compaction to a bucket
+    assert fast.generate(prompts, seed=0) == hf.generate(prompts, seed=0)
+    buckets, graphs = set(fast._steps), counters["stats"]["unique_graphs"]
+    assert {k[1] for k in buckets} >= {12}
+    # other prompt widths round up to the same cache columns: no new bucket, no recompile
+    other = [p[:-1] or p for p in prompts]
+    assert fast.generate(other, seed=0) == hf.generate(other, seed=0)
+    assert set(fast._steps) == buckets or {k[1:] for k in fast._steps} == {k[1:] for k in buckets}
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def _under_accelerate_autocast(model, cpu=True):

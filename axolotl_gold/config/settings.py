@@ -89,6 +89,7 @@ class GoldSettings:
     use_uld_loss: bool
     uld: UldSettings
     generation_engine: str
+    rollout_compile: bool  # the static engine's decode step through torch.compile
     vision: bool  # a vision-language student (``processor_type`` set)
     train_vision_tower: bool
     vllm: VllmSettings
@@ -152,6 +153,7 @@ class GoldSettings:
                 teacher_template_kwargs=dict(get("teacher_chat_template_kwargs") or template_kwargs),
             ),
             generation_engine=str(get("gold_generation_engine")),
+            rollout_compile=bool(get("gold_rollout_compile")),
             vision=bool(cfg.get("processor_type")),
             train_vision_tower=bool(get("gold_train_vision_tower")),
             vllm=VllmSettings(

@@ -114,6 +114,8 @@ def validate_gold_settings(data: dict) -> None:
 
     if data.get("teacher_server_url"):
         _validate_teacher_server(data)
+    if data.get("gold_rollout_compile"):
+        _validate_rollout_compile(data)
     _validate_teacher_placement(data)
     if data.get("fsdp") or data.get("fsdp_config") or data.get("fsdp_version"):
         _validate_fsdp(data)
@@ -227,6 +229,26 @@ def _validate_teacher_placement(data: dict) -> None:
             f"{', '.join(f'`teacher_model_init_kwargs.{k}`' for k in keys)}, or train without "
             f"{sharded} (DDP / ZeRO-1/2 hold the quantized teacher whole on each GPU)."
         )
+
+
+def _validate_rollout_compile(data: dict) -> None:
+    """``gold_rollout_compile`` compiles the static engine's decode step: refused where
+    that engine does not sample."""
+    engine = "the static engine"
+    if data.get("gold_generation_engine") == "hf":
+        blocker = "`gold_generation_engine: hf` (HF generate samples)"
+    elif data.get("use_vllm"):
+        blocker = "`use_vllm: true` (vLLM samples, with its own CUDA graphs)"
+    elif data.get("processor_type"):
+        blocker = "a vision-language student (`processor_type`: HF generate samples with the images)"
+    elif data.get("fsdp_config") or data.get("fsdp_version") or _zero_stage(data.get("deepspeed")) == 3:
+        blocker = "FSDP2 / ZeRO-3 (HF generate samples from the weights gathered per window)"
+    else:
+        return
+    raise GoldConfigError(
+        f"`gold_rollout_compile: true` compiles {engine}'s decode step, which does not run with "
+        f"{blocker}: remove `gold_rollout_compile`."
+    )
 
 
 def _validate_zero3(data: dict) -> None:

@@ -106,6 +106,8 @@ def all_cases() -> list[Case]:
         Case("attn-sdpa", {"sdp_attention": True}),
         Case("attn-eager", {"attn_implementation": "eager"}),
         Case("attn-flash", {"flash_attention": True}, flash=True),
+        Case("compile-full", {"gold_rollout_compile": True}),
+        Case("compile-lora", {**LORA, "gold_rollout_compile": True}),
         Case("sliding-static", {"gold_generation_engine": "static"}, models="sliding"),
         Case("sliding-auto", {"gold_generation_engine": "auto"}, models="sliding"),
         Case("cross-uld-hybrid", {"use_uld_loss": True, "uld_use_hybrid_loss": True, "beta": 0.5}, models="cross"),

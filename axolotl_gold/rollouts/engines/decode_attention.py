@@ -64,7 +64,18 @@ def grouped_decode_attention(
     return out.view(batch, heads, q_len, dim).transpose(1, 2).contiguous()
 
 
+_WRAPPED: dict = {}
+
+
 def _wrap(original):
+    """The grouped attention in front of ``original``: one object per ``original``, so a
+    compiled decode step (which guards on the function it finds) is not recompiled."""
+    if original not in _WRAPPED:
+        _WRAPPED[original] = _make_wrapper(original)
+    return _WRAPPED[original]
+
+
+def _make_wrapper(original):
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         served = query.shape[2] == 1 and not any(kwargs.get(k) is not None for k in _UNSERVED_KWARGS)
         if not served:

@@ -95,6 +95,8 @@ def build_engines(
             enforce_eager=vllm.enforce_eager,
         )
     else:
+        if settings.rollout_compile and local is StaticCacheEngine:
+            kwargs["compile_decode"] = True
         student = local(ctx.get_student, sampling, pad_id, stop_ids, **kwargs)
     teacher = local(ctx.get_teacher, sampling, pad_id, stop_ids, **kwargs) if settings.seq_kd else None
     return student, teacher

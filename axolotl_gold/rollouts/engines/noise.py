@@ -1,12 +1,12 @@
 """Sampling noise that belongs to a row, not to a batch.
 
-The static engine samples with an exponential race (``argmax p / E``, ``E ~ Exp(1)``).
-Drawing ``E`` from one generator ties a row's sample to everything else in its batch:
-how many rows share it, in what order, how the window was split by a memory bound,
-which rows already stopped. Here ``E`` is a pure function of
-``(window seed, row index, token step, vocabulary id)``: a counter-based hash
-(splitmix64's finalizer, in wrapping int64 arithmetic), so a row gets the same sample
-whatever the batching, and on any device.
+The static engine samples each token by inverting its distribution's CDF at one uniform
+``u`` per row (``sampling.sample_tokens``). Drawing ``u`` from one generator ties a row's
+sample to everything else in its batch: how many rows share it, in what order, how the
+window was split by a memory bound, which rows already stopped. Here ``u`` is a pure
+function of ``(window seed, row index, token step)``: a counter-based hash (splitmix64's
+finalizer, in wrapping int64 arithmetic), so a row gets the same sample whatever the
+batching, and on any device.
 """
 
 from __future__ import annotations
@@ -38,12 +38,8 @@ def row_seeds(seed: int, rows: torch.Tensor) -> torch.Tensor:
     return mix64(base.to(rows.device) + rows.long() * _GAMMA)
 
 
-def exponential_noise(seeds: torch.Tensor, step: int | torch.Tensor, vocab: int) -> torch.Tensor:
-    """``[B, vocab]`` float32 draws of Exp(1) for token step ``step`` of rows ``seeds``."""
-    device = seeds.device
-    step = torch.as_tensor(step, dtype=torch.long, device=device)
-    per_step = mix64(seeds + (step + 1) * _GAMMA)[:, None]  # [B, 1]
-    bits = mix64(per_step + torch.arange(vocab, device=device, dtype=torch.long)[None, :] * _GAMMA)
-    # 53 random bits -> u in (0, 1), never 0 or 1, so E is finite and positive
-    u = (_shr(bits, 11).double() + 0.5) * 2.0**-53
-    return (-torch.log(u)).float()
+def row_uniforms(seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """``[B]`` float64 draws of U(0, 1), never 0 or 1, for token step ``step`` of rows ``seeds``."""
+    step = torch.as_tensor(step, dtype=torch.long, device=seeds.device)
+    bits = mix64(seeds + (step + 1) * _GAMMA)
+    return (_shr(bits, 11).double() + 0.5) * 2.0**-53  # 53 random bits

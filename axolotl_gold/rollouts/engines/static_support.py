@@ -61,6 +61,20 @@ def compact_cache(cache, keep: torch.Tensor) -> None:
             layer.batch_size = int(keep.numel())
 
 
+def copy_cache_rows(source, target, keep: torch.Tensor) -> None:
+    """Rows ``keep`` of ``source``'s layers into ``target``'s (built for ``len(keep)`` rows
+    and the same columns), in place: ``target``'s tensors keep their addresses."""
+    for src, dst in zip(source.layers, target.layers):
+        if not getattr(src, "is_initialized", False):
+            continue
+        keys, values = src.keys.index_select(0, keep), src.values.index_select(0, keep)
+        if not dst.is_initialized:
+            dst.lazy_initialization(keys, values)
+        dst.keys.copy_(keys)
+        dst.values.copy_(values)
+        dst.cumulative_length.copy_(src.cumulative_length)
+
+
 def attention_implementation(model) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None)
