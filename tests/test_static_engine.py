@@ -146,6 +146,39 @@ def test_cuda_graph_greedy_matches_generate():
     assert fast.graphs_captured == 1
 
 
+def test_bucketed_buffers_of_the_compiled_path_match_generate(monkeypatch):
+    """The compiled path's bookkeeping (rounded cache columns, power-of-two row buckets
+    padded with stopped rows, buffers kept between calls), run eagerly on the CPU."""
+    import axolotl_gold.rollouts.engines.static as static
+
+    monkeypatch.setattr(static.StaticCacheEngine, "_compiling", lambda self, device: True)
+    monkeypatch.setattr(static, "COMPILE_MIN_ROWS", 2)
+    model = _model()
+    prompts = [p for seed in (1, 2, 3, 4) for p in _prompts(seed)][:13]  # buckets 13 -> 8 -> 4 -> 2
+    first, _ = _engines(model, max_new=40)
+    # second stop tokens that rows sample at very different steps
+    long = [c for c in first.generate(prompts, seed=0) if len(c) > 20]
+    stops = {EOS, *(c[k] for c, k in zip(long, (3, 9, 20)))}
+    greedy = SamplingSettings(max_new_tokens=40, temperature=0.0)
+    hf = HFGenerateEngine(lambda: model, greedy, PAD, stops)
+    fast = StaticCacheEngine(lambda: model, greedy, PAD, stops, eos_check_every=2)
+    expected = hf.generate(prompts, seed=0)
+    assert len({len(c) for c in expected}) > 3, expected
+    assert fast.generate(prompts, seed=0) == expected
+    assert fast.compactions >= 2
+    assert {k[2] for k in fast._steps} == {static.COMPILE_COLUMNS}
+    kept = dict(fast._steps)
+    assert fast.generate(prompts, seed=0) == expected
+    assert all(fast._steps[k] is v for k, v in kept.items())  # the same buffers again
+    sampled = SamplingSettings(max_new_tokens=24, temperature=1.0, top_p=0.9)
+    model.lm_head.weight.data.div_(40.0)
+    bucketed = StaticCacheEngine(lambda: model, sampled, PAD, {EOS, *range(10, 20)}, eos_check_every=2)
+    monkeypatch.undo()
+    plain = StaticCacheEngine(lambda: model, sampled, PAD, {EOS, *range(10, 20)}, eos_check_every=2)
+    monkeypatch.setattr(static.StaticCacheEngine, "_compiling", lambda self, device: True)
+    assert bucketed.generate(prompts, seed=3) == plain.generate(prompts, seed=3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the decode step is CUDA-only")
 def test_compiled_decode_greedy_matches_generate_and_compiles_once_per_bucket():
     from torch._dynamo.utils import counters
