@@ -118,21 +118,22 @@ def test_sample_tokens_follows_the_distribution():
     torch.testing.assert_close(freq, torch.tensor([0.1, 0.6, 0.3]), atol=0.015, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 10, 1.0), (1.3, 0, 0.9), (0.9, 7, 0.5), (0.5, 0, 0.3)]
 )
-def test_inverse_cdf_sampling_is_the_warped_distribution(temperature, top_k, top_p):
+def test_inverse_cdf_sampling_is_the_warped_distribution(temperature, top_k, top_p, dtype):
     """Uniforms on a fine grid through sample_tokens give each token exactly the
     probability HF's warpers (filter_logits, checked above) give it, and never a token
     they remove."""
     torch.manual_seed(1)
-    logits = torch.randn(1, 50) * 2
+    logits = (torch.randn(1, 50) * 2).to(dtype)  # bf16: as a bf16 model returns them
     grid = 200_000
     uniforms = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
     settings = SamplingSettings(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
     tokens = sample_tokens(logits.expand(grid, -1), settings, uniforms)
     freq = torch.bincount(tokens, minlength=50).double() / grid
-    expected = filter_logits(logits, temperature, top_k, top_p).softmax(-1)[0].double()
+    expected = filter_logits(logits.float(), temperature, top_k, top_p).softmax(-1)[0].double()
     assert (freq[expected == 0] == 0).all()
     torch.testing.assert_close(freq, expected, atol=2 / grid, rtol=0)
 

@@ -293,8 +293,7 @@ class StaticCacheEngine(HFGenerateEngine):
                         _CompiledStep(decode) if compiling else decode)
                 else:
                     logits = decode()
-            logits = logits.float()
-            if index < self.min_new_tokens and eos.numel():
+            if index < self.min_new_tokens and eos.numel():  # (the graph's output rewritten next replay)
                 logits[:, eos] = float("-inf")
             greedy = self.sampling.temperature <= 0
             tokens = sample_tokens(logits, self.sampling, None if greedy else row_uniforms(seeds[live], index))
