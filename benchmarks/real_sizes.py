@@ -86,6 +86,8 @@ def build_model(shape: mm.Shape, out: Path, device: str) -> None:
     model.generation_config.pad_token_id = pad
     model.save_pretrained(out, max_shard_size="5GB")
     del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the training subprocess gets the whole GPU
     bench_cli.byte_tokenizer(shape.vocab, _Ids, str(out))
 
 
