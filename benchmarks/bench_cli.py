@@ -29,7 +29,7 @@ GPU (device machine, after `bash scripts/device_bin.sh`; a few minutes):
   PYTHONPATH=/tmp/axsite:$PWD python3 benchmarks/bench_cli.py
 CPU smoke test:
   source scripts/env.sh && .venv/bin/python benchmarks/bench_cli.py --tiny --device cpu
-Other flags are bench_vs_reference's (--prompt, --completion, --micro-batch, --grad-accum,
+Other flags are bench_vs_reference's (--compile for gold_rollout_compile on both rows, --prompt, --completion, --micro-batch, --grad-accum,
 --vocab, --gradient-checkpointing, --chunk-size, --seed, --warmup (here 2), --steps (here 4)).
 """
 
@@ -185,6 +185,8 @@ def write_config(own, args, bvr, models: Path, work: Path) -> Path:
     }
     if args.gradient_checkpointing:
         cfg["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if args.compile:
+        cfg["gold_rollout_compile"] = True
     path = work / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -66,6 +66,8 @@ TINY_TEACHER = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny models and lengths, for a CPU smoke test")
+    p.add_argument("--compile", action="store_true",
+                   help="ours: the static engine's decode step through torch.compile (gold_rollout_compile)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--steps", type=int, default=1, help="timed optimizer steps per variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps before them")
@@ -269,7 +271,8 @@ def run_ours(args, variant: str) -> dict:
     sampling = SamplingSettings(max_new_tokens=args.completion, temperature=0.9, top_p=0.95, top_k=0)
     get = lambda: student  # noqa: E731
     if variant == "ours-fast":
-        engine = StaticCacheEngine(get, sampling, pad, {eos, pad}, min_new_tokens=args.completion)
+        engine = StaticCacheEngine(get, sampling, pad, {eos, pad}, min_new_tokens=args.completion,
+                                   compile_decode=args.compile)
     elif variant == "ours-hf-static":
         engine = HFGenerateEngine(get, sampling, pad, {eos, pad}, min_new_tokens=args.completion,
                                   generate_kwargs={"cache_implementation": "static"})

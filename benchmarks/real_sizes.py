@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--no-quantize", action="store_true", help="the teacher in bf16 instead of 4-bit")
+    p.add_argument("--compile", action="store_true", help="gold_rollout_compile: true")
     p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "gold_real_sizes"))
     p.add_argument("--workdir", default=None)
     p.add_argument("--timeout", type=float, default=None)
@@ -112,7 +113,7 @@ def write_config(args, models: Path, work: Path) -> Path:
         "lora_target_linear": True,
         "lmbda": 1.0, "beta": 0.5, "temperature": 0.9, "top_p": 0.95, "top_k": 0, "loss_temperature": 0.9,
         "max_completion_length": args.completion, "num_generations": window,
-        "gold_generation_engine": "static",
+        "gold_generation_engine": "static", "gold_rollout_compile": args.compile or None,
         "datasets": [{"path": str(work / "prompts.jsonl"), "ds_type": "json", "type": "chat_template"}],
         "dataset_prepared_path": str(work / "prepared"), "dataset_num_proc": 1, "val_set_size": 0,
         "sequence_len": args.prompt + args.completion, "sample_packing": False,
@@ -149,7 +150,7 @@ def table(args, row: dict, model: dict) -> str:
         f"{teacher.name} teacher ({teacher.params / 1e9:.1f}B, {'bf16' if args.no_quantize else 'nf4'}), "
         f"{student.name} student ({student.params / 1e9:.1f}B, bf16 LoRA r {args.lora_r}), {args.micro_batch} x "
         f"{args.grad_accum} rollouts of {args.prompt} + {args.completion} tokens per step, gradient checkpointing, "
-        f"static engine; mean of {args.steps} step(s) after {args.warmup} warm-up",
+        f"static engine{' + torch.compile' if args.compile else ''}; mean of {args.steps} step(s) after {args.warmup} warm-up",
         "",
         "| tokens/s | generation s | teacher s | student s | step s | peak GiB (measured) | peak GiB (model: rollouts / step) |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
