@@ -38,7 +38,12 @@ def assemble(cfg, trainer) -> GoldParts:
     sharding = sharding_for(trainer.accelerator)
     if not settings.use_uld_loss:
         check_runtime_tokens(cfg, tokenizer)
-    if settings.teacher_server.url:
+    if settings.teacher_server.url and settings.teacher_server.mode == "prompt_logprobs":
+        from axolotl_gold.models.remote.prompt_logprobs import connect_prompt_logprobs_teacher
+
+        # a vLLM server answers the teacher's top-k log-probs; nothing of it is loaded here
+        teacher = connect_prompt_logprobs_teacher(settings)
+    elif settings.teacher_server.url:
         from axolotl_gold.models.remote.teacher import connect_teacher
 
         # the teacher runs in its server; only its output head is loaded here
@@ -85,7 +90,17 @@ def assemble(cfg, trainer) -> GoldParts:
 
 
 def build_objective(settings: GoldSettings, student, teacher, student_tokenizer, stop_ids=None):
-    """JSD for one tokenizer, ULD (or hybrid ULD) across two."""
+    """JSD for one tokenizer, ULD (or hybrid ULD) across two; top-k + tail JSD for a teacher
+    known by its top-k log-probabilities (``teacher_server_mode: prompt_logprobs``)."""
+    if settings.teacher_server.url and settings.teacher_server.mode == "prompt_logprobs":
+        from axolotl_gold.scoring.topk import TopKTailObjective
+
+        return TopKTailObjective(
+            beta=settings.beta,
+            temperature=settings.loss_temperature,
+            chunk_size=settings.loss_chunk_size,
+            vocab_size=shared_vocab_size(student, teacher),
+        )
     if not settings.use_uld_loss:
         return JsdObjective(
             beta=settings.beta,

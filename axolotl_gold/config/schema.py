@@ -58,6 +58,10 @@ class GoldArgs(BaseModel):
     # there, `teacher_model` then supplies its config, tokenizer and output head only
     teacher_server_url: str | None = None
     teacher_server_timeout: float = 120.0  # seconds per request
+    # exact: our server, final hidden states (full-vocabulary loss); prompt_logprobs: a vLLM
+    # OpenAI-compatible server's top-k log-probs plus a tail bucket (losses/topk_tail.py)
+    teacher_server_mode: Literal["exact", "prompt_logprobs"] = "exact"
+    teacher_server_top_k: int = 20  # prompt_logprobs: ids per position (vLLM's --max-logprobs caps it)
     teacher_server_retries: int = 3  # tries per request (connection errors, timeouts, 5xx)
 
     # --- on-policy mixture and divergence ----------------------------------

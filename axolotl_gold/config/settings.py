@@ -28,6 +28,8 @@ class TeacherServerSettings:
     url: str | None
     timeout: float
     retries: int
+    mode: str = "exact"  # or "prompt_logprobs": top-k + tail from a vLLM server
+    top_k: int = 20
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,8 @@ class GoldSettings:
                 url=get("teacher_server_url"),
                 timeout=float(get("teacher_server_timeout")),
                 retries=int(get("teacher_server_retries")),
+                mode=str(get("teacher_server_mode")),
+                top_k=int(get("teacher_server_top_k")),
             ),
         )
 

@@ -114,6 +114,11 @@ def validate_gold_settings(data: dict) -> None:
 
     if data.get("teacher_server_url"):
         _validate_teacher_server(data)
+    elif setting(data, "teacher_server_mode") != "exact":
+        raise GoldConfigError(
+            f"`teacher_server_mode: {data['teacher_server_mode']}` needs `teacher_server_url` (the "
+            "server's address, e.g. `http://10.0.0.5:8000` for `vllm serve`)."
+        )
     if data.get("gold_rollout_compile"):
         _validate_rollout_compile(data)
     _validate_teacher_placement(data)
@@ -210,6 +215,21 @@ def _validate_teacher_server(data: dict) -> None:
     for wrong, why in refused:
         if wrong:
             raise GoldConfigError(f"`teacher_server_url` is set, but {why} (or remove `teacher_server_url`).")
+    mode = setting(data, "teacher_server_mode")
+    if mode not in ("exact", "prompt_logprobs"):
+        raise GoldConfigError(
+            f"`teacher_server_mode: {mode}` is not a mode: `exact` (our teacher server, full "
+            "vocabulary) or `prompt_logprobs` (a vLLM OpenAI-compatible server, top-k + tail)."
+        )
+    if mode == "prompt_logprobs":
+        if int(setting(data, "teacher_server_top_k")) < 1:
+            raise GoldConfigError("`teacher_server_top_k` must be >= 1 (top-k ids per scored position).")
+        if data.get("use_uld_loss"):
+            raise GoldConfigError(
+                "`teacher_server_mode: prompt_logprobs` gives the teacher's top-k only, and "
+                "`use_uld_loss` (ULD sorts the teacher's full distribution) needs all of it: use "
+                "`teacher_server_mode: exact` (our teacher server) for another tokenizer."
+            )
 
 
 def _validate_teacher_placement(data: dict) -> None:

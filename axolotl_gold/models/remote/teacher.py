@@ -31,7 +31,85 @@ class TeacherServerError(RuntimeError):
     """The teacher server could not give a complete answer: nothing is trained on it."""
 
 
-class RemoteTeacher(nn.Module):
+class HttpTeacher(nn.Module):
+    """A teacher behind HTTP: bounded retries, timeouts and errors that name the URL, the key
+    and the command that starts the server. Shared by both server modes (``RemoteTeacher``
+    here, ``prompt_logprobs.PromptLogprobsTeacher``)."""
+
+    def __init__(self, url: str, *, model_id: str, timeout: float, retries: int, backoff: float):
+        super().__init__()
+        self.url = url.rstrip("/")
+        self.model_id = model_id
+        self.timeout = float(timeout)
+        self.retries = max(1, int(retries))
+        self.backoff = backoff
+        self._session = None
+
+    def start_command(self) -> str:
+        """How to start the server this client talks to (for error messages)."""
+        return START_COMMAND.format(model=self.model_id)
+
+    def refused(self, url: str, response) -> TeacherServerError:
+        """The error for a 4xx answer (the request itself is wrong: not retried)."""
+        return TeacherServerError(
+            f"the teacher server at {url} refused the request: HTTP {response.status_code}: "
+            f"{response.text[:500]}"
+        )
+
+    def _session_(self):
+        import requests
+
+        if self._session is None:
+            self._session = requests.Session()
+        return self._session
+
+    def _unreachable(self, what: str, last) -> TeacherServerError:
+        return TeacherServerError(
+            f"the teacher server at {self.url} did not answer {what} after {self.retries} "
+            f"tries ({last}). Start it on the teacher's machine with `"
+            + self.start_command()
+            + "` and set `teacher_server_url` to its address (now "
+            f"`{self.url}`), or raise `teacher_server_timeout` / `teacher_server_retries`."
+        )
+
+    def _request(self, method: str, path: str, decode, **kwargs):
+        """``decode(response)`` of the first complete answer; connection errors, timeouts,
+        5xx answers and malformed payloads are retried (bounded); a 4xx is raised at once."""
+        import requests
+
+        url = f"{self.url}{path}"
+        last = None
+        for attempt in range(self.retries):
+            if attempt:
+                time.sleep(min(self.backoff * 2.0 ** (attempt - 1), 10.0))
+            try:
+                response = self._session_().request(method, url, timeout=self.timeout, **kwargs)
+            except requests.Timeout:
+                last = f"timed out after {self.timeout:g} s"
+                continue
+            except requests.ConnectionError as err:
+                last = f"connection failed: {type(err).__name__}"
+                continue
+            if response.status_code >= 500:
+                last = f"HTTP {response.status_code}: {response.text[:300]}"
+                continue
+            if not response.ok:  # the request itself is wrong: retrying cannot help
+                raise self.refused(url, response)
+            try:
+                return decode(response)
+            except wire.PayloadError as err:
+                last = f"malformed answer: {err}"
+                LOG.warning("teacher server %s: %s (try %d of %d)", url, last, attempt + 1, self.retries)
+                continue
+        if last is not None and str(last).startswith("malformed"):
+            raise TeacherServerError(
+                f"the teacher server at {url} gave no complete answer in {self.retries} tries "
+                f"({last}); nothing was trained on it."
+            )
+        raise self._unreachable(f"{method} {path}", last)
+
+
+class RemoteTeacher(HttpTeacher):
     """A teacher served by ``axolotl_gold.models.teacher_server``; holds its config and head."""
 
     def __init__(
@@ -45,20 +123,14 @@ class RemoteTeacher(nn.Module):
         retries: int = 3,
         backoff: float = 1.0,
     ):
-        super().__init__()
-        self.url = url.rstrip("/")
+        super().__init__(url, model_id=model_id, timeout=timeout, retries=retries, backoff=backoff)
         self.config = config
         self.lm_head = head
-        self.model_id = model_id
-        self.timeout = float(timeout)
-        self.retries = max(1, int(retries))
-        self.backoff = backoff
         self.server_info: dict = {}
         self.head_sha256: str | None = None
         self.requests = 0
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._session = None
 
     # --- what the scoring code reads -------------------------------------
     def get_output_embeddings(self) -> nn.Linear:
@@ -95,62 +167,6 @@ class RemoteTeacher(nn.Module):
         if use_head_bypass:
             return CompletionStates(values=values, head=self.lm_head)
         return CompletionStates(values=self.lm_head(values), head=None)
-
-    # --- HTTP ---------------------------------------------------------------
-    def _session_(self):
-        import requests
-
-        if self._session is None:
-            self._session = requests.Session()
-        return self._session
-
-    def _unreachable(self, what: str, last) -> TeacherServerError:
-        return TeacherServerError(
-            f"the teacher server at {self.url} did not answer {what} after {self.retries} "
-            f"tries ({last}). Start it on the teacher's machine with `"
-            + START_COMMAND.format(model=self.model_id)
-            + "` and set `teacher_server_url` to its address (now "
-            f"`{self.url}`), or raise `teacher_server_timeout` / `teacher_server_retries`."
-        )
-
-    def _request(self, method: str, path: str, decode, **kwargs):
-        """``decode(response)`` of the first complete answer; connection errors, timeouts,
-        5xx answers and malformed payloads are retried (bounded); a 4xx is raised at once."""
-        import requests
-
-        url = f"{self.url}{path}"
-        last = None
-        for attempt in range(self.retries):
-            if attempt:
-                time.sleep(min(self.backoff * 2.0 ** (attempt - 1), 10.0))
-            try:
-                response = self._session_().request(method, url, timeout=self.timeout, **kwargs)
-            except requests.Timeout:
-                last = f"timed out after {self.timeout:g} s"
-                continue
-            except requests.ConnectionError as err:
-                last = f"connection failed: {type(err).__name__}"
-                continue
-            if response.status_code >= 500:
-                last = f"HTTP {response.status_code}: {response.text[:300]}"
-                continue
-            if not response.ok:  # the request itself is wrong: retrying cannot help
-                raise TeacherServerError(
-                    f"the teacher server at {url} refused the request: HTTP {response.status_code}: "
-                    f"{response.text[:500]}"
-                )
-            try:
-                return decode(response)
-            except wire.PayloadError as err:
-                last = f"malformed answer: {err}"
-                LOG.warning("teacher server %s: %s (try %d of %d)", url, last, attempt + 1, self.retries)
-                continue
-        if last is not None and str(last).startswith("malformed"):
-            raise TeacherServerError(
-                f"the teacher server at {url} gave no complete answer in {self.retries} tries "
-                f"({last}); nothing was trained on it."
-            )
-        raise self._unreachable(f"{method} {path}", last)
 
     def _post_states(self, body: bytes, num: int, hidden_size: int) -> torch.Tensor:
         received = []
@@ -325,8 +341,15 @@ def _read_tensors(model: str, revision, weight_names, bias_names):
 def check_teacher_server(settings) -> dict:
     """Before any model loads (the plugin's ``pre_model_load``): the server answers /health
     and serves a model of the configured teacher's sizes (the head itself is compared once it
-    is loaded, by ``connect_teacher``)."""
+    is loaded, by ``connect_teacher``). A vLLM ``prompt_logprobs`` server is checked by its
+    own client (served model, ``max_model_len``, tokenizer, top-k accepted)."""
     from transformers import AutoConfig
+
+    if settings.teacher_server.mode == "prompt_logprobs":
+        from axolotl_gold.models.remote.prompt_logprobs import connect_prompt_logprobs_teacher
+
+        remote = connect_prompt_logprobs_teacher(settings)
+        return {"model": remote.served_model, "max_model_len": remote.max_model_len}
 
     teacher = settings.teacher
     config = AutoConfig.from_pretrained(teacher.model, revision=teacher.revision)
