@@ -267,4 +267,11 @@ def connect_prompt_logprobs_teacher(settings) -> PromptLogprobsTeacher:
         model_id=teacher.model, timeout=settings.teacher_server.timeout, retries=settings.teacher_server.retries,
     )
     remote.check_server(tokenizer, settings.sequence_len)
+    if settings.loss_temperature != 1.0:
+        LOG.warning(
+            "`loss_temperature: %g` with `teacher_server_mode: prompt_logprobs`: the teacher's tail is "
+            "then assumed uniform, and tempering moves most of the mass into the tail bucket "
+            "(benchmarks/bench_topk_tail.py: the loss error exceeds 90%% at 2.0); 1.0 is exact up to "
+            "the top-k", settings.loss_temperature,
+        )
     return remote
