@@ -136,3 +136,36 @@ def test_ids_outside_the_vocabulary_raise_at_once():
         assert handler.calls == 1  # a configuration error is not retried
     finally:
         fake.shutdown()
+
+
+def test_objective_fused_unfused_and_repeats_agree(tiny_pair):
+    """The objective on the student's hidden states + head (fused) equals it on the student's
+    logits; a row with ``row_weights`` 3 counts as three copies of it."""
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_gold.data.batching import build_scoring_batch
+    from axolotl_gold.scoring.forward import completion_states
+    from axolotl_gold.scoring.topk import TopKStates, TopKTailObjective
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_pair["student"], dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_pair["teacher"], dtype=torch.float32)
+    prompts, completions = [[5, 6, 7, 8], [9, 10]], [[11, 12, 13], [14, 15, 16, 17]]
+    objective = TopKTailObjective(beta=0.5, temperature=1.0, chunk_size=3)
+
+    def loss(rows_p, rows_c, weights=None):
+        batch = build_scoring_batch(rows_p, rows_c, pad_id=0)
+        if weights is not None:
+            batch["row_weights"] = torch.tensor(weights)
+        with torch.no_grad():
+            lp = completion_states(teacher, batch, use_head_bypass=False).values.log_softmax(-1)
+        top = lp.topk(8, -1)
+        t = TopKStates(top.indices, top.values)
+        fused = objective(completion_states(student, batch, use_head_bypass=True), t, batch)
+        plain = objective(completion_states(student, batch, use_head_bypass=False), t, batch)
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+        return fused, objective.count(batch)
+
+    weighted, count = loss(prompts, completions, [1, 3])
+    repeated, count_repeated = loss([prompts[0]] + [prompts[1]] * 3, [completions[0]] + [completions[1]] * 3)
+    torch.testing.assert_close(weighted, repeated, rtol=1e-5, atol=1e-6)
+    assert count == count_repeated == 3 + 3 * 4
