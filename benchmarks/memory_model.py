@@ -204,6 +204,8 @@ def main(argv=None) -> None:
                     help="bench_cli's 1-GPU peak through axolotl train (H200)")
     ap.add_argument("--measured-loop-gib", type=float, default=14.2,
                     help="bench_cli's 1-GPU peak of the plain loop (H200)")
+    ap.add_argument("--measured-real-gib", type=float, default=28.6,
+                    help="real_sizes.py's peak through axolotl train (H200, static engine)")
     args = ap.parse_args(argv)
     work = Workload()
     print(f"# GOLD peak memory per GPU (GiB): {QWEN3_8B.name} teacher ({QWEN3_8B.params / 1e9:.2f}B), "
@@ -224,6 +226,17 @@ def main(argv=None) -> None:
     print(f"\npredicted {predicted:.1f} GiB; measured {args.measured_loop_gib} GiB (plain loop, "
           f"{predicted / args.measured_loop_gib:.2f}x) and {args.measured_gib} GiB (axolotl train, "
           f"{predicted / args.measured_gib:.2f}x) on an H200")
+    long = Workload(micro_batch=1, accumulation=4, prompt=256, completion=4096)
+    big = peak_lora_quantized_teacher(QWEN3_8B, QWEN3_14B, long)
+    print(f"\n# One GPU, {QWEN3_14B.name} teacher in nf4, {QWEN3_8B.name} bf16 LoRA student (r 16), 1 x 4 "
+          "rollouts of 256 + 4096 tokens, gradient checkpointing (benchmarks/real_sizes.py)\n")
+    print("| part | GiB |\n| --- | ---: |")
+    for name, value in big["parts"].items():
+        print(f"| {name} | {value / GIB:.2f} |")
+    print(f"| **rollouts / micro-step / peak** | {big['rollout'] / GIB:.1f} / {big['step'] / GIB:.1f} / "
+          f"**{big['peak'] / GIB:.1f}** |")
+    print(f"\nmeasured through axolotl train on an H200: {args.measured_real_gib} GiB "
+          f"({big['peak'] / GIB / args.measured_real_gib:.2f}x)")
 
 
 if __name__ == "__main__":
