@@ -169,3 +169,13 @@ def test_axolotl_train_with_a_prompt_logprobs_teacher(vllm_teacher, tiny_pair, t
     assert len(windows(out)) == 3
     # the checks at start (before loading, then at assembly), then one request per micro-step
     assert scored() - before == 2 + 3 * 2
+
+
+@pytest.mark.e2e
+def test_two_training_processes_share_the_vllm_teacher(vllm_teacher, tiny_pair, tmp_path):
+    """DDP over gloo (torchrun, 2 processes): each process asks vLLM for its own slices."""
+    cfg = gold_config(tiny_pair, tmp_path, teacher_server_url=vllm_teacher, teacher_server_mode="prompt_logprobs",
+                      micro_batch_size=2, gradient_accumulation_steps=1, max_steps=2, save_steps=2)
+    out = run_train(cfg, tmp_path, num_processes=2)
+    losses = [h["loss"] for h in log_history(out, 2) if "loss" in h]
+    assert len(losses) == 2 and all(math.isfinite(l) and l > 0 for l in losses)
