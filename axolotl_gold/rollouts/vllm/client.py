@@ -8,14 +8,14 @@ from typing import Callable
 import torch
 
 from axolotl_gold.rollouts.engines.base import SamplingSettings, refuse_model_inputs
-from axolotl_gold.rollouts.vllm.weights import student_weights
+from axolotl_gold.rollouts.vllm.synced import SyncedEngine
 
 
 class VLLMServerUnreachable(RuntimeError):
     pass
 
 
-class VLLMServerEngine:
+class VLLMServerEngine(SyncedEngine):
     """Same contract as the other engines; weights go over HTTP before the first window
     (the server starts from the base checkpoint) and after optimizer steps.
 
@@ -36,21 +36,11 @@ class VLLMServerEngine:
         is_main_process: bool = True,
         min_new_tokens: int = 0,
     ):
+        super().__init__(get_model, get_step, sampling, eos_ids, sync_every, min_new_tokens)
         self.base_url = base_url.rstrip("/")
-        self.get_model = get_model
-        self.get_step = get_step
-        self.sampling = sampling
-        self.eos_ids = set(eos_ids)
         self.timeout = timeout
         self.retries = max(1, retries)
-        self.sync_every = max(1, sync_every)
         self.is_main_process = is_main_process
-        self.min_new_tokens = min_new_tokens
-        self.calls = 0
-        self.syncs = 0
-        self.sync_seconds = 0.0
-        self.dropped = 0
-        self._synced_step: int | None = None  # the server starts from the base checkpoint
 
     def _post(self, path: str, **kwargs):
         import requests
@@ -77,25 +67,18 @@ class VLLMServerEngine:
             "<base_model> --port <port>` or fix `vllm_server_host` / `vllm_server_port`."
         )
 
-    def sync_weights(self) -> None:
+    def _push(self, weights) -> None:
         from safetensors.torch import save
 
-        start = time.perf_counter()
-        first = self._synced_step is None
-        tensors = {name: t.contiguous().cpu() for name, t in student_weights(self.get_model(), first=first)}
+        tensors = {name: t.contiguous().cpu() for name, t in weights}
         self._post("/update_weights", data=save(tensors))
-        self.syncs += 1
-        self.sync_seconds += time.perf_counter() - start
 
-    def _maybe_sync(self) -> None:
-        step = self.get_step()
-        if self._synced_step is not None and step - self._synced_step < self.sync_every:
-            return
+    def _sync_now(self) -> None:
+        """The main process pushes; every process waits until the server has the weights."""
         if self.is_main_process:
             self.sync_weights()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
-        self._synced_step = step
 
     def generate(
         self, prompts: list[list[int]], seed: int, model_inputs: dict | None = None

@@ -30,10 +30,10 @@ from axolotl_gold.rollouts.vllm.sampling import (
     sample_rollouts,
     shield_lazy_module_objects,
 )
-from axolotl_gold.rollouts.vllm.weights import student_weights
+from axolotl_gold.rollouts.vllm.synced import SyncedEngine
 
 
-class VLLMColocateEngine:
+class VLLMColocateEngine(SyncedEngine):
     """vLLM rollouts in this process; same contract as ``HFGenerateEngine``."""
 
     def __init__(
@@ -57,12 +57,7 @@ class VLLMColocateEngine:
         shield_lazy_module_objects()
         from vllm import LLM
 
-        self.get_model = get_model
-        self.get_step = get_step
-        self.sampling = sampling
-        self.eos_ids = set(eos_ids)
-        self.sync_every = max(1, sync_every)
-        self.min_new_tokens = min_new_tokens
+        super().__init__(get_model, get_step, sampling, eos_ids, sync_every, min_new_tokens)
         self.enable_sleep_mode = enable_sleep_mode
         self.llm = LLM(
             model=model_path,
@@ -77,30 +72,11 @@ class VLLMColocateEngine:
             # stand-in is a slow torch.compile of the model
             enforce_eager=enforce_eager or not torch.cuda.is_available(),
         )
-        self.calls = 0
-        self.syncs = 0
-        self.sync_seconds = 0.0
-        self.dropped = 0
-        self._synced_step: int | None = None  # None: the base checkpoint, not yet the student
         if enable_sleep_mode:
             self.llm.sleep(level=1)
 
-    # ------------------------------------------------------------------ weights
-    def sync_weights(self) -> None:
-        """Push the student's current weights (LoRA: only the changed modules)."""
-        import time
-
-        start = time.perf_counter()
-        first = self._synced_step is None
-        model_runner(self.llm).reload_weights(weights_iterator=student_weights(self.get_model(), first=first))
-        self.syncs += 1
-        self.sync_seconds += time.perf_counter() - start
-
-    def _maybe_sync(self) -> None:
-        step = self.get_step()
-        if self._synced_step is None or step - self._synced_step >= self.sync_every:
-            self.sync_weights()
-            self._synced_step = step
+    def _push(self, weights) -> None:
+        model_runner(self.llm).reload_weights(weights_iterator=weights)
 
     # ------------------------------------------------------------------ sampling
     def generate(
