@@ -163,6 +163,22 @@ def compiled_rows(live: int, batch: int) -> int:
     return min(batch, max(COMPILE_MIN_ROWS, 1 << max(0, live - 1).bit_length()))
 
 
+class _Rows:
+    """What a call records per row, on the device: sampled tokens, stopped or not, and
+    for the rows still sampled (after compaction), their original index and noise seed."""
+
+    def __init__(self, pad_id: int, max_new: int, seeds: torch.Tensor, eos: list[int], device):
+        batch = seeds.numel()
+        self.generated = torch.full((batch, max_new), pad_id, dtype=torch.long, device=device)
+        self.live = torch.arange(batch, device=device)  # the original row of each row sampled
+        self.seeds = seeds
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.eos = torch.tensor(eos, dtype=torch.long, device=device)
+
+    def keep(self, keep: torch.Tensor) -> None:
+        self.live, self.seeds, self.finished = self.live[keep], self.seeds[keep], self.finished[keep]
+
+
 # share of the free device memory one chunk of rollouts may take (KV cache and sampling
 # buffers), when the number of rows generated at once is not set
 FREE_MEMORY_SHARE = 0.5
@@ -270,9 +286,7 @@ class StaticCacheEngine(HFGenerateEngine):
             total = -(-total // COMPILE_COLUMNS) * COMPILE_COLUMNS
         decode = self._decode_step(model, batch, total, device)
         decode.start(mask)
-        eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=device)
-        generated = torch.full((batch, max_new), self.pad_id, dtype=torch.long, device=device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        rows = _Rows(self.pad_id, max_new, seeds, sorted(self.eos_ids), device)
 
         # prefill through HF's own mask and position logic, as generate() does
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
@@ -280,66 +294,80 @@ class StaticCacheEngine(HFGenerateEngine):
             input_ids=ids, attention_mask=mask, position_ids=positions,
             past_key_values=decode.cache, use_cache=True, logits_to_keep=1,
         ).logits[:, -1]
-        live = torch.arange(batch, device=device)  # the original row of each row still sampled
-        graph, graph_logits = None, None
-        count = 0
-        for index in range(max_new):
-            if index > 0:
-                if graph is not None:
-                    graph.replay()
-                    logits = graph_logits
-                elif self._want_graph(device):
-                    logits, graph, graph_logits = self._first_step_and_capture(
-                        _CompiledStep(decode) if compiling else decode)
-                else:
-                    logits = decode()
-            if index < self.min_new_tokens and eos.numel():  # (the graph's output rewritten next replay)
-                logits[:, eos] = float("-inf")
-            greedy = self.sampling.temperature <= 0
-            tokens = sample_tokens(logits, self.sampling, None if greedy else row_uniforms(seeds[live], index))
-            generated[live, index] = tokens
+        self._emit(logits, decode, rows)  # token 0
+        graph, count = None, 1
+        for index in range(1, max_new):
+            if graph is not None:
+                graph.replay()
+            elif self._want_graph(device):
+                # one token step (forward, sampling, bookkeeping) captured as one graph
+                _, graph, _ = self._first_step_and_capture(self._token_step(decode, rows, compiling))
+            else:
+                self._token_step(decode, rows, compiling)()
             count = index + 1
-            if eos.numel():
-                finished |= torch.isin(tokens, eos)
-                if count % self.eos_check_every == 0:
-                    done = int(finished.sum())  # the one host sync per check
-                    if done == finished.numel():
-                        break
-                    if self.compact_finished and 2 * done >= finished.numel():
-                        # half the rows stopped: the rest go on as a smaller batch
-                        decode.tokens.copy_(tokens.view(-1, 1))
-                        keep = (~finished).nonzero().squeeze(1)
-                        if compiling:  # into the next bucket, padded with stopped rows
-                            rows = compiled_rows(int(keep.numel()), finished.numel())
-                            keep = torch.cat([keep, finished.nonzero().squeeze(1)])[:rows]
-                            smaller = self._decode_step(model, rows, total, device)
-                            if smaller is not decode:
-                                smaller.take_rows(decode, keep)
-                                decode = smaller
-                        else:
-                            decode.compact(keep)
-                        if keep.numel() < finished.numel():
-                            live, finished, tokens = live[keep], finished[keep], tokens[keep]
-                            graph, graph_logits = None, None
-                            self.compactions += 1
-            decode.tokens.copy_(tokens.view(-1, 1))
-        rows = generated[:, :count].tolist()
-        del graph, graph_logits, decode
-        return [trim_completion(r, self.eos_ids) for r in rows]
+            if rows.eos.numel() and count % self.eos_check_every == 0:
+                done = int(rows.finished.sum())  # the one host sync per check
+                if done == rows.finished.numel():
+                    break
+                if self.compact_finished and 2 * done >= rows.finished.numel():
+                    # half the rows stopped: the rest go on as a smaller batch
+                    keep = (~rows.finished).nonzero().squeeze(1)
+                    if compiling:  # into the next bucket, padded with stopped rows
+                        size = compiled_rows(int(keep.numel()), rows.finished.numel())
+                        keep = torch.cat([keep, rows.finished.nonzero().squeeze(1)])[:size]
+                        smaller = self._decode_step(model, size, total, device)
+                        if smaller is not decode:
+                            smaller.take_rows(decode, keep)
+                            decode = smaller
+                    else:
+                        decode.compact(keep)
+                    if keep.numel() < rows.finished.numel():
+                        rows.keep(keep)
+                        graph = None
+                        self.compactions += 1
+        out = rows.generated[:, :count].tolist()
+        del graph, decode
+        return [trim_completion(r, self.eos_ids) for r in out]
+
+    def _token_step(self, decode: _DecodeStep, rows: "_Rows", compiling: bool) -> Callable[[], None]:
+        """One whole token step on static buffers: the decode forward, then ``_emit``."""
+        forward = _CompiledStep(decode) if compiling else decode
+
+        def step() -> None:
+            self._emit(forward(), decode, rows)
+
+        return step
+
+    def _emit(self, logits: torch.Tensor, decode: _DecodeStep, rows: "_Rows") -> None:
+        """Sample token ``decode.step`` of every row from ``logits`` and record it, all on
+        the device (no host sync: capturable)."""
+        index = decode.step
+        if self.min_new_tokens and rows.eos.numel():
+            suppress = index < self.min_new_tokens
+            logits[:, rows.eos] = torch.where(suppress, float("-inf"), logits[:, rows.eos])
+        greedy = self.sampling.temperature <= 0
+        tokens = sample_tokens(logits, self.sampling, None if greedy else row_uniforms(rows.seeds, index))
+        rows.generated.index_put_((rows.live, index.expand_as(rows.live)), tokens)
+        if rows.eos.numel():
+            rows.finished |= torch.isin(tokens, rows.eos)
+        decode.tokens.copy_(tokens.view(-1, 1))
 
     def _want_graph(self, device: torch.device) -> bool:
         if device.type != "cuda":
             return False
         return True if self.use_cuda_graph is None else self.use_cuda_graph
 
-    def _first_step_and_capture(self, decode: _DecodeStep):
-        """Run the first decode step for real on a side stream (the warm-up), then capture it."""
+    def _first_step_and_capture(self, step: Callable[[], torch.Tensor | None]):
+        """Run ``step`` for real on a side stream (the warm-up), then capture it; returns
+        (the warm-up's output, the graph, the graph's output buffer)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            logits = decode().clone()
+            logits = step()
+            logits = None if logits is None else logits.clone()
         torch.cuda.current_stream().wait_stream(stream)
-        logits.record_stream(torch.cuda.current_stream())  # made on the side stream, read on this one
+        if logits is not None:
+            logits.record_stream(torch.cuda.current_stream())  # made on the side stream, read on this one
         graph = torch.cuda.CUDAGraph()
         # autocast (Accelerate's, around a float32 student) must not cache weight casts
         # made inside the capture: they would be freed when the forward returns
@@ -348,7 +376,7 @@ class StaticCacheEngine(HFGenerateEngine):
         try:
             # capture records kernels without running them: the cache and step are untouched
             with torch.cuda.graph(graph, stream=stream):
-                graph_logits = decode()
+                graph_logits = step()
         finally:
             torch.set_autocast_cache_enabled(cache_casts)
         self.graphs_captured += 1
