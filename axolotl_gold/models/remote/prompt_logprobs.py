@@ -267,11 +267,11 @@ def connect_prompt_logprobs_teacher(settings) -> PromptLogprobsTeacher:
         model_id=teacher.model, timeout=settings.teacher_server.timeout, retries=settings.teacher_server.retries,
     )
     remote.check_server(tokenizer, settings.sequence_len)
-    if settings.loss_temperature != 1.0:
+    if settings.loss_temperature > 1.0:
         LOG.warning(
-            "`loss_temperature: %g` with `teacher_server_mode: prompt_logprobs`: the teacher's tail is "
-            "then assumed uniform, and tempering moves most of the mass into the tail bucket "
-            "(benchmarks/bench_topk_tail.py: the loss error exceeds 90%% at 2.0); 1.0 is exact up to "
-            "the top-k", settings.loss_temperature,
+            "`loss_temperature: %g` with `teacher_server_mode: prompt_logprobs`: flattening moves most "
+            "of both distributions' mass into the tail bucket, whose teacher share is then assumed "
+            "uniform (benchmarks/bench_topk_tail.py: the loss error exceeds 90%% at 2.0); use 1.0 or "
+            "below, or `teacher_server_mode: exact`", settings.loss_temperature,
         )
     return remote
