@@ -104,7 +104,7 @@ def build(args):
 def main(argv=None) -> dict:
     from axolotl_gold.rollouts.engines.base import SamplingSettings
     from axolotl_gold.rollouts.engines.noise import row_seeds, row_uniforms
-    from axolotl_gold.rollouts.engines.static import StaticCacheEngine, _CompiledStep, _DecodeStep, sample_tokens
+    from axolotl_gold.rollouts.engines.static import StaticCacheEngine, CompiledStep, DecodeStep, sample_tokens
 
     args = parse_args(argv)
     model = build(args)
@@ -139,11 +139,11 @@ def main(argv=None) -> dict:
         ids = torch.tensor(prompts, device="cuda")
         mask = torch.ones_like(ids)
         for grouped, compiled in variants:
-            decode = _DecodeStep(model, args.batch, total, "cuda", grouped)
+            decode = DecodeStep(model, args.batch, total, "cuda", grouped)
             decode.start(mask)
             model(input_ids=ids, attention_mask=mask, past_key_values=decode.cache, use_cache=True, logits_to_keep=1)
             rewind(decode.cache, decode, width)
-            _, graph, _ = engine._first_step_and_capture(_CompiledStep(decode) if compiled else decode)
+            _, graph, _ = engine._first_step_and_capture(CompiledStep(decode) if compiled else decode)
             label = ("grouped + torch.compile" if compiled else "grouped attention") if grouped else "HF sdpa (repeat_kv)"
             rows[f"decode graph replay (forward), ms, {label}"] = replay_ms(graph, decode.cache, decode, width, args.new)
             del graph, decode
@@ -173,7 +173,7 @@ def main(argv=None) -> dict:
 
         from torch.profiler import ProfilerActivity, profile
 
-        eager = _DecodeStep(model, args.batch, total, "cuda")
+        eager = DecodeStep(model, args.batch, total, "cuda")
         eager.start(mask)
         model(input_ids=ids, attention_mask=mask, past_key_values=eager.cache, use_cache=True, logits_to_keep=1)
         for _ in range(3):

@@ -35,7 +35,6 @@ sliding-window layers narrower than the sequence), the window goes through HF
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Callable
 
@@ -43,111 +42,13 @@ import torch
 
 from axolotl_gold.data.batching import left_pad
 from axolotl_gold.rollouts.engines.base import SamplingSettings, refuse_model_inputs, trim_completion
-from axolotl_gold.rollouts.engines.decode_attention import grouped_decode
 from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
 from axolotl_gold.rollouts.engines.noise import row_seeds, row_uniforms
+from axolotl_gold.rollouts.engines.decode_step import CompiledStep, DecodeStep, RowState
 from axolotl_gold.rollouts.engines.sampling import filter_logits, sample_tokens  # noqa: F401 (re-exported)
-from axolotl_gold.rollouts.engines.static_support import (
-    attention_mask_for,
-    blocker,
-    compact_cache,
-    copy_cache_rows,
-    static_cache,
-)
+from axolotl_gold.rollouts.engines.static_support import blocker
 
 LOG = logging.getLogger(__name__)
-
-
-class _DecodeStep:
-    """One token for every row: static buffers in, ``[B, V]`` logits out.
-
-    Built for ``batch`` rows and ``total`` cache columns, then ``start``-ed for each call
-    (in place, so a compiled step sees the same objects every call). ``tokens``
-    (``[B, 1]``) is written by the caller before each step; ``step`` (the index of the
-    token being fed, counted from 0 at the first generated token) advances inside.
-    """
-
-    def __init__(self, model, batch: int, total: int, device, grouped: bool = True):
-        self.model, self.total, self.grouped = model, total, grouped
-        self.cache = static_cache(model.config, total)
-        self.base_mask = torch.zeros((batch, 1, 1, total), dtype=torch.bool, device=device)
-        self.columns = torch.arange(total, device=device)
-        self.width = torch.zeros((), dtype=torch.long, device=device)
-        self.prompt_lengths = torch.zeros((batch, 1), dtype=torch.long, device=device)
-        self.step = torch.zeros((), dtype=torch.long, device=device)
-        self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
-
-    def start(self, prompt_mask: torch.Tensor) -> None:
-        """A new call: the prompt's ``[B, width]`` padding mask, an empty cache."""
-        width = prompt_mask.shape[1]
-        self.cache.reset()
-        self.base_mask.zero_()
-        self.base_mask[:, 0, 0, :width] = prompt_mask.bool()
-        self.width.fill_(width)
-        self.prompt_lengths.copy_(prompt_mask.sum(-1, keepdim=True))
-        self.step.zero_()
-
-    def __call__(self) -> torch.Tensor:
-        with grouped_decode(self.model) if self.grouped else contextlib.nullcontext():
-            return decode_forward(self)
-
-    def compact(self, keep: torch.Tensor) -> None:
-        """Only rows ``keep`` go on (new, smaller buffers); a captured graph of the old
-        batch no longer applies."""
-        compact_cache(self.cache, keep)
-        self.base_mask = self.base_mask.index_select(0, keep)
-        self.prompt_lengths = self.prompt_lengths.index_select(0, keep)
-        self.tokens = self.tokens.index_select(0, keep)
-
-    def take_rows(self, other: "_DecodeStep", keep: torch.Tensor) -> None:
-        """This step (built for ``len(keep)`` rows) continues rows ``keep`` of ``other``,
-        copied into its own buffers in place."""
-        copy_cache_rows(other.cache, self.cache, keep)
-        self.base_mask.copy_(other.base_mask.index_select(0, keep))
-        self.prompt_lengths.copy_(other.prompt_lengths.index_select(0, keep))
-        self.tokens.copy_(other.tokens.index_select(0, keep))
-        self.width.copy_(other.width)
-        self.step.copy_(other.step)
-
-
-def decode_forward(decode: _DecodeStep) -> torch.Tensor:
-    """The decode step's body (what ``torch.compile`` compiles when asked)."""
-    # the token fed now sits at cache column width + step and attends to itself
-    new = (decode.columns >= decode.width) & (decode.columns <= decode.width + decode.step)
-    mask = attention_mask_for(decode.model, decode.base_mask | new)
-    out = decode.model(
-        input_ids=decode.tokens,
-        attention_mask=mask,
-        position_ids=decode.prompt_lengths + decode.step,
-        past_key_values=decode.cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    decode.step.add_(1)
-    return out.logits[:, -1]
-
-
-_COMPILED = {}
-
-
-def compiled_decode_forward():
-    """``decode_forward`` through ``torch.compile`` (static shapes: one compile per batch
-    and cache-length bucket), made once per process."""
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(decode_forward, dynamic=False)
-    return _COMPILED["fn"]
-
-
-class _CompiledStep:
-    """Calls a ``_DecodeStep``'s forward through ``compiled_decode_forward``."""
-
-    def __init__(self, decode: _DecodeStep):
-        self.decode = decode
-
-    def __call__(self) -> torch.Tensor:
-        decode = self.decode
-        with grouped_decode(decode.model) if decode.grouped else contextlib.nullcontext():
-            return compiled_decode_forward()(decode)
 
 
 # cache columns are rounded up to a multiple of this when the step is compiled, so
@@ -161,22 +62,6 @@ def compiled_rows(live: int, batch: int) -> int:
     """The bucket for ``live`` rows still sampling out of ``batch``: the next power of
     two, at least ``COMPILE_MIN_ROWS``, at most ``batch``."""
     return min(batch, max(COMPILE_MIN_ROWS, 1 << max(0, live - 1).bit_length()))
-
-
-class _Rows:
-    """What a call records per row, on the device: sampled tokens, stopped or not, and
-    for the rows still sampled (after compaction), their original index and noise seed."""
-
-    def __init__(self, pad_id: int, max_new: int, seeds: torch.Tensor, eos: list[int], device):
-        batch = seeds.numel()
-        self.generated = torch.full((batch, max_new), pad_id, dtype=torch.long, device=device)
-        self.live = torch.arange(batch, device=device)  # the original row of each row sampled
-        self.seeds = seeds
-        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.eos = torch.tensor(eos, dtype=torch.long, device=device)
-
-    def keep(self, keep: torch.Tensor) -> None:
-        self.live, self.seeds, self.finished = self.live[keep], self.seeds[keep], self.finished[keep]
 
 
 # share of the free device memory one chunk of rollouts may take (KV cache and sampling
@@ -235,7 +120,7 @@ class StaticCacheEngine(HFGenerateEngine):
         self.use_cuda_graph = use_cuda_graph
         self.graphs_captured = 0
         self.fallbacks = 0
-        self._steps: dict[tuple, _DecodeStep] = {}  # compiled: the decode buffers per bucket
+        self._steps: dict[tuple, DecodeStep] = {}  # compiled: the decode buffers per bucket
 
     def _sample(self, model, prompts, seed, model_inputs) -> list[list[int]]:
         refuse_model_inputs(self, model_inputs)
@@ -260,17 +145,17 @@ class StaticCacheEngine(HFGenerateEngine):
     def _compiling(self, device: torch.device) -> bool:
         return self.compile_decode and self._want_graph(device)
 
-    def _decode_step(self, model, batch: int, total: int, device) -> _DecodeStep:
+    def _decode_step(self, model, batch: int, total: int, device) -> DecodeStep:
         """A fresh step, or (compiled) the bucket's kept one."""
         if not self._compiling(device):
-            return _DecodeStep(model, batch, total, device, self.grouped_attention)
+            return DecodeStep(model, batch, total, device, self.grouped_attention)
         key = (id(model), batch, total)
         if key not in self._steps:
             if any(k[0] != id(model) for k in self._steps):
                 self._steps.clear()  # another model: its buffers and compiled shapes go
             LOG.info("gold: compiling the decode step for %d rows x %d cache columns (once per shape)",
                      batch, total)
-            self._steps[key] = _DecodeStep(model, batch, total, device, self.grouped_attention)
+            self._steps[key] = DecodeStep(model, batch, total, device, self.grouped_attention)
         return self._steps[key]
 
     def _generate_chunk(self, model, prompts, device, seeds) -> list[list[int]]:
@@ -286,7 +171,7 @@ class StaticCacheEngine(HFGenerateEngine):
             total = -(-total // COMPILE_COLUMNS) * COMPILE_COLUMNS
         decode = self._decode_step(model, batch, total, device)
         decode.start(mask)
-        rows = _Rows(self.pad_id, max_new, seeds, sorted(self.eos_ids), device)
+        rows = RowState(self.pad_id, max_new, seeds, sorted(self.eos_ids), device)
 
         # prefill through HF's own mask and position logic, as generate() does
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
@@ -329,16 +214,16 @@ class StaticCacheEngine(HFGenerateEngine):
         del graph, decode
         return [trim_completion(r, self.eos_ids) for r in out]
 
-    def _token_step(self, decode: _DecodeStep, rows: "_Rows", compiling: bool) -> Callable[[], None]:
+    def _token_step(self, decode: DecodeStep, rows: RowState, compiling: bool) -> Callable[[], None]:
         """One whole token step on static buffers: the decode forward, then ``_emit``."""
-        forward = _CompiledStep(decode) if compiling else decode
+        forward = CompiledStep(decode) if compiling else decode
 
         def step() -> None:
             self._emit(forward(), decode, rows)
 
         return step
 
-    def _emit(self, logits: torch.Tensor, decode: _DecodeStep, rows: "_Rows") -> None:
+    def _emit(self, logits: torch.Tensor, decode: DecodeStep, rows: RowState) -> None:
         """Sample token ``decode.step`` of every row from ``logits`` and record it, all on
         the device (no host sync: capturable)."""
         index = decode.step
