@@ -150,6 +150,9 @@ class GoldTrainer(AxolotlTrainer):
                 vision=self.vision,
             )
         window = prepared.window
+        prefetch = getattr(self.teacher, "prefetch", None)  # a teacher server: slice k+1 ahead
+        if prefetch is not None:
+            prefetch([batch.get("teacher", batch) for batch in prepared.micro_batches])
         total = torch.tensor(prepared.local_tokens, device=device, dtype=torch.long)
         if self.accelerator.num_processes > 1:
             total = self.accelerator.reduce(total, reduction="sum")

@@ -82,12 +82,11 @@ class PromptLogprobsTeacher(HttpTeacher):
         )
 
     # --- scoring -------------------------------------------------------------
-    def completion_states(self, batch: dict, use_head_bypass: bool = True) -> TopKStates:
-        """``TopKStates`` of a scoring batch's completion region (``[B, C, K]``; K = k + 1)."""
+    def prepare(self, batch: dict):
+        """The scored rows, their columns, and the prompts and positions to ask (host side)."""
         if batch.get("vision"):
             raise TeacherServerError("a prompt_logprobs teacher takes token ids only (no pixel_values)")
         labels = batch["completion_labels"]
-        device = labels.device
         rows, width = labels.shape
         mask = batch["attention_mask"].to("cpu").bool()
         input_ids = batch["input_ids"].to("cpu")
@@ -95,17 +94,25 @@ class PromptLogprobsTeacher(HttpTeacher):
         start = input_ids.shape[1] - width  # the completion region's first column
         real_index = mask.long().cumsum(-1) - 1  # column -> index among the row's real tokens
         asked = [b for b in range(rows) if scored[b].any()]
+        prompts = [input_ids[b][mask[b]].tolist() for b in asked]
+        columns = [scored[b].nonzero().flatten().tolist() for b in asked]
+        positions = [[int(real_index[b, start + j]) for j in cols] for b, cols in zip(asked, columns)]
+        return (rows, width), asked, columns, prompts, positions
+
+    def fetch(self, request):
+        _, asked, _, prompts, positions = request
+        return self.prompt_logprobs(prompts, positions) if asked else []
+
+    def place(self, request, answers, batch: dict, use_head_bypass: bool = True) -> TopKStates:
+        """``TopKStates`` of the batch's completion region (``[B, C, K]``; K = k + 1)."""
+        (rows, width), asked, columns, _, _ = request
         ids = torch.full((rows, width, self.top_k + 1), -1, dtype=torch.long)
         logprobs = torch.zeros((rows, width, self.top_k + 1), dtype=torch.float32)
-        if asked:
-            prompts = [input_ids[b][mask[b]].tolist() for b in asked]
-            columns = [scored[b].nonzero().flatten().tolist() for b in asked]
-            positions = [[int(real_index[b, start + j]) for j in cols] for b, cols in zip(asked, columns)]
-            answers = self.prompt_logprobs(prompts, positions)
-            for b, cols, answer in zip(asked, columns, answers):
-                for j, (got_ids, got_lp) in zip(cols, answer):
-                    ids[b, j, : len(got_ids)] = torch.tensor(got_ids)
-                    logprobs[b, j, : len(got_lp)] = torch.tensor(got_lp)
+        for b, cols, answer in zip(asked, columns, answers):
+            for j, (got_ids, got_lp) in zip(cols, answer):
+                ids[b, j, : len(got_ids)] = torch.tensor(got_ids)
+                logprobs[b, j, : len(got_lp)] = torch.tensor(got_lp)
+        device = batch["completion_labels"].device
         return TopKStates(ids=ids.to(device), logprobs=logprobs.to(device))
 
     def prompt_logprobs(

@@ -44,6 +44,35 @@ class HttpTeacher(nn.Module):
         self.retries = max(1, int(retries))
         self.backoff = backoff
         self._session = None
+        self._prefetch = None  # a TeacherPrefetch once ``prefetch`` is called
+
+    # --- scoring: prepare (host), fetch (HTTP, any thread), place (device) ---
+    def prepare(self, batch: dict):
+        raise NotImplementedError
+
+    def fetch(self, request):
+        raise NotImplementedError
+
+    def place(self, request, answer, batch: dict, use_head_bypass: bool):
+        raise NotImplementedError
+
+    def completion_states(self, batch: dict, use_head_bypass: bool = True):
+        """The teacher's completion states of a scoring batch: the answer requested ahead
+        by ``prefetch`` when there is one, else requested now."""
+        taken = self._prefetch.take(batch) if self._prefetch is not None else None
+        if taken is None:
+            request = self.prepare(batch)
+            taken = request, self.fetch(request)
+        return self.place(*taken, batch, use_head_bypass)
+
+    def prefetch(self, batches: list[dict]) -> None:
+        """Request ``batches``' scores now, in order, from a worker thread (``prefetch``):
+        each micro-step then takes its answer, requested while the one before trained."""
+        from axolotl_gold.models.remote.prefetch import TeacherPrefetch
+
+        if self._prefetch is None:
+            self._prefetch = TeacherPrefetch(self)
+        self._prefetch.submit(batches)
 
     def start_command(self) -> str:
         """How to start the server this client talks to (for error messages)."""
@@ -151,19 +180,27 @@ class RemoteTeacher(HttpTeacher):
             "not served)."
         )
 
-    def completion_states(self, batch: dict, use_head_bypass: bool) -> CompletionStates:
-        """The teacher's completion states of a scoring batch, computed by the server."""
+    def prepare(self, batch: dict):
+        """(scored positions on the host, their count, the request body)."""
         if batch.get("vision"):
             raise TeacherServerError("the teacher server takes token ids only (no pixel_values)")
-        scored = batch["completion_labels"] != -100
+        scored = (batch["completion_labels"] != -100).to("cpu")
         num = int(scored.sum())
-        hidden_size = self.lm_head.weight.shape[1]
-        values = torch.zeros(
-            (*scored.shape, hidden_size), dtype=self.dtype, device=batch["input_ids"].device
-        )
-        if num:  # nothing scored (prompt-only rows): nothing to ask
-            states = self._post_states(wire.encode_request(batch), num, hidden_size)
-            values[scored.to(values.device)] = states.to(values.device, self.dtype)
+        return scored, num, wire.encode_request(batch) if num else None
+
+    def fetch(self, request) -> torch.Tensor | None:
+        """The server's ``[num, H]`` hidden states (None when nothing is scored)."""
+        _, num, body = request
+        if not num:  # nothing scored (prompt-only rows): nothing to ask
+            return None
+        return self._post_states(body, num, self.lm_head.weight.shape[1])
+
+    def place(self, request, states, batch: dict, use_head_bypass: bool) -> CompletionStates:
+        scored = request[0]
+        device = batch["input_ids"].device
+        values = torch.zeros((*scored.shape, self.lm_head.weight.shape[1]), dtype=self.dtype, device=device)
+        if states is not None:
+            values[scored.to(device)] = states.to(device, self.dtype)
         if use_head_bypass:
             return CompletionStates(values=values, head=self.lm_head)
         return CompletionStates(values=self.lm_head(values), head=None)
