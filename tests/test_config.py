@@ -201,7 +201,7 @@ def test_fsdp2_refuses_what_it_cannot_run_before_loading(tiny_pair, tmp_path, ov
 
 
 def test_fsdp_version_reader():
-    from axolotl_gold.config.validation import fsdp_version
+    from axolotl_gold.config.sharding_checks import fsdp_version
 
     assert fsdp_version({}) is None
     assert fsdp_version({"fsdp_version": "2"}) == 2

@@ -16,6 +16,7 @@ from axolotl_gold.config.schema import (
     VISION_DATASET_TYPE,
     setting,
 )
+from axolotl_gold.config.sharding_checks import validate_fsdp, validate_zero3, zero_stage
 
 # keys whose presence only makes sense with a teacher: a GOLD YAML that forgot the teacher
 _TEACHER_ONLY_KEYS = (
@@ -123,9 +124,9 @@ def validate_gold_settings(data: dict) -> None:
         _validate_rollout_compile(data)
     _validate_teacher_placement(data)
     if data.get("fsdp") or data.get("fsdp_config") or data.get("fsdp_version"):
-        _validate_fsdp(data)
-    if _zero_stage(data.get("deepspeed")) == 3:
-        _validate_zero3(data)
+        validate_fsdp(data)
+    if zero_stage(data.get("deepspeed")) == 3:
+        validate_zero3(data)
     if data.get("use_vllm"):
         utilization = float(setting(data, "vllm_gpu_memory_utilization"))
         if not 0.0 < utilization < 1.0:
@@ -203,7 +204,7 @@ def _validate_teacher_server(data: dict) -> None:
     refused = [
         (data.get("seq_kd"), "`seq_kd: true` samples completions from the teacher, which the "
          "teacher server does not serve yet: set `seq_kd: false`"),
-        (_zero_stage(data.get("deepspeed")) == 3, "DeepSpeed ZeRO-3 (`deepspeed`) is not wired with "
+        (zero_stage(data.get("deepspeed")) == 3, "DeepSpeed ZeRO-3 (`deepspeed`) is not wired with "
          "a teacher server yet: use ZeRO-1/2 or DDP"),
         (data.get("fsdp") or data.get("fsdp_config") or data.get("fsdp_version"), "FSDP "
          "(`fsdp_config` / `fsdp_version`) is not wired with a teacher server yet: use DDP"),
@@ -239,7 +240,7 @@ def _validate_teacher_placement(data: dict) -> None:
     if not keys:
         return
     sharded = (
-        "ZeRO-3" if _zero_stage(data.get("deepspeed")) == 3
+        "ZeRO-3" if zero_stage(data.get("deepspeed")) == 3
         else "FSDP" if (data.get("fsdp") or data.get("fsdp_config") or data.get("fsdp_version")) else None
     )
     if sharded:
@@ -261,7 +262,7 @@ def _validate_rollout_compile(data: dict) -> None:
         blocker = "`use_vllm: true` (vLLM samples, with its own CUDA graphs)"
     elif data.get("processor_type"):
         blocker = "a vision-language student (`processor_type`: HF generate samples with the images)"
-    elif data.get("fsdp_config") or data.get("fsdp_version") or _zero_stage(data.get("deepspeed")) == 3:
+    elif data.get("fsdp_config") or data.get("fsdp_version") or zero_stage(data.get("deepspeed")) == 3:
         blocker = "FSDP2 / ZeRO-3 (HF generate samples from the weights gathered per window)"
     else:
         return
@@ -269,84 +270,6 @@ def _validate_rollout_compile(data: dict) -> None:
         f"`gold_rollout_compile: true` compiles {engine}'s decode step, which does not run with "
         f"{blocker}: remove `gold_rollout_compile`."
     )
-
-
-def _validate_zero3(data: dict) -> None:
-    """What ZeRO-3 (student partitioned, teacher in an inference engine) cannot combine with."""
-    if data.get("use_vllm"):
-        raise GoldConfigError(
-            "`use_vllm: true` with ZeRO-3 is not supported (the weight sync reads whole "
-            "parameters): set `use_vllm: false` (HF generation gathers the weights once per "
-            "window) or use ZeRO-1/2."
-        )
-    if data.get("gold_generation_engine") == "static":
-        raise GoldConfigError(
-            "`gold_generation_engine: static` captures CUDA graphs over the weights, which ZeRO-3 "
-            "gathers anew for every window: set `gold_generation_engine: hf` (or `auto`)."
-        )
-    if data.get("processor_type"):
-        raise GoldConfigError(
-            "vision-language students (`processor_type`) are not supported with ZeRO-3 yet: "
-            "use ZeRO-1/2 or DDP."
-        )
-
-
-def fsdp_version(data: dict) -> int | None:
-    """The FSDP version a YAML asks for: ``fsdp_version``, else ``fsdp_config``'s
-    ``fsdp_version`` / ``version`` (Axolotl moves it up); None when unset."""
-    fsdp_config = data.get("fsdp_config") or {}
-    for value in (data.get("fsdp_version"), fsdp_config.get("fsdp_version"), fsdp_config.get("version")):
-        if value is not None and str(value).strip():
-            try:
-                return int(value)
-            except (TypeError, ValueError):
-                return None
-    return None
-
-
-def _validate_fsdp(data: dict) -> None:
-    """FSDP2 (``fsdp_version: 2`` with ``fsdp_config``) shards the student as Axolotl does
-    for SFT and the teacher for inference; FSDP1 and what FSDP2 cannot combine with yet
-    are refused here, before any model loads."""
-    version = fsdp_version(data)
-    if version != 2:
-        if data.get("fsdp") and not data.get("fsdp_config"):
-            key = f"`fsdp: {data['fsdp']}` (FSDP1's list of options)"
-        elif version is None:
-            key = "`fsdp_config` without `fsdp_version` (Axolotl then runs FSDP1)"
-        else:
-            key = f"`fsdp_version: {version}`"
-        raise GoldConfigError(
-            f"{key} is not supported with GOLD: FSDP1 is deprecated (Axolotl and "
-            "transformers are removing it). Set `fsdp_version: 2` with an `fsdp_config` "
-            "(e.g. `fsdp_config: {auto_wrap_policy: TRANSFORMER_BASED_WRAP, "
-            "state_dict_type: FULL_STATE_DICT}`), or shard with DeepSpeed ZeRO-3 "
-            "(`deepspeed: deepspeed_configs/zero3.json`)."
-        )
-    if not data.get("fsdp_config"):
-        raise GoldConfigError(
-            "`fsdp_version: 2` needs an `fsdp_config` (Axolotl turns FSDP on from it): add e.g. "
-            "`fsdp_config: {auto_wrap_policy: TRANSFORMER_BASED_WRAP, state_dict_type: FULL_STATE_DICT}`."
-        )
-    if data.get("deepspeed"):
-        raise GoldConfigError("`deepspeed` and `fsdp_config` cannot be combined: choose one.")
-    if data.get("use_vllm"):
-        mode = setting(data, "vllm_mode")
-        raise GoldConfigError(
-            f"`use_vllm: true` (`vllm_mode: {mode}`) with FSDP2 is not supported yet (the engine "
-            "reads whole parameters; FSDP2 holds shards): set `use_vllm: false` (HF generation "
-            "gathers the student once per window)."
-        )
-    if data.get("gold_generation_engine") == "static":
-        raise GoldConfigError(
-            "`gold_generation_engine: static` captures CUDA graphs over the weights, which FSDP2 "
-            "gathers anew for every window: set `gold_generation_engine: hf` (or `auto`)."
-        )
-    if data.get("processor_type"):
-        raise GoldConfigError(
-            "vision-language students (`processor_type`) are not supported with FSDP2 yet: "
-            "train them with DDP."
-        )
 
 
 def _validate_vision(data: dict) -> None:
@@ -386,21 +309,6 @@ def _validate_vision(data: dict) -> None:
                     f"dataset `{ds.get('path')}` has `type: {kind}`; with `processor_type` GOLD "
                     f"reads conversations with images: set `type: {VISION_DATASET_TYPE}`."
                 )
-
-
-def _zero_stage(deepspeed) -> int | None:
-    """The ZeRO stage of a ``deepspeed:`` value (a JSON path or an inline dict)."""
-    if not deepspeed:
-        return None
-    if isinstance(deepspeed, str):
-        import json
-        import os
-
-        if not os.path.exists(deepspeed):
-            return None  # Axolotl reports a missing file itself
-        with open(deepspeed, encoding="utf-8") as f:
-            deepspeed = json.load(f)
-    return (deepspeed.get("zero_optimization") or {}).get("stage")
 
 
 def route_chat_datasets(data: dict) -> dict:
