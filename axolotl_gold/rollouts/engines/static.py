@@ -2,8 +2,10 @@
 
 ``model.generate`` pays, per new token, a Python loop over logits processors, a growing
 attention mask and a host sync (its stopping check); for a 0.5B model at batch 16 that
-host work, not the GPU, sets the pace. Here one decode step is a fixed-shape function of
-static buffers, so on CUDA it is captured once per call as a CUDA graph and replayed:
+host work, not the GPU, sets the pace. Here one token step (the decode forward, EOS
+suppression, sampling, recording the token and the stop flags: ``decode_step``) is a
+fixed-shape function of static device buffers, so on CUDA it is captured once per call
+as one CUDA graph and replayed:
 
 - the KV cache is HF's ``StaticCache``, sized prompt width + ``max_new_tokens``, storing
   in the dtype attention computes in (``static_support``); its write position is a
@@ -81,7 +83,7 @@ def rows_that_fit(model, rows: int, columns: int) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     itemsize = 2 if torch.is_autocast_enabled("cuda") else next(model.parameters()).element_size()
     kv = 2 * config.num_hidden_layers * kv_heads * head_dim * columns * itemsize
-    sampling = config.vocab_size * 32  # float32 logits and probabilities, int64 hash, float64 draw
+    sampling = config.vocab_size * 32  # the sort's values and int64 order, float32 probabilities, float64 CDF
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(rows, int(FREE_MEMORY_SHARE * free) // (kv + sampling)))
 
