@@ -13,8 +13,9 @@
   final hidden states (after the final norm, before the head) at the scored positions, in the
   server's dtype. A malformed request is answered 400 with the reason.
 
-Requests from several training processes are served one at a time (a lock): each is a whole
-micro-batch forward, which keeps the device busy.
+Requests from several training processes that arrive while a forward runs are served
+together in the next one (``batching.RequestBatcher``, up to ``--max-batch-rows`` rows);
+``served_forwards`` counts the forwards.
 """
 
 import argparse  # no `from __future__ import annotations`: FastAPI reads the annotations
@@ -66,7 +67,7 @@ def hidden_states(model, request: dict):
     return states.values[scored]
 
 
-def build_app(model, model_id: str):
+def build_app(model, model_id: str, max_batch_rows: int = 64):
     import threading
 
     from fastapi import FastAPI, Request
@@ -74,6 +75,7 @@ def build_app(model, model_id: str):
     from fastapi.responses import JSONResponse, Response
 
     from axolotl_gold.models.compatibility import text_config
+    from axolotl_gold.models.remote.batching import RequestBatcher
     from axolotl_gold.scoring.forward import bypassable_head
 
     head = bypassable_head(model)
@@ -87,13 +89,15 @@ def build_app(model, model_id: str):
     info = describe(model, model_id, digest)
     vocab = max(int(text_config(model.config).vocab_size), int(head.weight.shape[0]))
     app = FastAPI(title="axolotl-gold teacher server")
-    lock = threading.Lock()  # one forward at a time, whichever training process asks
-
+    # one forward at a time; requests that wait for it are served together
+    batcher = RequestBatcher(lambda request: hidden_states(model, request), max_rows=max_batch_rows)
     served = {"requests": 0, "states": 0}
+    counting = threading.Lock()
 
     @app.get("/health")
     def health():
-        return {**info, "served_requests": served["requests"], "served_states": served["states"]}
+        return {**info, "served_requests": served["requests"], "served_states": served["states"],
+                "served_forwards": batcher.forwards}
 
     @app.post("/hidden_states")
     async def serve(request: Request):
@@ -104,11 +108,11 @@ def build_app(model, model_id: str):
             return JSONResponse(status_code=400, content={"error": str(err)})
 
         def run():
-            with lock:
-                states = hidden_states(model, parsed)
+            states = batcher.submit(parsed)
+            with counting:
                 served["requests"] += 1
                 served["states"] += states.shape[0]
-                return wire.encode_response(states, digest)
+            return wire.encode_response(states, digest)
 
         return Response(content=await run_in_threadpool(run), media_type="application/octet-stream")
 
@@ -141,12 +145,14 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--device-map", default=None,
                         help="a teacher larger than one GPU: `auto` spreads its layers over the visible GPUs")
+    parser.add_argument("--max-batch-rows", type=int, default=64,
+                        help="the most rows one forward serves when requests of several processes wait")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     import uvicorn
 
     model = load(args.model, args.dtype, args.device, args.revision, args.device_map)
-    app = build_app(model, args.model)
+    app = build_app(model, args.model, args.max_batch_rows)
     info = describe(model, args.model, "")
     LOG.info(
         "teacher server: %s (%s, hidden %s, vocab %s, %s on %s) at http://%s:%s",
