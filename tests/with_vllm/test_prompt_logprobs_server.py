@@ -4,65 +4,32 @@ checks at start refuse another tokenizer, a too-short `max_model_len`, a capped 
 outside the vocabulary; `axolotl train` runs with it."""
 
 import math
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from axolotl_run import gold_config, log_history, run_train, windows  # noqa: E402
+from server_process import free_port, served  # noqa: E402
 
 MAX_LOGPROBS = 50
 SERVER_LOG = {}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def vllm_teacher(tiny_pair, tmp_path_factory):
     """``vllm serve`` (its OpenAI-compatible api_server) of the tiny teacher."""
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("vllm_teacher") / "server.log", "w")
-    SERVER_LOG["path"] = Path(log.name)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    env["PYTHONUNBUFFERED"] = "1"  # the access log is read while the server runs
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_pair["teacher"],
-         "--port", str(port), "--dtype", "float32", "--max-model-len", "128",
-         "--max-logprobs", str(MAX_LOGPROBS)],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM exited: see {log.name}")
-        try:
-            if requests.get(url + "/v1/models", timeout=2).ok:
-                break
-        except requests.RequestException:
-            time.sleep(1)
-    else:
-        proc.kill()
-        raise RuntimeError("vLLM did not start in 240 s")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    port = free_port()
+    SERVER_LOG["path"] = tmp_path_factory.mktemp("vllm_teacher") / "server.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_pair["teacher"],
+           "--port", str(port), "--dtype", "float32", "--max-model-len", "128",
+           "--max-logprobs", str(MAX_LOGPROBS)]
+    # unbuffered: the access log is read while the server runs
+    with served(cmd, SERVER_LOG["path"], "/v1/models", 240, port, PYTHONUNBUFFERED="1") as url:
+        yield url
 
 
 def _teacher(pair, url, **kwargs):
@@ -148,7 +115,7 @@ def test_the_checks_at_start(vllm_teacher, tiny_pair, tiny_cross_pair):
 def test_unreachable_server_names_the_key_and_the_command(tiny_pair):
     from axolotl_gold.models.remote.teacher import TeacherServerError
 
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     remote, tok = _teacher(tiny_pair, url, retries=2, backoff=0.0, timeout=2)
     with pytest.raises(TeacherServerError, match=f"{url} did not answer GET /v1/models after 2 tries") as err:
         remote.check_server(tok, 64)

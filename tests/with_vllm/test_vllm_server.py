@@ -1,58 +1,25 @@
 """The vLLM rollout server (real vLLM, CPU build) and `vllm_mode: server` training."""
 
 import math
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from axolotl_run import gold_config, log_history, run_train, windows  # noqa: E402
+from server_process import free_port, served  # noqa: E402
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_pair, tmp_path_factory):
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the CPU build otherwise takes most of RAM
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "axolotl_gold.rollouts.vllm.server", "--model", tiny_pair["student"],
-         "--port", str(port), "--dtype", "float32", "--max-model-len", "64"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: see {log.name}")
-        try:
-            if requests.get(url + "/health", timeout=2).ok:
-                break
-        except requests.RequestException:
-            time.sleep(1)
-    else:
-        proc.kill()
-        raise RuntimeError("server did not start in 180 s")
-    yield port, url
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    port = free_port()
+    cmd = [sys.executable, "-m", "axolotl_gold.rollouts.vllm.server", "--model", tiny_pair["student"],
+           "--port", str(port), "--dtype", "float32", "--max-model-len", "64"]
+    with served(cmd, tmp_path_factory.mktemp("server") / "server.log", "/health", 180, port) as url:
+        yield port, url
 
 
 def test_weights_pushed_over_http_change_the_samples(server, tiny_pair):
@@ -88,7 +55,7 @@ def test_unreachable_server_names_the_url():
     from axolotl_gold.rollouts.engines.base import SamplingSettings
     from axolotl_gold.rollouts.vllm.client import VLLMServerEngine, VLLMServerUnreachable
 
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     # the first window's sync is the first request
     engine = VLLMServerEngine(url, lambda: torch.nn.Linear(2, 2), lambda: 0, SamplingSettings(max_new_tokens=4), {2}, timeout=2, retries=2)
     with pytest.raises(VLLMServerUnreachable, match=f"{url} did not answer /update_weights after 2 tries"):
