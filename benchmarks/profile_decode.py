@@ -8,7 +8,8 @@ The 0.5B-shaped student of ``bench_vs_reference.py`` (Qwen2: 24 layers, hidden 8
 
 - the engine's whole call per token step (prefill included), forced to full length;
 - the captured decode graph replayed alone (the model's forward for one token);
-- the per-token sampling alone (temperature, top-p, the inverse-CDF draw);
+- the per-token sampling alone (temperature, top-p, the inverse-CDF draw), captured as a
+  CUDA graph: the sort-free kernels against one sort + the tensor CDF;
 - the lm_head matmul alone, and the weight-read floor (bytes of weights and KV cache
   at the device's measured copy bandwidth);
 - the top CUDA kernels of a few eager decode steps (torch.profiler).
@@ -59,6 +60,20 @@ def timed(fn, repeats: int) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3 / repeats
+
+
+def graph_timed(fn, repeats: int) -> float:
+    """Milliseconds per replay of ``fn`` captured as a CUDA graph (as the engine runs it:
+    launch costs gone, device time left)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compiles Triton kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timed(graph.replay, repeats)
 
 
 def sorted_top_p(logits, top_p: float):
@@ -150,13 +165,21 @@ def main(argv=None) -> dict:
         logits = torch.randn(args.batch, vocab, device="cuda", dtype=torch.bfloat16)
         seeds = row_seeds(0, torch.arange(args.batch, device="cuda"))
         uniforms = row_uniforms(seeds, 3)
-        rows["sampling (top-p sort + inverse CDF), ms"] = timed(lambda: sample_tokens(logits.float(), sampling, uniforms), 100)
+        for dtype in (torch.bfloat16, torch.float32):  # as a bf16 / a float32 model returns them
+            name = "bf16" if dtype == torch.bfloat16 else "fp32"
+            cast = logits.to(dtype)
+            for fused in (True, False):
+                how = "sort-free kernels (nucleus.py)" if fused else "one sort + tensor CDF"
+                rows[f"sampling, top-p {args.top_p} + draw, {how}, {name} logits, captured, ms"] = graph_timed(
+                    lambda: sample_tokens(cast, sampling, uniforms, fused=fused), 200)
+        plain = SamplingSettings(max_new_tokens=1, temperature=args.temperature)
+        for fused in (True, False):
+            how = "kernels" if fused else "tensor CDF"
+            rows[f"sampling without top-p, {how}, bf16 logits, captured, ms"] = graph_timed(
+                lambda: sample_tokens(logits, plain, uniforms, fused=fused), 200)
         scaled = logits.float() / args.temperature
         rows["top-p by a full-vocabulary sort (HF's rule), ms"] = timed(lambda: sorted_top_p(scaled, args.top_p), 100)
         rows["row uniforms (counter hash), ms"] = timed(lambda: row_uniforms(seeds, 3), 100)
-        plain = SamplingSettings(max_new_tokens=1, temperature=args.temperature)
-        rows["sampling without top-p (inverse CDF in vocabulary order), ms"] = timed(
-            lambda: sample_tokens(logits.float(), plain, uniforms), 100)
         greedy = SamplingSettings(max_new_tokens=1, temperature=0.0)
         rows["sampling greedy (argmax), ms"] = timed(lambda: sample_tokens(logits.float(), greedy, None), 100)
         hidden = torch.randn(args.batch, args.hidden, device="cuda", dtype=torch.bfloat16)

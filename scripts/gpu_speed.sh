@@ -13,7 +13,7 @@ for w in .assets/wheels/*.whl; do python3 -m zipfile -e "$w" /tmp/gpu_pytest; do
 export PYTHONPATH=/tmp/axsite:$PWD:/tmp/gpu_pytest
 if [ "${GOLD_SKIP_UNIT:-0}" != 1 ]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_static_engine.py tests/test_row_noise.py \
-    tests/test_decode_attention.py > "$OUT/cuda_tests.txt" 2>&1
+    tests/test_decode_attention.py tests/test_nucleus_sampling.py > "$OUT/cuda_tests.txt" 2>&1
   tail -15 "$OUT/cuda_tests.txt"
 fi
 if [ "${GOLD_SKIP_PROFILE:-0}" != 1 ]; then

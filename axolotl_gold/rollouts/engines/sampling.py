@@ -3,23 +3,21 @@
 ``filter_logits`` is the plain reference: HF's warpers (temperature, then top-k, then
 top-p with ``TopPLogitsWarper``'s rule) as ``-inf`` masks over the vocabulary.
 
-``sample_tokens`` draws from the same distribution by inverting its CDF with one uniform
-``u`` per row (``noise.row_uniforms``): with the logits sorted in descending order, the
-nucleus is a prefix (HF removes a token when the ascending cumulative mass up to it is
-``<= 1 - top_p``, i.e. when the mass strictly before it in descending order is
-``>= top_p``), so the sample is the first sorted position whose cumulative mass reaches
-``u`` times the nucleus's mass. That is one sort (only with top-p or top-k), one softmax,
-one float64 cumsum and a binary search per row (the sort on the logits as the model
-returns them: 16-bit keys for a bf16 model), against the exponential race's ``[B, V]``
-noise, second softmax, scatter and division (0.66 ms a step on an H200 at 16 x 151,936,
-the noise alone 0.60 ms). Without top-p / top-k nothing is sorted: the CDF runs in
-vocabulary order.
+``sample_tokens`` draws from the same distribution by inverting its CDF, in vocabulary
+order, at one uniform ``u`` per row (``noise.row_uniforms``). The nucleus is a floor on
+the logits: a token stays when the mass of the tokens strictly more likely than it is
+``< top_p`` (HF removes a token when the ascending cumulative mass up to it is
+``<= 1 - top_p``); tokens tied at the floor all stay, where HF's sort keeps an
+arbitrary part of them. On CUDA the floor is found without sorting (``nucleus.py``: a
+k-ary search over the logits' bits, a few Triton launches); elsewhere by one sort of the
+logits. Top-k is a floor too (the k-th largest logit, ties kept, as HF).
 """
 
 from __future__ import annotations
 
 import torch
 
+from axolotl_gold.rollouts.engines import nucleus
 from axolotl_gold.rollouts.engines.base import SamplingSettings
 
 
@@ -45,13 +43,17 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
 
 def sample_tokens(
-    logits: torch.Tensor, sampling: SamplingSettings, uniforms: torch.Tensor | torch.Generator | None
+    logits: torch.Tensor,
+    sampling: SamplingSettings,
+    uniforms: torch.Tensor | torch.Generator | None,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """``[B]`` next tokens from ``[B, V]`` logits: argmax when greedy, else a sample of
-    ``softmax(filter_logits(logits))`` by inverse CDF.
+    ``softmax(filter_logits(logits))`` by inverse CDF in vocabulary order.
 
     ``uniforms``: ``[B]`` draws in ``(0, 1)`` (``noise.row_uniforms``), or a generator to
-    draw them from.
+    draw them from. ``fused``: the Triton kernels (``nucleus.py``; default: where they
+    run) or the plain tensor version.
     """
     if sampling.temperature <= 0:
         return logits.argmax(dim=-1)
@@ -59,30 +61,26 @@ def sample_tokens(
     if not isinstance(uniforms, torch.Tensor):
         device = uniforms.device if uniforms is not None else logits.device
         uniforms = torch.rand(batch, generator=uniforms, dtype=torch.float64, device=device)
-    top_k = sampling.top_k if 0 < sampling.top_k < vocab else 0
-    order = None
-    if sampling.top_p < 1.0 or top_k:
-        # the order of the logits as they come (bf16 from a bf16 model: a radix sort of
-        # 16-bit keys) is the order of the scaled float32 ones (scaling is monotonic)
-        if top_k and sampling.top_p >= 1.0:
-            order = torch.topk(logits, top_k, dim=-1).indices  # sorted, descending
-        else:
-            order = torch.sort(logits, dim=-1, descending=True).indices
-            if top_k:
-                order = order[:, :top_k]
-        scaled = logits.gather(-1, order).float()
-    else:
-        scaled = logits.float()
-    if sampling.temperature != 1.0:
-        scaled = scaled / sampling.temperature
-    probs = scaled.softmax(dim=-1)
-    cumulative = probs.cumsum(dim=-1, dtype=torch.float64)
+    if 0 < sampling.top_k < vocab:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if fused is None:
+        fused = nucleus.available(logits)
+    if fused:
+        return nucleus.nucleus_sample(logits, uniforms, sampling.temperature, sampling.top_p)
+    scaled = logits.float() / sampling.temperature
     if sampling.top_p < 1.0:
-        before = cumulative - probs  # mass strictly before each sorted position
-        kept = (before < sampling.top_p).sum(dim=-1, keepdim=True).clamp_(min=1)  # a prefix
-    else:
-        kept = torch.full((batch, 1), cumulative.shape[-1], device=logits.device, dtype=torch.long)
-    mass = cumulative.gather(-1, kept - 1)
-    index = torch.searchsorted(cumulative, uniforms.to(torch.float64).view(batch, 1) * mass)
-    index = torch.minimum(index, kept - 1)  # rounding: never past the nucleus
-    return (index if order is None else order.gather(-1, index)).view(batch)
+        scaled = scaled.masked_fill(scaled < nucleus_floor(scaled, sampling.top_p), float("-inf"))
+    cumulative = scaled.softmax(dim=-1).cumsum(dim=-1, dtype=torch.float64)
+    index = torch.searchsorted(cumulative, uniforms.to(torch.float64).view(batch, 1) * cumulative[:, -1:])
+    last = torch.where(scaled > float("-inf"), torch.arange(vocab, device=logits.device), -1).amax(-1, keepdim=True)
+    return torch.minimum(index, last).view(batch)  # rounding: never past the last kept token
+
+
+def nucleus_floor(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``[B, 1]``: the smallest logit whose strictly-more-likely mass is ``< top_p`` (one sort)."""
+    ordered = torch.sort(scaled, dim=-1, descending=True).values
+    probs = ordered.softmax(dim=-1)
+    before = probs.cumsum(dim=-1, dtype=torch.float64) - probs  # mass strictly before each position
+    kept = (before < top_p).sum(dim=-1, keepdim=True).clamp_(min=1)
+    return ordered.gather(-1, kept - 1)
