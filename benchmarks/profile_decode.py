@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -119,7 +120,7 @@ def build(args):
 def main(argv=None) -> dict:
     from axolotl_gold.rollouts.engines.base import SamplingSettings
     from axolotl_gold.rollouts.engines.noise import row_seeds, row_uniforms
-    from axolotl_gold.rollouts.engines.static import StaticCacheEngine, CompiledStep, DecodeStep, sample_tokens
+    from axolotl_gold.rollouts.engines.static import StaticCacheEngine, CompiledStep, DecodeStep, RowState, sample_tokens
 
     args = parse_args(argv)
     model = build(args)
@@ -180,6 +181,15 @@ def main(argv=None) -> dict:
         scaled = logits.float() / args.temperature
         rows["top-p by a full-vocabulary sort (HF's rule), ms"] = timed(lambda: sorted_top_p(scaled, args.top_p), 100)
         rows["row uniforms (counter hash), ms"] = timed(lambda: row_uniforms(seeds, 3), 100)
+        step = torch.zeros((), dtype=torch.long, device="cuda")
+        rows["row uniforms (counter hash), captured, ms"] = graph_timed(lambda: row_uniforms(seeds, step), 200)
+        # everything of a token step after the forward: EOS suppression (min_new_tokens),
+        # uniforms, sampling, recording, stop flags
+        emitter = StaticCacheEngine(lambda: model, sampling, pad, {eos}, min_new_tokens=args.new)
+        state = RowState(pad, args.new, seeds, [eos], "cuda")
+        fed = SimpleNamespace(step=step, tokens=torch.zeros(args.batch, 1, dtype=torch.long, device="cuda"))
+        rows["token step after the forward (StaticCacheEngine._emit), captured, ms"] = graph_timed(
+            lambda: emitter._emit(logits.clone(), fed, state), 200)
         greedy = SamplingSettings(max_new_tokens=1, temperature=0.0)
         rows["sampling greedy (argmax), ms"] = timed(lambda: sample_tokens(logits.float(), greedy, None), 100)
         hidden = torch.randn(args.batch, args.hidden, device="cuda", dtype=torch.bfloat16)
