@@ -38,16 +38,12 @@ def assemble(cfg, trainer) -> GoldParts:
     sharding = sharding_for(trainer.accelerator)
     if not settings.use_uld_loss:
         check_runtime_tokens(cfg, tokenizer)
-    if settings.teacher_server.url and settings.teacher_server.mode == "prompt_logprobs":
-        from axolotl_gold.models.remote.prompt_logprobs import connect_prompt_logprobs_teacher
+    if settings.teacher_server.enabled:
+        from axolotl_gold.models.remote.router import connect_teachers
 
-        # a vLLM server answers the teacher's top-k log-probs; nothing of it is loaded here
-        teacher = connect_prompt_logprobs_teacher(settings)
-    elif settings.teacher_server.url:
-        from axolotl_gold.models.remote.teacher import connect_teacher
-
-        # the teacher runs in its server; only its output head is loaded here
-        teacher = connect_teacher(settings, trainer.accelerator.device)
+        # the teacher runs in its server (or one per row's teacher name): only the output
+        # head is loaded here (exact mode), or nothing (a vLLM server's top-k log-probs)
+        teacher = connect_teachers(settings, trainer.accelerator.device)
     else:
         teacher = sharding.load_teacher(settings, trainer.accelerator)
     disable_dropout(trainer.model)
@@ -92,7 +88,7 @@ def assemble(cfg, trainer) -> GoldParts:
 def build_objective(settings: GoldSettings, student, teacher, student_tokenizer, stop_ids=None):
     """JSD for one tokenizer, ULD (or hybrid ULD) across two; top-k + tail JSD for a teacher
     known by its top-k log-probabilities (``teacher_server_mode: prompt_logprobs``)."""
-    if settings.teacher_server.url and settings.teacher_server.mode == "prompt_logprobs":
+    if settings.teacher_server.enabled and settings.teacher_server.mode == "prompt_logprobs":
         from axolotl_gold.scoring.topk import TopKTailObjective
 
         return TopKTailObjective(

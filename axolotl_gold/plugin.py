@@ -42,11 +42,12 @@ class GoldPlugin(BasePlugin):
             from axolotl_gold.models.compatibility import check_teacher_compatible
 
             check_teacher_compatible(cfg)
-            if cfg.get("teacher_server_url"):  # reachable, and serving this teacher's sizes
+            # each teacher server reachable, and serving its teacher's sizes
+            if cfg.get("teacher_server_url") or cfg.get("teacher_servers"):
                 from axolotl_gold.config.settings import GoldSettings
-                from axolotl_gold.models.remote.teacher import check_teacher_server
+                from axolotl_gold.models.remote.router import check_teacher_servers
 
-                check_teacher_server(GoldSettings.from_cfg(cfg))
+                check_teacher_servers(GoldSettings.from_cfg(cfg))
 
     def post_model_load(self, cfg, model) -> None:
         if gold_enabled(cfg):

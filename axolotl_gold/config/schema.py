@@ -63,6 +63,13 @@ class GoldArgs(BaseModel):
     teacher_server_mode: Literal["exact", "prompt_logprobs"] = "exact"
     teacher_server_top_k: int = 20  # prompt_logprobs: ids per position (vLLM's --max-logprobs caps it)
     teacher_server_retries: int = 3  # tries per request (connection errors, timeouts, 5xx)
+    # several teacher servers, by name (instead of `teacher_server_url`); each row's
+    # `teacher_column` names the one that scores its rollouts
+    teacher_servers: dict[str, str] | None = None
+    # per teacher name, the checkpoint its server serves (exact mode: the trainer reads its
+    # output head there); a name not listed serves `teacher_model`
+    teacher_models: dict[str, str] | None = None
+    teacher_column: str = "teacher"  # the dataset column naming each row's teacher
 
     # --- on-policy mixture and divergence ----------------------------------
     lmbda: float = 0.5

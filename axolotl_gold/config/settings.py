@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from axolotl_gold.config.errors import GoldConfigError
 from axolotl_gold.config.schema import setting
@@ -23,13 +23,24 @@ class TeacherSettings:
 
 @dataclass(frozen=True)
 class TeacherServerSettings:
-    """``teacher_server_url`` and its keys: the teacher runs in a teacher server."""
+    """``teacher_server_url`` and its keys: the teacher runs in a teacher server; or
+    ``teacher_servers``: several, by name, each row's ``column`` naming its teacher."""
 
     url: str | None
     timeout: float
     retries: int
     mode: str = "exact"  # or "prompt_logprobs": top-k + tail from a vLLM server
     top_k: int = 20
+    servers: dict = field(default_factory=dict)  # teacher name -> URL
+    models: dict = field(default_factory=dict)  # teacher name -> checkpoint (default teacher_model)
+    column: str = "teacher"
+    # the keys an error about this server names (one of several: `teacher_servers.<name>`)
+    url_key: str = "teacher_server_url"
+    model_key: str = "teacher_model"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url or self.servers)
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,24 @@ class GoldSettings:
     @property
     def max_prompt_length(self) -> int:
         return self.sequence_len - self.max_completion_length
+
+    def per_teacher(self) -> dict[str, "GoldSettings"]:
+        """``teacher_servers``: per teacher name, these settings with its server as the one
+        ``teacher_server_url`` (and its checkpoint as ``teacher_model``); the tokenizer is shared."""
+        out = {}
+        server = self.teacher_server
+        for name, url in server.servers.items():
+            own = name in server.models  # its own checkpoint (`teacher_model_revision` is not its)
+            teacher = replace(self.teacher, model=server.models[name], revision=None) if own else self.teacher
+            out[name] = replace(
+                self,
+                teacher=teacher,
+                teacher_server=replace(
+                    server, url=url, servers={}, url_key=f"teacher_servers.{name}",
+                    model_key=f"teacher_models.{name}" if own else "teacher_model",
+                ),
+            )
+        return out
 
     @classmethod
     def from_cfg(cls, cfg) -> "GoldSettings":
@@ -180,6 +209,9 @@ class GoldSettings:
                 retries=int(get("teacher_server_retries")),
                 mode=str(get("teacher_server_mode")),
                 top_k=int(get("teacher_server_top_k")),
+                servers={str(k): str(v) for k, v in (get("teacher_servers") or {}).items()},
+                models={str(k): str(v) for k, v in (get("teacher_models") or {}).items()},
+                column=str(get("teacher_column")),
             ),
         )
 

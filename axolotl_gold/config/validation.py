@@ -17,6 +17,7 @@ from axolotl_gold.config.schema import (
     setting,
 )
 from axolotl_gold.config.sharding_checks import validate_fsdp, validate_zero3, zero_stage
+from axolotl_gold.config.teacher_server_checks import validate_teacher_servers
 
 # keys whose presence only makes sense with a teacher: a GOLD YAML that forgot the teacher
 _TEACHER_ONLY_KEYS = (
@@ -31,6 +32,8 @@ _TEACHER_ONLY_KEYS = (
     "teacher_chat_template_kwargs",
     "gold_teacher_replicate",
     "teacher_server_url",
+    "teacher_servers",
+    "teacher_models",
 )
 
 
@@ -113,13 +116,7 @@ def validate_gold_settings(data: dict) -> None:
             "`generation_batch_size` (or omit it to derive it) or the batch keys."
         )
 
-    if data.get("teacher_server_url"):
-        _validate_teacher_server(data)
-    elif setting(data, "teacher_server_mode") != "exact":
-        raise GoldConfigError(
-            f"`teacher_server_mode: {data['teacher_server_mode']}` needs `teacher_server_url` (the "
-            "server's address, e.g. `http://10.0.0.5:8000` for `vllm serve`)."
-        )
+    validate_teacher_servers(data)
     if data.get("gold_rollout_compile"):
         _validate_rollout_compile(data)
     _validate_teacher_placement(data)
@@ -186,51 +183,6 @@ def honour_batch_size(data: dict) -> dict:
         data["gradient_accumulation_steps"] = accumulation_steps(data, micro)
         data.pop("batch_size")
     return data
-
-
-def _validate_teacher_server(data: dict) -> None:
-    """A teacher server (``teacher_server_url``) serves final hidden states of token ids:
-    what needs the teacher's weights here, or images, is refused until it is wired."""
-    url = str(data["teacher_server_url"])
-    if not url.startswith(("http://", "https://")):
-        raise GoldConfigError(
-            f"`teacher_server_url: {url}` must be an http(s) URL, e.g. `http://10.0.0.5:8012` "
-            "(where `python -m axolotl_gold.models.teacher_server` listens)."
-        )
-    if float(setting(data, "teacher_server_timeout")) <= 0:
-        raise GoldConfigError("`teacher_server_timeout` must be > 0 (seconds per request).")
-    if int(setting(data, "teacher_server_retries")) < 1:
-        raise GoldConfigError("`teacher_server_retries` must be >= 1 (tries per request).")
-    refused = [
-        (data.get("seq_kd"), "`seq_kd: true` samples completions from the teacher, which the "
-         "teacher server does not serve yet: set `seq_kd: false`"),
-        (zero_stage(data.get("deepspeed")) == 3, "DeepSpeed ZeRO-3 (`deepspeed`) is not wired with "
-         "a teacher server yet: use ZeRO-1/2 or DDP"),
-        (data.get("fsdp") or data.get("fsdp_config") or data.get("fsdp_version"), "FSDP "
-         "(`fsdp_config` / `fsdp_version`) is not wired with a teacher server yet: use DDP"),
-        (data.get("processor_type"), "vision-language students (`processor_type`) are not served: "
-         "the teacher server takes token ids only"),
-        (data.get("gold_teacher_replicate"), "`gold_teacher_replicate` places a local teacher: "
-         "remove it"),
-    ]
-    for wrong, why in refused:
-        if wrong:
-            raise GoldConfigError(f"`teacher_server_url` is set, but {why} (or remove `teacher_server_url`).")
-    mode = setting(data, "teacher_server_mode")
-    if mode not in ("exact", "prompt_logprobs"):
-        raise GoldConfigError(
-            f"`teacher_server_mode: {mode}` is not a mode: `exact` (our teacher server, full "
-            "vocabulary) or `prompt_logprobs` (a vLLM OpenAI-compatible server, top-k + tail)."
-        )
-    if mode == "prompt_logprobs":
-        if int(setting(data, "teacher_server_top_k")) < 1:
-            raise GoldConfigError("`teacher_server_top_k` must be >= 1 (top-k ids per scored position).")
-        if data.get("use_uld_loss"):
-            raise GoldConfigError(
-                "`teacher_server_mode: prompt_logprobs` gives the teacher's top-k only, and "
-                "`use_uld_loss` (ULD sorts the teacher's full distribution) needs all of it: use "
-                "`teacher_server_mode: exact` (our teacher server) for another tokenizer."
-            )
 
 
 def _validate_teacher_placement(data: dict) -> None:

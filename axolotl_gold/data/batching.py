@@ -28,6 +28,7 @@ class Rollout:
     completion_text: str = ""
     images: list = field(default_factory=list)  # decoded PIL images (vision rows)
     prompt_text: str = ""  # the rendered prompt, for the processor (vision rows)
+    teacher: str | None = None  # the teacher server that scores it (`teacher_servers`' name)
 
 
 class GoldCollator:
@@ -45,6 +46,7 @@ class GoldCollator:
                     completion_ids=ids[n:],
                     prompt_messages=json.loads(messages) if messages else [],
                     completion_text=row.get("gold_completion_text") or "",
+                    teacher=row.get("gold_teacher"),
                 )
             )
         return {"gold_rollouts": rollouts}

@@ -17,6 +17,8 @@ Each row becomes:
 - ``gold_prompt_length``: how many of those ids are prompt,
 - ``gold_prompt_messages`` (JSON) and ``gold_completion_text``: the text, so a
   teacher with another tokenizer can render its own prompt (ULD),
+- ``gold_teacher``: with ``teacher_servers``, the row's ``teacher_column`` value, the
+  name of the teacher server that scores its rollouts,
 - ``labels``/``attention_mask``: placeholders Axolotl's pipeline expects (rows whose
   labels are all -100 are dropped by it); GOLD builds its own masks per window.
 """
@@ -151,6 +153,8 @@ class GoldChatStrategy(DatasetWrappingStrategy):
         self.max_completion = settings.max_completion_length
         self.max_prompt = settings.max_prompt_length
         # Axolotl's own key, for prompts and completions alike (e.g. enable_thinking)
+        self.teachers = sorted(settings.teacher_server.servers)  # several teacher servers
+        self.teacher_column = settings.teacher_server.column
         self.template_kwargs = dict(settings.chat_template_kwargs)
         self.template_kwargs.update(self.ds_cfg.get("chat_template_kwargs") or {})
         self.stops = (
@@ -212,7 +216,7 @@ class GoldChatStrategy(DatasetWrappingStrategy):
             else []
         )
         input_ids = prompt_ids + completion_ids
-        return {
+        out = {
             "input_ids": input_ids,
             "attention_mask": [1] * len(input_ids),
             "labels": list(input_ids),
@@ -220,6 +224,21 @@ class GoldChatStrategy(DatasetWrappingStrategy):
             "gold_prompt_messages": json.dumps(prompt_messages),
             "gold_completion_text": completion if completion is not None else "",
         }
+        if self.teachers:
+            out["gold_teacher"] = self.row_teacher(row, index)
+        return out
+
+    def row_teacher(self, row: dict, index: int) -> str:
+        """The row's teacher name (``teacher_column``), one of ``teacher_servers``."""
+        name = row.get(self.teacher_column)
+        if name not in self.teachers:
+            what = "has no" if name is None else f"has `{name}` in its"
+            raise GoldConfigError(
+                f"dataset row {index} {what} `{self.teacher_column}` column (`teacher_column`), "
+                f"which must name one of `teacher_servers`: {self.teachers}. Fix the row, or "
+                "set `teacher_column` to the column that names each row's teacher."
+            )
+        return name
 
     def wrap_dataset(self, dataset, process_count=None, keep_in_memory=False, **kwargs):
         return dataset.map(

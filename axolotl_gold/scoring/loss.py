@@ -13,6 +13,7 @@ import torch
 
 from axolotl_gold.data.batching import Rollout, build_scoring_batch
 from axolotl_gold.scoring.forward import completion_states
+from axolotl_gold.scoring.routing import objective_sum
 
 
 def scoring_batch(rows: list[Rollout], pad_id: int, vision=None) -> dict:
@@ -24,6 +25,18 @@ def scoring_batch(rows: list[Rollout], pad_id: int, vision=None) -> dict:
         texts = [r.prompt_text for r in rows]
         return vision.scoring_batch(prompts, completions, texts, [r.images for r in rows])
     return build_scoring_batch(prompts, completions, pad_id)
+
+
+def teacher_scoring_batch(rows: list[Rollout], pad_id: int, objective, vision=None) -> dict:
+    """``scoring_batch`` with what the objective's teacher reads (``teacher_inputs``: its own
+    tokens and the alignment for another tokenizer) and, when rows name their teacher
+    (``teacher_servers``), those names beside the tensors the teacher reads."""
+    batch = scoring_batch(rows, pad_id, vision)
+    batch.update(objective.teacher_inputs(rows) or {})
+    names = [r.teacher for r in rows]
+    if any(name is not None for name in names):
+        batch.get("teacher", batch)["teacher_names"] = names
+    return batch
 
 
 def synchronize(device: torch.device) -> None:
@@ -48,5 +61,5 @@ def loss_sum(student, teacher, batch: dict, objective, fused: bool) -> tuple[tor
         )
     synchronize(device)
     teacher_seconds = perf_counter() - start
-    total = objective(student_states, teacher_states, batch)
+    total = objective_sum(objective, student_states, teacher_states, batch)
     return total, torch.as_tensor(objective.count(batch), device=total.device), teacher_seconds

@@ -27,7 +27,8 @@ import torch
 from axolotl_gold.data.batching import Rollout
 from axolotl_gold.scoring.forward import completion_states
 from axolotl_gold.scoring.objectives import JsdObjective
-from axolotl_gold.scoring.loss import scoring_batch
+from axolotl_gold.scoring.loss import teacher_scoring_batch
+from axolotl_gold.scoring.routing import objective_sum
 
 COMPLETIONS_LOG = "gold_completions.jsonl"
 COLUMNS = ("step", "on_policy", "prompt", "completion", "length", "loss", "reverse_kl")
@@ -49,15 +50,14 @@ def row_scores(
     reverse = dataclasses.replace(objective, beta=1.0) if isinstance(objective, JsdObjective) else None
     scores = []
     for row in rows:
-        batch = scoring_batch([row], pad_id, vision)
-        batch.update(objective.teacher_inputs([row]) or {})
+        batch = teacher_scoring_batch([row], pad_id, objective, vision)
         batch = prepare(batch)
         units = objective.count(batch)
         with torch.no_grad():
             s = completion_states(student, batch, use_head_bypass=fused)
             t = completion_states(teacher, batch.get("teacher", batch), use_head_bypass=fused)
-            loss = float(objective(s, t, batch)) / units if units else None
-            kl = float(reverse(s, t, batch)) / units if units and reverse is not None else None
+            loss = float(objective_sum(objective, s, t, batch)) / units if units else None
+            kl = float(objective_sum(reverse, s, t, batch)) / units if units and reverse is not None else None
         scores.append({"loss": loss, "reverse_kl": kl})
     return scores
 

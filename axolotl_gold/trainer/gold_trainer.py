@@ -34,7 +34,7 @@ from axolotl_gold.data.sampler import WindowSampler
 from axolotl_gold.data.turns import text_tokenizer
 from axolotl_gold.rollouts.window import policy_draws
 from axolotl_gold.scoring.forward import bypassable_head
-from axolotl_gold.scoring.loss import loss_sum, scoring_batch, synchronize
+from axolotl_gold.scoring.loss import loss_sum, synchronize, teacher_scoring_batch
 from axolotl_gold.trainer.completions_log import (
     COMPLETIONS_LOG,
     append_jsonl,
@@ -294,8 +294,7 @@ class GoldTrainer(AxolotlTrainer):
         return (total / units.clamp(min=1)).detach(), None, None
 
     def _eval_loss_sum(self, model, rows):
-        batch = scoring_batch(rows, self.pad_id, self.vision)
-        batch.update(self.objective.teacher_inputs(rows) or {})
+        batch = teacher_scoring_batch(rows, self.pad_id, self.objective, self.vision)
         batch = self._prepare_inputs(batch)
         with torch.no_grad(), self._head_weights():
             total, units, _ = loss_sum(model, self.teacher, batch, self.objective, self.gold.fused_loss)

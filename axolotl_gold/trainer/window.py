@@ -15,7 +15,7 @@ import torch
 from axolotl_gold.data.batching import Rollout, merge_repeats
 from axolotl_gold.rollouts.engines.base import RolloutEngine
 from axolotl_gold.rollouts.window import Window, fill_window, generation_seed
-from axolotl_gold.scoring.loss import scoring_batch
+from axolotl_gold.scoring.loss import teacher_scoring_batch
 from axolotl_gold.vision.batch import rollout_inputs
 
 
@@ -66,10 +66,9 @@ def prepare_window(
     for rows in window.slices:
         # repeats of a (prompt, dataset completion) are scored once, weighted
         rows, counts = merge_repeats(rows)
-        batch = scoring_batch(rows, pad_id, vision)
+        batch = teacher_scoring_batch(rows, pad_id, objective, vision)
         if any(c > 1 for c in counts):
             batch["row_weights"] = torch.tensor(counts, dtype=torch.long)
-        batch.update(objective.teacher_inputs(rows) or {})
         micro_batches.append(batch)
     local = sum(int(objective.count(m)) for m in micro_batches)
     return PreparedWindow(window, micro_batches, local, seconds)

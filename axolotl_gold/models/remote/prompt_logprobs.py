@@ -22,7 +22,7 @@ import torch
 
 from axolotl_gold.config.errors import GoldConfigError
 from axolotl_gold.models.remote import wire
-from axolotl_gold.models.remote.teacher import HttpTeacher, TeacherServerError
+from axolotl_gold.models.remote.teacher import DEFAULT_KEYS, HttpTeacher, TeacherServerError, client_kwargs
 from axolotl_gold.scoring.topk import TopKStates
 
 LOG = logging.getLogger(__name__)
@@ -47,8 +47,9 @@ class PromptLogprobsTeacher(HttpTeacher):
         timeout: float = 120.0,
         retries: int = 3,
         backoff: float = 1.0,
+        keys: tuple[str, str] = DEFAULT_KEYS,
     ):
-        super().__init__(url, model_id=model_id, timeout=timeout, retries=retries, backoff=backoff)
+        super().__init__(url, model_id=model_id, timeout=timeout, retries=retries, backoff=backoff, keys=keys)
         self.config = config  # the teacher's HF config (its vocab_size for the shared vocabulary)
         self.vocab_size = int(vocab_size)  # the teacher tokenizer's: ids at or beyond it raise
         self.top_k = int(top_k)
@@ -71,7 +72,7 @@ class PromptLogprobsTeacher(HttpTeacher):
         elif "max_model_len" in response.text or "maximum context length" in response.text:
             hint = " The sequence is longer than the server's `--max-model-len`: raise it or lower `sequence_len`."
         return TeacherServerError(
-            f"the vLLM server at {url} (`teacher_server_url`) refused the request: HTTP "
+            f"the vLLM server at {url} (`{self.url_key}`) refused the request: HTTP "
             f"{response.status_code}: {response.text[:500]}.{hint}"
         )
 
@@ -177,7 +178,7 @@ class PromptLogprobsTeacher(HttpTeacher):
         chosen = [c for c in cards if self.model_id in (c.get("id"), c.get("root"))] or (cards if len(cards) == 1 else [])
         if not chosen:
             raise GoldConfigError(
-                f"`teacher_server_url: {self.url}` serves {names}, none of them `teacher_model: "
+                f"`{self.url_key}: {self.url}` serves {names}, none of them `{self.model_key}: "
                 f"{self.model_id}`: start it with `{self.start_command()}`."
             )
         card = chosen[0]
@@ -185,7 +186,7 @@ class PromptLogprobsTeacher(HttpTeacher):
         self.max_model_len = card.get("max_model_len")
         if sequence_len is not None and self.max_model_len is not None and int(self.max_model_len) <= sequence_len:
             raise GoldConfigError(
-                f"`teacher_server_url: {self.url}` serves `{self.served_model}` with max_model_len "
+                f"`{self.url_key}: {self.url}` serves `{self.served_model}` with max_model_len "
                 f"{self.max_model_len}, which does not hold `sequence_len: {sequence_len}` plus the one "
                 f"token a completion request generates: start it with `--max-model-len {sequence_len + 1}` "
                 "or more, or lower `sequence_len`."
@@ -201,10 +202,10 @@ class PromptLogprobsTeacher(HttpTeacher):
                 got = want
             if got != want:
                 raise GoldConfigError(
-                    f"`teacher_server_url: {self.url}` serves `{self.served_model}`, whose tokenizer "
+                    f"`{self.url_key}: {self.url}` serves `{self.served_model}`, whose tokenizer "
                     f"splits a probe text into {got[:12]}..., not {want[:12]}... as the tokenizer of "
-                    f"`teacher_model: {self.model_id}` does: serve the checkpoint `teacher_model` names "
-                    "(or point `teacher_model` at the served one)."
+                    f"`{self.model_key}: {self.model_id}` does: serve the checkpoint `{self.model_key}` names "
+                    f"(or point `{self.model_key}` at the served one)."
                 )
             probe = want
         self.prompt_logprobs([probe], [list(range(1, len(probe)))])
@@ -251,9 +252,9 @@ def _entry(entry, token: int, pos: int, limit: int, teacher) -> tuple[list[int],
     outside = [i for i in ids if not 0 <= i < vocab_size]
     if outside:
         raise GoldConfigError(
-            f"`teacher_server_url: {teacher.url}` answered token id {outside[0]}, outside the vocabulary "
-            f"of {vocab_size} ids of `teacher_model: {teacher.model_id}`'s tokenizer: the server serves "
-            "another model or vocabulary. Serve the checkpoint `teacher_model` names."
+            f"`{teacher.url_key}: {teacher.url}` answered token id {outside[0]}, outside the vocabulary "
+            f"of {vocab_size} ids of `{teacher.model_key}: {teacher.model_id}`'s tokenizer: the server serves "
+            f"another model or vocabulary. Serve the checkpoint `{teacher.model_key}` names."
         )
     if token not in ids:
         raise wire.PayloadError(
@@ -269,9 +270,9 @@ def connect_prompt_logprobs_teacher(settings) -> PromptLogprobsTeacher:
     teacher = settings.teacher
     config = AutoConfig.from_pretrained(teacher.model, revision=teacher.revision)
     tokenizer = AutoTokenizer.from_pretrained(teacher.tokenizer, revision=teacher.revision)
+    server = settings.teacher_server
     remote = PromptLogprobsTeacher(
-        settings.teacher_server.url, config, len(tokenizer), top_k=settings.teacher_server.top_k,
-        model_id=teacher.model, timeout=settings.teacher_server.timeout, retries=settings.teacher_server.retries,
+        server.url, config, len(tokenizer), top_k=server.top_k, model_id=teacher.model, **client_kwargs(server)
     )
     remote.check_server(tokenizer, settings.sequence_len)
     if settings.loss_temperature > 1.0:

@@ -24,6 +24,7 @@ from axolotl_gold.scoring.forward import CompletionStates
 
 LOG = logging.getLogger(__name__)
 
+DEFAULT_KEYS = ("teacher_server_url", "teacher_model")
 START_COMMAND = "python -m axolotl_gold.models.teacher_server --model {model} --host <host> --port <port>"
 
 
@@ -36,10 +37,15 @@ class HttpTeacher(nn.Module):
     and the command that starts the server. Shared by both server modes (``RemoteTeacher``
     here, ``prompt_logprobs.PromptLogprobsTeacher``)."""
 
-    def __init__(self, url: str, *, model_id: str, timeout: float, retries: int, backoff: float):
+    def __init__(
+        self, url: str, *, model_id: str, timeout: float, retries: int, backoff: float,
+        keys: tuple[str, str] = DEFAULT_KEYS,
+    ):
         super().__init__()
         self.url = url.rstrip("/")
         self.model_id = model_id
+        # the keys an error names: (its URL's, its checkpoint's); `teacher_servers.<name>`, ...
+        self.url_key, self.model_key = keys
         self.timeout = float(timeout)
         self.retries = max(1, int(retries))
         self.backoff = backoff
@@ -97,7 +103,7 @@ class HttpTeacher(nn.Module):
             f"the teacher server at {self.url} did not answer {what} after {self.retries} "
             f"tries ({last}). Start it on the teacher's machine with `"
             + self.start_command()
-            + "` and set `teacher_server_url` to its address (now "
+            + f"` and set `{self.url_key}` to its address (now "
             f"`{self.url}`), or raise `teacher_server_timeout` / `teacher_server_retries`."
         )
 
@@ -151,8 +157,9 @@ class RemoteTeacher(HttpTeacher):
         timeout: float = 120.0,
         retries: int = 3,
         backoff: float = 1.0,
+        keys: tuple[str, str] = DEFAULT_KEYS,
     ):
-        super().__init__(url, model_id=model_id, timeout=timeout, retries=retries, backoff=backoff)
+        super().__init__(url, model_id=model_id, timeout=timeout, retries=retries, backoff=backoff, keys=keys)
         self.config = config
         self.lm_head = head
         self.server_info: dict = {}
@@ -236,9 +243,9 @@ class RemoteTeacher(HttpTeacher):
         if wrong:
             detail = ", ".join(f"{k} {got} (config: {want})" for k, (got, want) in wrong.items())
             raise GoldConfigError(
-                f"`teacher_server_url: {self.url}` serves `{info.get('model')}` with {detail}, not the "
-                f"teacher `teacher_model: {self.model_id}` names: start the server with `--model` the "
-                "checkpoint `teacher_model` names, or point `teacher_model` at the served one."
+                f"`{self.url_key}: {self.url}` serves `{info.get('model')}` with {detail}, not the "
+                f"teacher `{self.model_key}: {self.model_id}` names: start the server with `--model` the "
+                f"checkpoint `{self.model_key}` names, or point `{self.model_key}` at the served one."
             )
 
     def check_server(self) -> dict:
@@ -249,7 +256,7 @@ class RemoteTeacher(HttpTeacher):
         config = text_config(self.config)
         if info.get("format") != wire.FORMAT:
             raise GoldConfigError(
-                f"`teacher_server_url: {self.url}` speaks {info.get('format')!r}, this trainer "
+                f"`{self.url_key}: {self.url}` speaks {info.get('format')!r}, this trainer "
                 f"{wire.FORMAT!r}: run the same axolotl_gold version on both sides."
             )
         expected = {
@@ -262,14 +269,14 @@ class RemoteTeacher(HttpTeacher):
         served = info.get("model")
         dtype = wire.DTYPES.get(info.get("dtype"))
         if dtype is None:
-            raise GoldConfigError(f"`teacher_server_url: {self.url}` runs in {info.get('dtype')!r}")
+            raise GoldConfigError(f"`{self.url_key}: {self.url}` runs in {info.get('dtype')!r}")
         digest = wire.head_digest(head.weight, head.bias, dtype)
         if info.get("head_sha256") != digest:
             raise GoldConfigError(
-                f"`teacher_server_url: {self.url}` serves `{served}`, whose output head differs from "
-                f"the one in `teacher_model: {self.model_id}` (sha256 in {info.get('dtype')}: server "
+                f"`{self.url_key}: {self.url}` serves `{served}`, whose output head differs from "
+                f"the one in `{self.model_key}: {self.model_id}` (sha256 in {info.get('dtype')}: server "
                 f"{str(info.get('head_sha256'))[:16]}..., config {digest[:16]}...): the same "
-                "architecture with other weights. Serve the checkpoint `teacher_model` names."
+                f"architecture with other weights. Serve the checkpoint `{self.model_key}` names."
             )
         if dtype != self.dtype:
             LOG.info("teacher server runs in %s; its hidden states are cast to the head's %s", dtype, self.dtype)
@@ -392,7 +399,7 @@ def check_teacher_server(settings) -> dict:
     config = AutoConfig.from_pretrained(teacher.model, revision=teacher.revision)
     remote = RemoteTeacher(
         settings.teacher_server.url, config, nn.Linear(1, 1, device="meta"), model_id=teacher.model,
-        timeout=settings.teacher_server.timeout, retries=settings.teacher_server.retries,
+        **client_kwargs(settings.teacher_server),
     )
     info = remote.health()
     text = text_config(config)
@@ -410,12 +417,8 @@ def connect_teacher(settings, device) -> RemoteTeacher:
     dtype = wire.DTYPES[teacher.dtype]
     config, head = load_output_head(teacher.model, teacher.revision, dtype, device)
     remote = RemoteTeacher(
-        settings.teacher_server.url,
-        config,
-        head,
-        model_id=teacher.model,
-        timeout=settings.teacher_server.timeout,
-        retries=settings.teacher_server.retries,
+        settings.teacher_server.url, config, head, model_id=teacher.model,
+        **client_kwargs(settings.teacher_server),
     )
     info = remote.check_server()
     LOG.info(
@@ -424,3 +427,8 @@ def connect_teacher(settings, device) -> RemoteTeacher:
         tuple(head.weight.shape), head.weight.dtype,
     )
     return remote
+
+
+def client_kwargs(server) -> dict:
+    """A client's timeout, retries and error keys from ``TeacherServerSettings``."""
+    return {"timeout": server.timeout, "retries": server.retries, "keys": (server.url_key, server.model_key)}
