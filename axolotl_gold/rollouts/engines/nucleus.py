@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - CPU-only installs
 CHUNK = 4096  # columns per program (benchmarks/bench_nucleus.py: the fastest on an H200)
 BLOCK = 512  # columns per loop step
 NT = 16  # candidate keys per search pass
+SEARCH_BLOCK = 128  # columns per loop step of a search pass (a [128, NT] accumulator per program)
 WARPS = 2  # warps per program
 
 _SHIFT = {torch.float32: 0, torch.bfloat16: 16, torch.float16: 13}  # low bits always 0
@@ -135,21 +136,22 @@ if triton is not None:
     @triton.jit
     def _chunk_mass_above(x_ptr, V, inv_t, m, start, cand, CHUNK: tl.constexpr,
                           BLOCK: tl.constexpr, SHIFT: tl.constexpr, NT: tl.constexpr):
-        """``[NT]``: the chunk's ``sum(exp(x / T - m))`` over tokens with key ``> cand``."""
-        acc = tl.zeros((NT,), dtype=tl.float32)
+        """``[NT]``: the chunk's ``sum(exp(x / T - m))`` over tokens with key ``> cand``,
+        accumulated per lane and reduced across lanes once (the loop has no shuffles)."""
+        acc = tl.zeros((BLOCK, NT), dtype=tl.float32)
         for off in range(0, CHUNK, BLOCK):
             cols = start + off + tl.arange(0, BLOCK)
             valid = cols < V
             x = tl.load(x_ptr + cols, mask=valid, other=float("-inf")).to(tl.float32)
             e = tl.where(valid, tl.exp(x * inv_t - m), 0.0)
             above = _keys(x, SHIFT)[:, None] > cand[None, :]  # int32: one compare per pair
-            acc += tl.sum(tl.where(above, e[:, None], 0.0), 0)
-        return acc
+            acc += tl.where(above, e[:, None], 0.0)
+        return tl.sum(acc, 0)
 
     @triton.jit
     def _search(x_ptr, stride, V, inv_t, top_p, pmax, psum, pkeys, bounds, masses, j, B,
                 S: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, SHIFT: tl.constexpr,
-                NT: tl.constexpr, FIRST: tl.constexpr):
+                NT: tl.constexpr, FIRST: tl.constexpr, SEARCH_BLOCK: tl.constexpr):
         row, s = tl.program_id(0), tl.program_id(1)
         m, z = _row_max_and_mass(pmax, psum, row * S, S)
         if FIRST:
@@ -162,7 +164,7 @@ if triton is not None:
             tl.store(bounds + (j * B + row) * 2, lo)
             tl.store(bounds + (j * B + row) * 2 + 1, hi)
         cand = tl.maximum(_candidates(lo, hi, NT), -0x7FFFFFFF).to(tl.int32)  # inside the keys' range
-        acc = _chunk_mass_above(x_ptr + row * stride, V, inv_t, m, s * CHUNK, cand, CHUNK, BLOCK, SHIFT, NT)
+        acc = _chunk_mass_above(x_ptr + row * stride, V, inv_t, m, s * CHUNK, cand, CHUNK, SEARCH_BLOCK, SHIFT, NT)
         tl.store(masses + ((j * B + row) * S + s) * NT + tl.arange(0, NT), acc)
 
     @triton.jit
@@ -250,7 +252,7 @@ def nucleus_sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature: fl
     _stats[grid](logits, stride, vocab, inv_t, pmax, psum, pkeys, **common)
     for j in range(passes):
         _search[grid](logits, stride, vocab, inv_t, top_p, pmax, psum, pkeys, bounds, masses, j, batch,
-                      NT=NT, FIRST=j == 0, **common)
+                      NT=NT, FIRST=j == 0, SEARCH_BLOCK=SEARCH_BLOCK, **common)
     _kept[grid](logits, stride, vocab, inv_t, top_p, pmax, psum, pkeys, bounds, masses, passes, batch,
                 pkept, NT=NT, SEARCHED=searched, **common)
     _draw[grid](logits, stride, vocab, inv_t, pmax, psum, bounds, passes, batch, pkept,
