@@ -292,7 +292,12 @@ def test_axolotl_train_with_two_teacher_servers(tiny_pair, other_teacher, server
 
     mixed = [{**d, "path": _dataset(tiny_pair, tmp_path, ["a", "b"])} for d in gold_config(tiny_pair, tmp_path)["datasets"]]
     before = served(server), served(server_b)
-    cfg = gold_config(tiny_pair, tmp_path / "mixed", datasets=mixed, max_steps=2, save_steps=2, **two)
+    # one rollout per prompt: a micro-batch's two rows may have two teachers
+    # with the evaluation and the completions log scored through the servers too
+    cfg = gold_config(tiny_pair, tmp_path / "mixed", datasets=mixed, max_steps=2, save_steps=2,
+                      num_generations=1, val_set_size=0.1, eval_steps=2, gold_log_completions_steps=1, **two)
     out = run_train(cfg, tmp_path / "mixed")
     assert (out / "model.safetensors").exists()
+    logged = [json.loads(line) for line in (out / "gold_completions.jsonl").read_text().splitlines()]
+    assert len(logged) == 8 and all(r["loss"] is not None for r in logged)
     assert served(server) - before[0] > 0 and served(server_b) - before[1] > 0
