@@ -124,6 +124,61 @@ def test_mixed_batch_equals_each_row_scored_by_its_local_teacher(tiny_pair, othe
     assert float((swapped - want).norm() / want.norm()) > 1e-2
 
 
+class _LocalTopK:
+    """A stand-in for a ``prompt_logprobs`` client: a local model's top-8 log-probs."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    def completion_states(self, batch, use_head_bypass=True):
+        from axolotl_gold.scoring.forward import completion_states
+        from axolotl_gold.scoring.topk import TopKStates
+
+        with torch.no_grad():
+            top = completion_states(self.model, batch, use_head_bypass=False).values.log_softmax(-1).topk(8, -1)
+        return TopKStates(top.indices, top.values)
+
+
+def test_top_k_teachers_per_row_with_repeats(tiny_pair, other_teacher):
+    """``prompt_logprobs`` answers routed per row (with ``row_weights``): the loss and gradient
+    of each row scored alone by its teacher, times its weight."""
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_gold.data.batching import build_scoring_batch
+    from axolotl_gold.scoring.loss import loss_sum
+    from axolotl_gold.scoring.topk import TopKTailObjective
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_pair["student"], dtype=torch.float32)
+    local = {"a": _LocalTopK(AutoModelForCausalLM.from_pretrained(tiny_pair["teacher"]).eval()),
+             "b": _LocalTopK(AutoModelForCausalLM.from_pretrained(other_teacher).eval())}
+    router = TeacherRouter(local)
+    objective = TopKTailObjective(beta=0.5, temperature=1.0, chunk_size=3)
+    prompts, completions = [[5, 6, 7, 8], [9, 10], [11, 12, 13]], [[14, 15, 16], [17, 18, 19, 20], [21]]
+    names, weights = ["a", "b", "a"], [1, 3, 2]
+
+    def grad(score):
+        student.zero_grad()
+        value = score()
+        value.backward()
+        return float(value), torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+
+    def routed():
+        batch = build_scoring_batch(prompts, completions, pad_id=0)
+        batch.update(teacher_names=names, row_weights=torch.tensor(weights))
+        return loss_sum(student, router, batch, objective, True)[0]
+
+    def alone(teachers):
+        return sum(w * loss_sum(student, teachers[n], build_scoring_batch([p], [c], pad_id=0), objective, True)[0]
+                   for p, c, n, w in zip(prompts, completions, names, weights))
+
+    got, got_grad = grad(routed)
+    want, want_grad = grad(lambda: alone(local))
+    assert got == pytest.approx(want, rel=1e-5)
+    assert float((got_grad - want_grad).norm() / want_grad.norm()) < 1e-5
+    _, swapped = grad(lambda: alone({"a": local["b"], "b": local["a"]}))
+    assert float((swapped - want_grad).norm() / want_grad.norm()) > 1e-2
+
+
 def test_prefetch_asks_every_server_ahead(tiny_pair, other_teacher, server, server_b):
     from transformers import AutoTokenizer
 
