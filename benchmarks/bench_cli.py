@@ -25,6 +25,13 @@ The YAML has no key for fixed-length rollouts, so the benchmark's YAML also list
 `bench_cli.FixedLengthRollouts` (below), which sets the student engine's `min_new_tokens`
 as bench_vs_reference does on its side; --free-length leaves it out.
 
+--ragged (bench_vs_reference's flag; ragged.py): no forced lengths anywhere; the saved
+models' generation_config lists a stop set sized for a mean completion of ~40% of
+--completion (the trainer's stop set reads it), `bench_cli.RolloutLengths` records each
+engine call's lengths, and the plain loop also runs forced ("plain loop (forced)") so a
+second table gives the length distribution and the engine's time per generated token
+against the forced run (the cost of rows that stopped).
+
 GPU (device machine, after `bash scripts/device_bin.sh`; a few minutes):
   PYTHONPATH=/tmp/axsite:$PWD python3 benchmarks/bench_cli.py
 CPU smoke test:
@@ -65,6 +72,25 @@ class FixedLengthRollouts(BasePlugin):
             engine.min_new_tokens = int(os.environ.get("GOLD_BENCH_MIN_NEW_TOKENS", "0"))
 
 
+class RolloutLengths(BasePlugin):
+    """Benchmark only (--ragged): each student engine call's completion lengths, one JSON
+    line a call, appended to GOLD_BENCH_LENGTHS."""
+
+    def post_trainer_create(self, cfg, trainer):
+        engine, path = getattr(trainer, "student_engine", None), os.environ.get("GOLD_BENCH_LENGTHS")
+        if engine is None or not path:
+            return
+        generate = engine.generate
+
+        def recorded(prompts, seed, model_inputs=None):
+            out = generate(prompts, seed=seed, model_inputs=model_inputs)
+            with open(path, "a") as f:
+                f.write(json.dumps([len(c) for c in out]) + "\n")
+            return out
+
+        engine.generate = recorded
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--with-reference", action="store_true", help="also run TRL's GOLDTrainer (slow)")
@@ -84,9 +110,10 @@ def parse_args(argv):
     return own, shared, bvr
 
 
-def model_dir(own, args) -> Path:
+def model_dir(own, args, bvr) -> Path:
     device = "cuda" if args.device.startswith("cuda") else "cpu"  # the init draws on that device
-    return Path(own.cache_dir) / f"{'tiny' if args.tiny else 'full'}-v{args.vocab}-s{args.seed}-{device}"
+    stops = f"-stops{len(bvr.stop_set(args))}" if args.ragged else ""  # the saved generation_config's
+    return Path(own.cache_dir) / f"{'tiny' if args.tiny else 'full'}-v{args.vocab}-s{args.seed}-{device}{stops}"
 
 
 def build(args, bvr, out: Path) -> dict:
@@ -139,10 +166,11 @@ def threads() -> str:
 def child_main(own, args, bvr) -> None:
     try:
         if own.child == "build":
-            result = build(args, bvr, model_dir(own, args))
+            result = build(args, bvr, model_dir(own, args, bvr))
         elif own.child == "reference":
             result = bvr.run_reference(args)
         else:
+            args.ragged = args.ragged and own.child != "plain-forced"
             result = bvr.run_ours(args, "ours-fast" if args.device.startswith("cuda") else "ours-hf")
     except Exception as error:  # noqa: BLE001 - report it in the table
         import traceback
@@ -168,7 +196,8 @@ def write_config(own, args, bvr, models: Path, work: Path) -> Path:
     cfg = {
         "base_model": str(models / "student"),
         "teacher_model": str(models / "teacher"),
-        "plugins": ["axolotl_gold.GoldPlugin"] + ([] if own.free_length else ["bench_cli.FixedLengthRollouts"]),
+        "plugins": ["axolotl_gold.GoldPlugin"] + (["bench_cli.RolloutLengths"] if args.ragged else [])
+        + ([] if own.free_length or args.ragged else ["bench_cli.FixedLengthRollouts"]),
         "lmbda": 1.0, "beta": 0.5, "temperature": 0.9, "top_p": 0.95, "top_k": 0, "loss_temperature": 0.9,
         "max_completion_length": args.completion, "num_generations": own.num_generations,
         "gold_loss_chunk_size": args.chunk_size,
@@ -213,16 +242,25 @@ def run_cli(own, args, bvr, models: Path) -> dict:
     work = Path(own.workdir or tempfile.mkdtemp(prefix="gold_bench_cli_"))
     work.mkdir(parents=True, exist_ok=True)
     path = write_config(own, args, bvr, models, work)
-    return train(path, work, cuda=args.device.startswith("cuda"), min_new_tokens=args.completion,
-                 warmup=args.warmup, steps=args.steps, timeout=own.timeout)
+    cuda = args.device.startswith("cuda")
+    lengths = work / "lengths.jsonl"
+    lengths.unlink(missing_ok=True)
+    row = train(path, work, cuda=cuda, min_new_tokens=0 if args.ragged else args.completion,
+                warmup=args.warmup, steps=args.steps, timeout=own.timeout,
+                env={"GOLD_BENCH_LENGTHS": str(lengths)} if args.ragged else None)
+    if args.ragged and "error" not in row:
+        calls = [json.loads(line) for line in lengths.read_text().splitlines()]
+        row["windows"] = calls[args.warmup: args.warmup + args.steps]
+        row["engine"] = ("static-compiled" if args.compile else "static") if cuda else "hf"  # `auto`'s pick
+    return row
 
 
 def train(path: Path, work: Path, cuda: bool, min_new_tokens: int, warmup: int, steps: int,
-          timeout: float | None = None) -> dict:
+          timeout: float | None = None, env: dict | None = None) -> dict:
     """`axolotl train path` in a subprocess (log under ``work``), one process on one GPU;
     the mean of steps ``warmup..warmup+steps-1`` as ``summarize`` gives it."""
     drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
+    extra_env, env = env, {k: v for k, v in os.environ.items() if k not in drop}
     env.update(
         HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1", WANDB_MODE="disabled", TRL_EXPERIMENTAL_SILENCE="1",
         TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=threads(),
@@ -230,6 +268,7 @@ def train(path: Path, work: Path, cuda: bool, min_new_tokens: int, warmup: int, 
         GOLD_BENCH_MIN_NEW_TOKENS=str(min_new_tokens),
         PYTHONPATH=os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH")) if p),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # accelerate, as tests do
+        **(extra_env or {}),
     )
     if cuda:
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]  # one process
@@ -296,7 +335,7 @@ def table(rows: list[tuple[str, dict]], own, args) -> str:
     lines = [
         f"device {args.device}; student {'tiny' if args.tiny else '~0.5B'}, teacher {'tiny' if args.tiny else '~1.5B'}, "
         f"vocab {args.vocab}; prompt {args.prompt} + completion {args.completion} tokens "
-        f"({'fixed' if not own.free_length else 'free in axolotl train'}); micro batch {args.micro_batch} x grad accum "
+        f"({'ragged' if args.ragged else 'fixed' if not own.free_length else 'free in axolotl train'}); micro batch {args.micro_batch} x grad accum "
         f"{args.grad_accum}, {own.num_generations} rollouts per prompt in axolotl train; lmbda 1, beta 0.5; gradient "
         f"checkpointing {'on' if args.gradient_checkpointing else 'off'}; mean of {args.steps} step(s) after {args.warmup} warm-up",
         "",
@@ -324,18 +363,26 @@ def main(argv=None) -> None:
         return
     if args.warmup < 1:
         raise SystemExit("--warmup must be >= 1: a logged step's wall time needs the log line before it")
-    models = model_dir(own, args)
+    models = model_dir(own, args, bvr)
     if not (models / "done").exists():
         built = run_child("build", argv, own.timeout)
         if "error" in built:
             raise SystemExit(f"building the models failed: {built['error']}")
     rows = [("plain loop", run_child("plain", argv, own.timeout))]
+    if args.ragged:
+        rows.append(("plain loop (forced)", run_child("plain-forced", argv, own.timeout)))
     rows.append(("axolotl train", run_cli(own, args, bvr, models)))
     if own.with_reference:
         rows.append(("reference", run_child("reference", argv, own.timeout)))
     for name, r in rows:
         print(f"[{name}] {json.dumps(r)}", flush=True)
     print("\n" + table(rows, own, args), flush=True)
+    if args.ragged:
+        import ragged
+
+        forced = dict(rows)["plain loop (forced)"]
+        compared = [(name, r, forced if name != "reference" else None) for name, r in rows if "forced" not in name]
+        print("\n" + ragged.report(compared, args.completion, args.vocab, len(bvr.stop_set(args))), flush=True)
     if own.json:
         Path(own.json).write_text(json.dumps(dict(rows), indent=1))
 

@@ -80,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--grad-accum", type=int, default=None, help="4; tiny 2")
     p.add_argument("--vocab", type=int, default=None, help="151936; tiny 512")
     p.add_argument("--gradient-checkpointing", action="store_true", help="on both sides")
+    p.add_argument("--ragged", action="store_true",
+                   help="lengths from a stop set (ragged.py: mean ~40%% of --completion) instead of forced; "
+                        "our variants also run forced (VARIANT-forced) for the cost of stopped rows")
     p.add_argument("--chunk-size", type=int, default=2048, help="tokens per chunk of our fused loss (the plugin's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check", action="store_true",
@@ -146,13 +149,23 @@ def build_models(args, device, dtype):
         finally:
             torch.set_default_dtype(previous)
         # pad is a stop token too (Qwen2's generation config lists <|endoftext|> beside <|im_end|>):
-        # min_new_tokens then suppresses both, and no side cuts a rollout at a sampled pad id
-        model.generation_config.eos_token_id = [eos, pad]
+        # min_new_tokens then suppresses both, and no side cuts a rollout at a sampled pad id;
+        # --ragged: the stop set every side reads, sized for a mean length (ragged.py)
+        model.generation_config.eos_token_id = stop_set(args)
         model.generation_config.pad_token_id = pad
         out.append(model)
     student, teacher = out
     teacher.eval().requires_grad_(False)
     return student, teacher
+
+
+def stop_set(args) -> list[int]:
+    pad, eos = special_ids(args.vocab)
+    if not getattr(args, "ragged", False):
+        return [eos, pad]
+    import ragged
+
+    return ragged.stop_ids(args.vocab, args.completion, [eos, pad])
 
 
 def build_prompts(args, count: int) -> list[list[int]]:
@@ -183,6 +196,7 @@ class Timers:
         self.generation = 0.0
         self.teacher = 0.0
         self.tokens = 0
+        self.lengths = []
         self._teacher_start = None
 
     def hook_teacher(self, teacher):
@@ -238,6 +252,7 @@ def summarize(name, records, warmup, device, extra=None) -> dict:
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / step if step > 0 else 0.0,
         "all_steps_s": [round(r["step"], 3) for r in records],
+        "windows": [r["lengths"] for r in timed if r.get("lengths")],
         **peak_memory(device),
     }
     out.update(extra or {})
@@ -247,79 +262,120 @@ def summarize(name, records, warmup, device, extra=None) -> dict:
 # ---------------------------------------------------------------- our step
 
 
+class Ours:
+    """Our plain loop's parts (what GoldTrainer builds): models, engine, objective, optimizer."""
+
+    def __init__(self, args, variant: str = "ours-fast"):
+        import torch
+
+        from axolotl_gold.rollouts.engines.base import SamplingSettings
+        from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
+        from axolotl_gold.rollouts.engines.static import StaticCacheEngine
+        from axolotl_gold.scoring.objectives import JsdObjective
+
+        self.device = device = torch.device(args.device)
+        cuda = device.type == "cuda"
+        self.dtype = torch.bfloat16 if cuda else torch.float32
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.student, self.teacher = student, teacher = build_models(args, device, self.dtype)
+        if args.gradient_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.train()
+        self.pad, _ = special_ids(args.vocab)
+        self.sampling = sampling = SamplingSettings(max_new_tokens=args.completion, temperature=0.9, top_p=0.95)
+        get = lambda: student  # noqa: E731
+        self.stops = stops = set(student.generation_config.eos_token_id)  # the trainer's stop set reads it too
+        forced = 0 if args.ragged else args.completion
+        if variant == "ours-fast":
+            engine = StaticCacheEngine(get, sampling, self.pad, stops, min_new_tokens=forced,
+                                       compile_decode=args.compile)
+        elif variant == "ours-hf-static":
+            engine = HFGenerateEngine(get, sampling, self.pad, stops, min_new_tokens=forced,
+                                      generate_kwargs={"cache_implementation": "static"})
+        else:
+            engine = HFGenerateEngine(get, sampling, self.pad, stops, min_new_tokens=forced)
+        self.engine = engine
+        self.objective = JsdObjective(beta=0.5, temperature=0.9, chunk_size=args.chunk_size, vocab_size=args.vocab)
+        self.optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6, fused=cuda)
+        self.args = args
+
+    def train(self, prepared):
+        """The student side of one optimizer step (teacher forward inside): per micro-batch
+        ``loss_sum / window tokens`` and backward, then the optimizer; the last sum and count."""
+        from axolotl_gold.scoring.loss import loss_sum
+
+        total = max(prepared.local_tokens, 1)
+        for micro in prepared.micro_batches:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in micro.items()}
+            summed, tokens, _ = loss_sum(self.student, self.teacher, batch, self.objective, fused=True)
+            (summed / total).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return summed, tokens
+
+    def prepare(self, prompts: list[list[int]], step: int):
+        """One window of on-policy rollouts (one engine call) and its micro-batches."""
+        from axolotl_gold.data.batching import Rollout
+        from axolotl_gold.trainer.window import prepare_window
+
+        a = self.args
+        slices = [[Rollout(prompt_ids=p, completion_ids=[]) for p in prompts[i : i + a.micro_batch]]
+                  for i in range(0, len(prompts), a.micro_batch)]
+        return prepare_window(slices, draws=[True] * len(slices), step=step, seed=a.seed, rank=0,
+                              pad_id=self.pad, student_engine=self.engine, objective=self.objective)
+
+
 def run_ours(args, variant: str) -> dict:
-    import torch
-
-    from axolotl_gold.data.batching import Rollout
-    from axolotl_gold.rollouts.engines.base import SamplingSettings
-    from axolotl_gold.rollouts.engines.static import StaticCacheEngine
-    from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
-    from axolotl_gold.scoring.objectives import JsdObjective
-    from axolotl_gold.scoring.loss import loss_sum
-    from axolotl_gold.trainer.window import prepare_window
-
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    student, teacher = build_models(args, device, dtype)
-    if args.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    student.train()
-    pad, eos = special_ids(args.vocab)
-    sampling = SamplingSettings(max_new_tokens=args.completion, temperature=0.9, top_p=0.95, top_k=0)
-    get = lambda: student  # noqa: E731
-    if variant == "ours-fast":
-        engine = StaticCacheEngine(get, sampling, pad, {eos, pad}, min_new_tokens=args.completion,
-                                   compile_decode=args.compile)
-    elif variant == "ours-hf-static":
-        engine = HFGenerateEngine(get, sampling, pad, {eos, pad}, min_new_tokens=args.completion,
-                                  generate_kwargs={"cache_implementation": "static"})
-    else:
-        engine = HFGenerateEngine(get, sampling, pad, {eos, pad}, min_new_tokens=args.completion)
-    objective = JsdObjective(beta=0.5, temperature=0.9, chunk_size=args.chunk_size, vocab_size=args.vocab)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6, fused=cuda)
+    ours = Ours(args, variant)
+    student, engine, device, dtype, sampling = ours.student, ours.engine, ours.device, ours.dtype, ours.sampling
     timers = Timers(device)
-    timers.hook_teacher(teacher)
+    timers.hook_teacher(ours.teacher)
 
     window = args.micro_batch * args.grad_accum
     total_steps = args.warmup + args.steps
     prompts = build_prompts(args, window * total_steps)
     records = []
     for step in range(total_steps):
-        rows = prompts[step * window : (step + 1) * window]
-        slices = [
-            [Rollout(prompt_ids=p, completion_ids=[]) for p in rows[i : i + args.micro_batch]]
-            for i in range(0, window, args.micro_batch)
-        ]
         timers.reset()
         timers.sync()
         start = time.perf_counter()
-        prepared = prepare_window(slices, draws=[True] * len(slices), step=step, seed=args.seed, rank=0,
-                                  pad_id=pad, student_engine=engine, objective=objective)
+        prepared = ours.prepare(prompts[step * window : (step + 1) * window], step)
         timers.generation = prepared.generation_seconds  # generate() ends on .tolist(): synced
-        total = max(prepared.local_tokens, 1)
-        for micro in prepared.micro_batches:
-            batch = {k: v.to(device, non_blocking=True) for k, v in micro.items()}
-            summed, _tokens, _ = loss_sum(student, teacher, batch, objective, fused=True)
-            (summed / total).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        summed, _tokens = ours.train(prepared)
         timers.sync()
         elapsed = time.perf_counter() - start
         lengths = prepared.window.completion_lengths()
         records.append({"step": elapsed, "generation": timers.generation, "teacher": timers.teacher,
-                        "tokens": prepared.local_tokens})
+                        "tokens": prepared.local_tokens, "lengths": lengths})
         print(f"[{variant}] step {step}: {elapsed:.2f} s, generation {timers.generation:.2f} s, "
               f"teacher {timers.teacher:.2f} s, tokens {prepared.local_tokens}, "
               f"completion lengths {min(lengths)}..{max(lengths)}, loss/token {float(summed.detach()) / max(int(_tokens), 1):.4f}",
               flush=True)
-    extra = {"engine_calls": engine.calls}
+    extra = {"engine_calls": engine.calls, "engine": engine_kind(engine, device, args.compile)}
+    if args.ragged:
+        extra["stop_mass"] = measured_stop_mass(student, prompts[: max(1, 1024 // args.prompt)], ours.stops, sampling, device)
     if hasattr(engine, "graphs_captured"):
         extra["graphs_captured"] = engine.graphs_captured
         extra["sampling_ms_per_token"] = sampling_cost_ms(args, sampling, device, dtype, window)
     return summarize(variant, records, args.warmup, device, extra)
+
+
+def engine_kind(engine, device, compiled: bool) -> str:
+    """What ragged.engine_schedule replays for this engine."""
+    if type(engine).__name__ != "StaticCacheEngine":
+        return "hf"
+    return "static-compiled" if compiled and device.type == "cuda" else "static"
+
+
+def measured_stop_mass(model, prompts, stops, sampling, device) -> float:
+    """The student's sampled mass on the stop set over the prompts' positions (ragged.stop_mass)."""
+    import torch
+
+    import ragged
+
+    ids = torch.tensor(prompts, device=device)
+    return ragged.stop_mass(model, ids, sorted(stops), sampling.temperature, sampling.top_p, sampling.top_k)
 
 
 def sampling_cost_ms(args, sampling, device, dtype, rows: int, repeats: int = 100) -> float:
@@ -384,7 +440,7 @@ def run_reference(args) -> dict:
             timers.sync()
             elapsed = time.perf_counter() - self.start
             records.append({"step": elapsed, "generation": timers.generation, "teacher": timers.teacher,
-                            "tokens": timers.tokens})
+                            "tokens": timers.tokens, "lengths": timers.lengths})
             print(f"[reference] step {len(records) - 1}: {elapsed:.2f} s, generation {timers.generation:.2f} s, "
                   f"teacher {timers.teacher:.2f} s, tokens {timers.tokens}", flush=True)
 
@@ -420,18 +476,20 @@ def run_reference(args) -> dict:
         model=student, teacher_model=teacher, args=config, train_dataset=dataset,
         processing_class=tokenizer, callbacks=[StepTimer()],
     )
-    # the same fixed-length rollouts as ours: EOS suppressed until the last token
-    trainer.generation_config.min_new_tokens = args.completion
+    if not args.ragged:  # the same fixed-length rollouts as ours: EOS suppressed until the last token
+        trainer.generation_config.min_new_tokens = args.completion
 
     original_loss = trainer.compute_loss
 
     def counted_loss(model, inputs, *a, **k):
-        timers.tokens += int((inputs["labels"][:, 1:] != -100).sum())
+        scored = (inputs["labels"][:, 1:] != -100).sum(1)
+        timers.tokens += int(scored.sum())
+        timers.lengths += scored.tolist()
         return original_loss(model, inputs, *a, **k)
 
     trainer.compute_loss = counted_loss
     trainer.train()
-    return summarize("reference", records, args.warmup, device)
+    return summarize("reference", records, args.warmup, device, {"engine": "hf"})
 
 
 # ---------------------------------------------------------------- checks and driver
@@ -463,8 +521,12 @@ def check_fast_engine(device: str) -> str:
 
 
 def child_main(args) -> None:
+    variant = args.child
+    if variant.endswith("-forced"):  # --ragged's baseline: the same variant, forced lengths
+        args.ragged, variant = False, variant.removesuffix("-forced")
     try:
-        result = run_reference(args) if args.child == "reference" else run_ours(args, args.child)
+        result = run_reference(args) if variant == "reference" else run_ours(args, variant)
+        result["variant"] = args.child
     except Exception as error:  # noqa: BLE001 - report the failure in the table, keep the others
         traceback.print_exc()
         result = {"variant": args.child, "error": f"{type(error).__name__}: {error}"[:300], **peak_memory(args.device)}
@@ -518,6 +580,8 @@ def main(argv=None) -> None:
         variants = [v for v in variants if v != "reference"]
     if args.only_reference:
         variants = ["reference"]
+    if args.ragged:
+        variants += [f"{v}-forced" for v in variants if v.startswith("ours")]
     if args.check:
         print(check_fast_engine(args.device), flush=True)
         gc.collect()
@@ -546,6 +610,17 @@ def main(argv=None) -> None:
                 json.dump(result, f, indent=1)
         print(f"[{variant}] done in {result['wall_s']:.0f} s: {json.dumps(result)}", flush=True)
         print(table(results, args) + "\n", flush=True)
+    if args.ragged:
+        print(ragged_table(results, args), flush=True)
+
+
+def ragged_table(results: list[dict], args) -> str:
+    import ragged
+
+    by_name = {r["variant"]: r for r in results}
+    rows = [(r["variant"], r, by_name.get(f"{r['variant']}-forced")) for r in results
+            if not r["variant"].endswith("-forced")]
+    return ragged.report(rows, args.completion, args.vocab, len(stop_set(args)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,342 @@
+"""Where the student side of a GOLD step goes: each stage device-synced, against its floor.
+
+bench_cli's plain loop (bench_vs_reference.Ours: the same models, engine, objective and
+optimizer, 0.5B Qwen2-shaped student, 1.5B teacher, vocab 151,936, 16 rollouts of
+256 + 768 tokens, micro batch 4 x accumulation 4) runs one window of rollouts once, then
+per optimizer step times, with a device sync around each:
+
+  prefill          the engine's prompt forward for the window's 16 rows into its static cache
+  student forward  to the final hidden states of the completion region (head bypassed)
+  teacher forward  the same, no grad
+  loss             our fused JSD from hidden states (losses/chunked.py: it takes the
+                   gradient to the student's hidden states and lm_head inside its forward)
+  loss backward    the loss's own backward (scales and casts the gradients it holds)
+  model backward   the rest of autograd: through the 24 layers into the weights
+  optimizer step   AdamW (fused on CUDA, as bench_cli), and zero_grad (set_to_none)
+
+(the loss runs on a detached copy of the hidden states so its backward and the model's
+can be timed apart), the median over --steps steps after --warmup. Beside each stage: its
+floor on an H200 (989 TFLOP/s bf16 dense, 4.8 TB/s; the larger of the FLOP and byte
+floors; matmul FLOPs from the weights' shapes and the batch shapes, causal attention
+counted half) and the ratio. "student side, as the plain loop runs it" is bench_cli's
+own micro-step loop (Ours.train) less the teacher, the figure the README quotes (0.38 s).
+
+--variants adds one row each: gradient checkpointing toggled, loss chunk sizes, AdamW
+foreach instead of fused (or fused on CPU), Liger's fused linear JSD (skipped when
+liger_kernel is not importable). TF32 is not a knob here: the matmuls are bf16.
+--torch-profile prints the top 25 CUDA kernels of one step by total time (on CPU: ops).
+
+GPU (device machine; no axolotl needed):
+  python3 benchmarks/profile_student_step.py --variants --torch-profile --json OUT.json
+CPU smoke test:
+  source scripts/env.sh && .venv/bin/python benchmarks/profile_student_step.py --tiny --device cpu
+Shape flags are bench_vs_reference's (--prompt, --completion, --micro-batch, --grad-accum,
+--vocab, --chunk-size, --gradient-checkpointing, --seed, --warmup (here 2), --steps (here 5)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+H200_FLOPS, H200_BYTES = 989e12, 4.8e12
+STAGES = ("prefill", "student forward", "teacher forward", "loss", "loss backward", "model backward",
+          "optimizer step", "zero_grad")
+STUDENT_SIDE = STAGES[1:2] + STAGES[3:]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", action="store_true", help="also time each knob (one row each)")
+    p.add_argument("--torch-profile", action="store_true", help="top 25 CUDA kernels of one step")
+    p.add_argument("--json", default=None, help="also write the results here")
+    own, rest = p.parse_known_args(argv)
+    sys.path[:0] = [str(HERE), str(HERE.parent)]
+    import bench_vs_reference as bvr
+
+    return own, bvr.parse_args(["--warmup", "2", "--steps", "5", *rest]), bvr
+
+
+class Clock:
+    """Seconds per stage, device-synced, summed over one optimizer step."""
+
+    def __init__(self, device):
+        from axolotl_gold.scoring.loss import synchronize
+
+        self.sync = lambda: synchronize(device)  # noqa: E731
+        self.seconds = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        self.sync()
+        start = time.perf_counter()
+        yield
+        self.sync()
+        self.seconds[stage] += time.perf_counter() - start
+
+
+def prefill(ours, prompts, clock) -> None:
+    """The static engine's prefill (its DecodeStep's cache, HF's own mask and positions)."""
+    import torch
+
+    from axolotl_gold.data.batching import left_pad
+    from axolotl_gold.rollouts.engines.decode_step import DecodeStep
+    from axolotl_gold.rollouts.engines.hf import generation_mode
+
+    ids, mask = (t.to(ours.device) for t in left_pad(prompts, ours.pad))
+    decode = DecodeStep(ours.student, ids.shape[0], ids.shape[1] + ours.args.completion, ours.device)
+    decode.start(mask)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with clock("prefill"), torch.no_grad(), generation_mode(ours.student):
+        ours.student(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=decode.cache,
+                     use_cache=True, logits_to_keep=1)
+
+
+def split_step(ours, prepared, clock) -> None:
+    """One optimizer step, stage by stage (the same arithmetic as Ours.train)."""
+    import torch
+
+    from axolotl_gold.scoring.forward import CompletionStates, completion_states
+    from axolotl_gold.scoring.routing import objective_sum
+
+    total = max(prepared.local_tokens, 1)
+    for micro in prepared.micro_batches:
+        batch = {k: v.to(ours.device, non_blocking=True) for k, v in micro.items()}
+        with clock("student forward"):
+            student = completion_states(ours.student, batch, use_head_bypass=True)
+        with clock("teacher forward"), torch.no_grad():
+            teacher = completion_states(ours.teacher, batch, use_head_bypass=True)
+        hidden = student.values.detach().requires_grad_()
+        with clock("loss"):
+            loss = objective_sum(ours.objective, CompletionStates(hidden, student.head), teacher, batch) / total
+        with clock("loss backward"):
+            loss.backward()
+        with clock("model backward"):
+            student.values.backward(hidden.grad)
+    with clock("optimizer step"):
+        ours.optimizer.step()
+    with clock("zero_grad"):
+        ours.optimizer.zero_grad(set_to_none=True)
+
+
+def measure(ours, prepared, prompts, args, plain: bool = False) -> dict:
+    """Median ms per optimizer step of each stage over args.steps after args.warmup."""
+    from axolotl_gold.scoring.loss import synchronize
+
+    runs = []
+    for index in range(args.warmup + args.steps):
+        clock = Clock(ours.device)
+        prefill(ours, prompts, clock)
+        split_step(ours, prepared, clock)
+        if plain:  # bench_cli's loop as it is, the teacher's share taken out
+            synchronize(ours.device)
+            start = time.perf_counter()
+            ours.train(prepared)
+            synchronize(ours.device)
+            clock.seconds["plain"] = time.perf_counter() - start
+        if index >= args.warmup:
+            runs.append(clock.seconds)
+    return {k: 1e3 * statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def floors(ours, prepared, prompts) -> dict:
+    """Seconds per optimizer step each stage needs at least on an H200, and what bounds it."""
+    s_cfg, t_cfg = ours.student.config, ours.teacher.config
+    s_lin, t_lin = linear_params(ours.student), linear_params(ours.teacher)
+    item = ours.dtype.itemsize
+    vocab = ours.args.vocab
+    flops, nbytes = defaultdict(float), defaultdict(float)
+    for micro in prepared.micro_batches:
+        rows, width = micro["input_ids"].shape
+        scored = int((micro["completion_labels"] != -100).sum())
+        forward = 2 * s_lin * rows * width + attention_flops(s_cfg, rows, width)
+        flops["student forward"] += forward
+        nbytes["student forward"] += s_lin * item
+        flops["teacher forward"] += 2 * t_lin * rows * width + attention_flops(t_cfg, rows, width)
+        nbytes["teacher forward"] += t_lin * item
+        flops["loss"] += 2 * scored * vocab * (t_cfg.hidden_size + 3 * s_cfg.hidden_size)  # heads + gradient
+        nbytes["loss"] += vocab * (s_cfg.hidden_size + t_cfg.hidden_size) * item
+        nbytes["loss backward"] += 2 * item * (vocab * s_cfg.hidden_size + scored * s_cfg.hidden_size)
+        flops["model backward"] += 2 * forward * (1.5 if ours.student.is_gradient_checkpointing else 1)
+        nbytes["model backward"] += 2 * s_lin * item  # weights read, their gradients written
+    rows, width = len(prompts), max(map(len, prompts))
+    flops["prefill"] = 2 * s_lin * rows * width + attention_flops(s_cfg, rows, width)
+    nbytes["prefill"] = s_lin * item
+    params = list(ours.student.parameters())
+    state = sum(t.numel() * t.element_size() for st in ours.optimizer.state.values()
+                for t in st.values() if hasattr(t, "numel") and t.dim())
+    nbytes["optimizer step"] = sum(3 * p.numel() * p.element_size() for p in params) + 2 * state
+    out = {}
+    for stage in STAGES:
+        f, b = flops[stage] / H200_FLOPS, nbytes[stage] / H200_BYTES
+        out[stage] = (max(f, b), "FLOP" if f >= b else "bytes") if f or b else (0.0, "-")
+    return out
+
+
+def linear_params(model) -> int:
+    """Weights of the decoder layers' matmuls (embedding and head apart)."""
+    return sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2)
+
+
+def attention_flops(cfg, rows: int, width: int) -> float:
+    """Q K^T and P V over a causal [width, width] (half counted), every layer."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * rows * cfg.num_hidden_layers * width * width * cfg.num_attention_heads * head_dim
+
+
+def stage_table(ms: dict, floor: dict) -> str:
+    lines = ["| stage | ms per optimizer step | H200 floor ms | bound by | ratio to floor |",
+             "| --- | ---: | ---: | --- | ---: |"]
+    for stage in STAGES:
+        sec, kind = floor[stage]
+        ratio = f"{ms[stage] / (1e3 * sec):.1f}x" if sec else "-"
+        lines.append(f"| {stage} | {ms[stage]:.2f} | {1e3 * sec:.3f} | {kind} | {ratio} |")
+    side = sum(ms[s] for s in STUDENT_SIDE)
+    side_floor = 1e3 * sum(floor[s][0] for s in STUDENT_SIDE)
+    lines.append(f"| student side (sum of its stages) | {side:.2f} | {side_floor:.3f} | | {side / side_floor:.1f}x |")
+    if "plain" in ms:
+        plain = ms["plain"] - ms["teacher forward"]
+        lines.append(f"| student side, as the plain loop runs it (teacher taken out) | {plain:.2f} "
+                     f"| {side_floor:.3f} | | {plain / side_floor:.1f}x |")
+    return "\n".join(lines)
+
+
+def variants(ours, args):
+    """(name, context manager that applies the knob, or a reason it is skipped)."""
+    import torch
+
+    cuda = ours.device.type == "cuda"
+
+    @contextlib.contextmanager
+    def knob(setattr_args=(), optimizer=None, checkpointing=None):
+        saved = [(obj, name, getattr(obj, name)) for obj, name, _ in setattr_args]
+        for obj, name, value in setattr_args:
+            setattr(obj, name, value)
+        if checkpointing is not None:
+            toggle_checkpointing(ours.student, checkpointing)
+        old = ours.optimizer
+        if optimizer is not None:
+            ours.optimizer = optimizer()
+        try:
+            yield
+        finally:
+            for obj, name, value in saved:
+                setattr(obj, name, value)
+            if checkpointing is not None:
+                toggle_checkpointing(ours.student, not checkpointing)
+            ours.optimizer = old
+
+    gc = not args.gradient_checkpointing
+    yield f"gradient checkpointing {'on' if gc else 'off'}", knob(checkpointing=gc)
+    for size in (1024, 4096, 8192):
+        if size != args.chunk_size:
+            chunked = dataclasses.replace(ours.objective, chunk_size=size)
+            yield f"loss chunk {size}", knob([(ours, "objective", chunked)])
+    kind = "foreach" if cuda else "fused"
+    make = lambda: torch.optim.AdamW(ours.student.parameters(), lr=1e-6, fused=not cuda, foreach=cuda)  # noqa: E731
+    yield f"AdamW {kind} (baseline: {'fused' if cuda else 'for-loop'})", knob(optimizer=make)
+    from axolotl_gold.losses.fused import _liger_jsd_function
+
+    if not cuda or _liger_jsd_function() is None:
+        yield "Liger fused linear JSD", f"skipped: {'liger_kernel not importable' if cuda else 'CUDA only'}"
+    else:
+        liger = dataclasses.replace(ours.objective, backend="liger")
+        yield "Liger fused linear JSD", knob([(ours, "objective", liger)])
+
+
+def toggle_checkpointing(model, on: bool) -> None:
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def variant_table(rows: list[tuple[str, dict | str]], base: dict) -> str:
+    cols = STUDENT_SIDE
+    lines = ["| variant | " + " | ".join(cols) + " | student side ms | vs baseline |",
+             "| --- |" + " ---: |" * (len(cols) + 2)]
+    side = lambda ms: sum(ms[s] for s in cols)  # noqa: E731
+    for name, ms in [("baseline", base), *rows]:
+        if isinstance(ms, str):
+            lines.append(f"| {name} | {ms} |" + " |" * (len(cols) + 1))
+            continue
+        lines.append(f"| {name} | " + " | ".join(f"{ms[s]:.2f}" for s in cols)
+                     + f" | {side(ms):.2f} | {side(ms) / side(base):.2f}x |")
+    return "\n".join(lines)
+
+
+def kernel_table(ours, prepared, prompts, top: int = 25) -> str:
+    """One step under torch.profiler: the top kernels by total device time (CPU: ops)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ours.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        clock = Clock(ours.device)
+        prefill(ours, prompts, clock)
+        split_step(ours, prepared, clock)
+    events = prof.key_averages()
+    if cuda:
+        events = [e for e in events if e.device_type == DeviceType.CUDA]
+        time_of = lambda e: e.device_time_total  # noqa: E731
+    else:
+        time_of = lambda e: e.self_cpu_time_total  # noqa: E731
+    events = sorted(events, key=time_of, reverse=True)
+    total = sum(time_of(e) for e in events) or 1
+    lines = [f"top {top} {'CUDA kernels' if cuda else 'CPU ops (self time)'} of one step (prefill + student "
+             "side + teacher), by total time", "", "| kernel | calls | total ms | share |", "| --- | ---: | ---: | ---: |"]
+    for e in events[:top]:
+        name = e.key.replace("|", "/")[:110]
+        lines.append(f"| {name} | {e.count} | {time_of(e) / 1e3:.2f} | {100 * time_of(e) / total:.1f}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    own, args, bvr = parse_args(sys.argv[1:] if argv is None else argv)
+    ours = bvr.Ours(args, "ours-fast")
+    window = args.micro_batch * args.grad_accum
+    prompts = bvr.build_prompts(args, window)
+    prepared = ours.prepare(prompts, step=0)  # one window of forced-length rollouts, reused
+    lengths = prepared.window.completion_lengths()
+    print(f"rollouts: {len(lengths)} x {min(lengths)}..{max(lengths)} tokens, {prepared.local_tokens} scored, "
+          f"generation {prepared.generation_seconds:.2f} s", flush=True)
+    ms = measure(ours, prepared, prompts, args, plain=True)
+    floor = floors(ours, prepared, prompts)
+    header = (f"device {args.device}; student {'tiny' if args.tiny else '~0.5B'}, teacher {'tiny' if args.tiny else '~1.5B'}, "
+              f"vocab {args.vocab}; {window} rollouts of {args.prompt} + {args.completion} tokens, micro batch "
+              f"{args.micro_batch} x {args.grad_accum}; loss chunk {args.chunk_size}; gradient checkpointing "
+              f"{'on' if args.gradient_checkpointing else 'off'}; median of {args.steps} step(s) after {args.warmup}")
+    print("\n" + header + "\n\n" + stage_table(ms, floor), flush=True)
+    result = {"stages_ms": ms, "floors_ms": {k: 1e3 * v[0] for k, v in floor.items()},
+              "floor_bound": {k: v[1] for k, v in floor.items()}, "args": vars(args)}
+    if own.variants:
+        rows = []
+        for name, knob in variants(ours, args):
+            if isinstance(knob, str):
+                rows.append((name, knob))
+                continue
+            try:
+                with knob:
+                    rows.append((name, measure(ours, prepared, prompts, args)))
+            except Exception as error:  # noqa: BLE001 - one knob failing leaves the others
+                rows.append((name, f"failed: {type(error).__name__}: {error}"[:200]))
+            print(f"[variant] {name}: done", flush=True)
+        print("\nknobs (ms per optimizer step)\n\n" + variant_table(rows, ms), flush=True)
+        result["variants"] = dict(rows)
+    if own.torch_profile:
+        print("\n" + kernel_table(ours, prepared, prompts), flush=True)
+    if own.json:
+        Path(own.json).write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
