@@ -14,6 +14,11 @@ Variants, each in its own subprocess so that memory readings and caches do not m
                   decode step; slow to warm up, so not run unless named in --variants)
   reference       trl.experimental.gold.GOLDTrainer, use_vllm False
 
+--ragged: no forced lengths; the models' generation_config lists a stop set sized for a
+mean completion of ~40% of --completion (ragged.py), read by every side; our variants also
+run forced (VARIANT-forced), and a second table gives the length distribution, generated
+tokens per second and the time per generated token against the forced run.
+
 Our side runs the axolotl-free stages that GoldTrainer calls, from a plain loop: one
 ``prepare_window`` per optimizer step, then per micro-batch ``loss_sum / window tokens``
 and backward, then the optimizer step.

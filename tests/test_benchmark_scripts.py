@@ -45,3 +45,80 @@ def test_bench_cli_runs_the_plain_loop_and_axolotl_train(tmp_path):
         assert "error" not in rows[name], rows[name]
         assert rows[name]["tokens_per_s"] > 0
     assert "gold_rollout_compile: true" in (tmp_path / "work" / "cfg.yaml").read_text()
+
+
+def _table_rows(stdout: str, first_cell: str) -> list[list[str]]:
+    """The markdown rows of ``stdout`` whose first cell starts with ``first_cell``."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in stdout.splitlines()
+            if line.startswith("|")]
+    return [r for r in rows if r[0].startswith(first_cell)]
+
+
+def test_ragged_lengths_from_a_stop_set_in_the_plain_loop_and_the_reference(tmp_path):
+    """--ragged: a mean length near 40% of the limit (12 tokens: intended 4.8), not forced;
+    the forced run of the same engine beside it, and the cost per generated token."""
+    stdout = _run(["benchmarks/bench_vs_reference.py", "--tiny", "--device", "cpu", "--ragged", "--steps", "6",
+                   "--variants", "ours-hf,reference", "--json-dir", str(tmp_path)], tmp_path)
+    forced = json.loads((tmp_path / "ours-hf-forced.json").read_text())
+    assert forced["windows"] and all(n == 12 for w in forced["windows"] for n in w)
+    for name in ("ours-hf", "reference"):
+        result = json.loads((tmp_path / f"{name}.json").read_text())
+        lengths = [n for w in result["windows"] for n in w]
+        assert len(lengths) == 6 * 4 and max(lengths) <= 12
+        assert 2.0 < sum(lengths) / len(lengths) < 8.5, lengths  # geometric, q = 0.19: mean 4.8
+        row = _table_rows(stdout, name)[-1]
+        assert 0 < float(row[1]) < 12  # mean len column of the ragged table
+    row = _table_rows(stdout, "ours-hf")[-1]
+    assert abs(float(row[5]) - 0.1923) < 0.06  # the student's measured stop mass vs intended q
+    assert float(row[9].rstrip("x")) > 0  # ms per generated token against the forced run
+
+
+def test_ragged_helpers_size_the_stop_set_for_the_mean():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ragged
+
+    q = ragged.stop_rate(768)
+    assert abs(ragged.expected_length(q, 768) - 0.4 * 768) < 1e-6
+    ids = ragged.stop_ids(151936, 768, [151935, 151933])
+    assert len(ids) == round(q * 151936) and {151935, 151933} <= set(ids) and 151934 not in ids
+    # StaticCacheEngine's schedule: checks every 32 steps, compaction once half stopped
+    assert ragged.engine_schedule([768] + [10] * 15, 768, "static") == (768, 16 * 32 + 736)
+    assert ragged.engine_schedule([768] + [10] * 15, 768, "static-compiled") == (768, 16 * 32 + 4 * 736)
+    assert ragged.engine_schedule([5, 9], 768, "hf") == (9, 18)
+
+
+def test_bench_cli_ragged_runs_the_forced_loop_beside_it(tmp_path):
+    out = tmp_path / "bench_cli.json"
+    stdout = _run(["benchmarks/bench_cli.py", "--tiny", "--device", "cpu", "--ragged", "--steps", "3",
+                   "--cache-dir", str(tmp_path / "models"), "--workdir", str(tmp_path / "work"), "--json", str(out)],
+                  tmp_path)
+    rows = json.loads(out.read_text())
+    for name in ("plain loop", "plain loop (forced)", "axolotl train"):
+        assert "error" not in rows[name], rows[name]
+    assert all(n == 12 for w in rows["plain loop (forced)"]["windows"] for n in w)
+    for name in ("plain loop", "axolotl train"):
+        lengths = [n for w in rows[name]["windows"] for n in w]
+        assert len(lengths) == 3 * 4 and 0 < sum(lengths) / len(lengths) < 12
+        assert float(_table_rows(stdout, name)[-1][9].rstrip("x")) > 0
+    config = (tmp_path / "work" / "cfg.yaml").read_text()
+    assert "bench_cli.RolloutLengths" in config and "FixedLengthRollouts" not in config
+    assert len(json.loads((tmp_path / "models" / "tiny-v512-s0-cpu-stops98" / "student" / "generation_config.json")
+                          .read_text())["eos_token_id"]) == 98
+
+
+def test_profile_student_step_times_every_stage(tmp_path):
+    out = tmp_path / "profile.json"
+    stdout = _run(["benchmarks/profile_student_step.py", "--tiny", "--device", "cpu", "--steps", "2", "--variants",
+                   "--torch-profile", "--json", str(out)], tmp_path)
+    result = json.loads(out.read_text())
+    stages = ("prefill", "student forward", "teacher forward", "loss", "loss backward", "model backward",
+              "optimizer step", "zero_grad")
+    for stage in stages:
+        row = _table_rows(stdout, stage)[0]
+        assert float(row[1]) > 0 and result["stages_ms"][stage] > 0, row
+    assert result["floors_ms"]["student forward"] > 0 and result["floors_ms"]["optimizer step"] > 0
+    assert _table_rows(stdout, "student side, as the plain loop runs it")
+    variants = result["variants"]
+    assert {"gradient checkpointing on", "loss chunk 1024", "Liger fused linear JSD"} <= set(variants)
+    assert all(v["model backward"] > 0 for k, v in variants.items() if isinstance(v, dict))
+    assert "top 25" in stdout and "aten::mm" in stdout  # CPU: ops by self time
