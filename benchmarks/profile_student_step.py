@@ -285,9 +285,9 @@ def kernel_table(ours, prepared, prompts, top: int = 25) -> str:
         prefill(ours, prompts, clock)
         split_step(ours, prepared, clock)
     events = prof.key_averages()
-    if cuda:
-        events = [e for e in events if e.device_type == DeviceType.CUDA]
-        time_of = lambda e: e.device_time_total  # noqa: E731
+    if cuda:  # kernels are the events on the device; else (older profilers) ops by self device time
+        events = [e for e in events if e.device_type == DeviceType.CUDA] or list(events)
+        time_of = lambda e: e.self_device_time_total  # noqa: E731
     else:
         time_of = lambda e: e.self_cpu_time_total  # noqa: E731
     events = sorted(events, key=time_of, reverse=True)
