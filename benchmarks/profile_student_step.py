@@ -153,6 +153,7 @@ def floors(ours, prepared, prompts) -> dict:
     s_lin, t_lin = linear_params(ours.student), linear_params(ours.teacher)
     item = ours.dtype.itemsize
     vocab = ours.args.vocab
+    embed = ours.student.get_input_embeddings().weight.numel()  # tied: the head's gradient lands there too
     flops, nbytes = defaultdict(float), defaultdict(float)
     for micro in prepared.micro_batches:
         rows, width = micro["input_ids"].shape
@@ -166,7 +167,7 @@ def floors(ours, prepared, prompts) -> dict:
         nbytes["loss"] += vocab * (s_cfg.hidden_size + t_cfg.hidden_size) * item
         nbytes["loss backward"] += 2 * item * (vocab * s_cfg.hidden_size + scored * s_cfg.hidden_size)
         flops["model backward"] += 2 * forward * (1.5 if ours.student.is_gradient_checkpointing else 1)
-        nbytes["model backward"] += 2 * s_lin * item  # weights read, their gradients written
+        nbytes["model backward"] += 2 * (s_lin + embed) * item  # weights read, their gradients written
     rows, width = len(prompts), max(map(len, prompts))
     flops["prefill"] = 2 * s_lin * rows * width + attention_flops(s_cfg, rows, width)
     nbytes["prefill"] = s_lin * item
