@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.9)
     p.add_argument("--compile", action="store_true",
                    help="also the engine with compile_decode (torch.compile of the decode step, captured)")
+    p.add_argument("--only-compile", action="store_true",
+                   help="the engine with compile_decode alone (no HF sdpa / grouped eager engine rows)")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -132,6 +134,8 @@ def main(argv=None) -> dict:
     rows = _Rows()
 
     variants = [(False, False), (True, False)] + ([(True, True)] if args.compile else [])
+    if args.only_compile:
+        variants = [(True, True)]
     for grouped, compiled in variants:
         engine = StaticCacheEngine(
             lambda: model, sampling, pad, {eos}, min_new_tokens=args.new, grouped_attention=grouped,
