@@ -1,0 +1,34 @@
+#!/bin/bash
+# On the GPU machine, from a clean export of HEAD (carry .clean/head.tar made by
+# `git archive HEAD -o .clean/head.tar`, .assets and .axsite): the benchmarks named in
+# GOLD_BENCH (comma-separated; default all) one after another, outputs in $OUT.
+#   nucleus  benchmarks/bench_nucleus.py (the sort-free top-p kernels per setting)
+#   student  benchmarks/profile_student_step.py --variants --torch-profile
+#   ragged   benchmarks/bench_vs_reference.py --ragged --skip-reference --variants ours-fast
+#   decode360  benchmarks/profile_decode.py --only-compile at SmolLM2-360M's shape
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_bench_out}
+mkdir -p "$OUT" /tmp/clean
+tar -xf .clean/head.tar -C /tmp/clean && cp -r .assets .axsite /tmp/clean/ && cd /tmp/clean
+bash scripts/device_bin.sh > /dev/null 2>&1
+export PYTHONPATH=/tmp/axsite:$PWD
+want=",${GOLD_BENCH:-nucleus,student,ragged,decode360},"
+if [[ $want == *,nucleus,* ]]; then
+  python3 benchmarks/bench_nucleus.py --json "$OUT/bench_nucleus.json" 2>&1 | grep "^|"
+fi
+if [[ $want == *,student,* ]]; then
+  timeout 200 python3 benchmarks/profile_student_step.py --variants --torch-profile \
+    --json "$OUT/profile_student_step.json" > "$OUT/profile_student_step.txt" 2>&1
+  grep "^|" "$OUT/profile_student_step.txt" | head -60 || tail -20 "$OUT/profile_student_step.txt"
+fi
+if [[ $want == *,ragged,* ]]; then
+  timeout 200 python3 benchmarks/bench_vs_reference.py --ragged --skip-reference --variants ours-fast \
+    --steps 3 --json-dir "$OUT/ragged" > "$OUT/ragged.txt" 2>&1
+  grep "^|" "$OUT/ragged.txt" || tail -20 "$OUT/ragged.txt"
+fi
+if [[ $want == *,decode360,* ]]; then
+  timeout 150 python3 benchmarks/profile_decode.py --only-compile --layers 32 --hidden 960 --heads 15 \
+    --kv-heads 5 --intermediate 2560 --vocab 49152 --json "$OUT/profile_decode_360m.json" \
+    > "$OUT/profile_decode_360m.txt" 2>&1
+  grep "^|" "$OUT/profile_decode_360m.txt" || tail -20 "$OUT/profile_decode_360m.txt"
+fi
