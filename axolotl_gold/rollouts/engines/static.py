@@ -236,7 +236,8 @@ class StaticCacheEngine(HFGenerateEngine):
         tokens = sample_tokens(logits, self.sampling, None if greedy else row_uniforms(rows.seeds, index))
         rows.generated.index_put_((rows.live, index.expand_as(rows.live)), tokens)
         if rows.eos.numel():
-            rows.finished |= torch.isin(tokens, rows.eos)
+            # not torch.isin: with 15+ stop ids (16 rows) it sorts and syncs, which breaks capture
+            rows.finished |= (tokens.unsqueeze(1) == rows.eos).any(1)
         decode.tokens.copy_(tokens.view(-1, 1))
 
     def _want_graph(self, device: torch.device) -> bool:
