@@ -524,3 +524,15 @@ def test_axolotl_train_stops_before_loading_when_the_server_is_down(tiny_pair, t
     message = str(err.value)
     assert url in message and "python -m axolotl_gold.models.teacher_server" in message
     assert "pre_model_load" in (tmp_path / "log.txt").read_text()  # before the student loads
+
+
+def test_console_script_starts_the_server_cli():
+    """``axolotl-gold-teacher-server`` (pyproject's [project.scripts]) is the server's CLI."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(sys.executable), "axolotl-gold-teacher-server")
+    run = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "--model" in run.stdout and "--max-batch-rows" in run.stdout
