@@ -43,6 +43,28 @@ def server_b(other_teacher, tmp_path_factory):
     stop(proc)
 
 
+@pytest.fixture(scope="module")
+def wide_teacher(tiny_pair, tmp_path_factory):
+    """A teacher of the tiny teacher's tokenizer and vocabulary with another hidden size (192,
+    not 128), depth and output head."""
+    from transformers import AutoTokenizer
+
+    from axolotl_gold.demo.models import make_config, new_model, save_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_pair["teacher"])
+    model = new_model(make_config(tok, hidden_size=192, num_hidden_layers=2, intermediate_size=384), seed=5)
+    path = str(tmp_path_factory.mktemp("wide") / "teacher_wide")
+    save_model(model, tok, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server_wide(wide_teacher, tmp_path_factory):
+    proc, url = start_server(wide_teacher, tmp_path_factory.mktemp("ts_wide") / "server.log")
+    yield url
+    stop(proc)
+
+
 def settings_two(tiny_pair, other_teacher, url_a, url_b, **extra):
     from axolotl_gold.config.settings import GoldSettings
 
@@ -66,6 +88,19 @@ def test_mixed_batch_equals_each_row_scored_by_its_local_teacher(tiny_pair, othe
     """A window of rows of two teachers, scored through two servers, gives the loss sums and the
     student gradient of each row scored alone by its own teacher loaded locally (float32,
     relative L2 < 1e-5); the same rows with the teachers swapped do not."""
+    _mixed_batch_equals_local(tiny_pair, other_teacher, server, server_b, fused)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_teachers_of_different_hidden_sizes(tiny_pair, wide_teacher, server, server_wide, fused):
+    """Teacher b of another hidden size (192; a's is 128), depth and head, same vocabulary:
+    the mixed batch still gives each row's loss and gradient with its own teacher local."""
+    infos = check_teacher_servers(settings_two(tiny_pair, wide_teacher, server, server_wide))
+    assert {n: i["hidden_size"] for n, i in infos.items()} == {"a": 128, "b": 192}  # the checks before loading
+    _mixed_batch_equals_local(tiny_pair, wide_teacher, server, server_wide, fused, hidden=(128, 192))
+
+
+def _mixed_batch_equals_local(tiny_pair, path_b, url_a, url_b, fused, hidden=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from axolotl_gold.assembly import build_objective
@@ -74,13 +109,16 @@ def test_mixed_batch_equals_each_row_scored_by_its_local_teacher(tiny_pair, othe
     tok = AutoTokenizer.from_pretrained(tiny_pair["student"])
     student = AutoModelForCausalLM.from_pretrained(tiny_pair["student"], dtype=torch.float32)
     local = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-             for name, path in (("a", tiny_pair["teacher"]), ("b", other_teacher))}
-    settings = settings_two(tiny_pair, other_teacher, server, server_b, gold_fused_loss=fused, beta=0.5)
+             for name, path in (("a", tiny_pair["teacher"]), ("b", path_b))}
+    settings = settings_two(tiny_pair, path_b, url_a, url_b, gold_fused_loss=fused, beta=0.5)
     router = connect_teachers(settings, torch.device("cpu"))
     assert isinstance(router, TeacherRouter) and set(router.teachers) == {"a", "b"}
     # each client holds its own teacher's head
     assert torch.equal(router.teachers["b"].lm_head.weight, local["b"].lm_head.weight)
-    assert not torch.equal(router.teachers["a"].lm_head.weight, router.teachers["b"].lm_head.weight)
+    heads = [router.teachers[n].lm_head.weight for n in "ab"]
+    assert heads[0].shape != heads[1].shape or not torch.equal(*heads)
+    if hidden is not None:
+        assert tuple(h.shape[1] for h in heads) == hidden
     objective = build_objective(settings, student, router, tok)
     rows = _named_rows(tiny_pair, tok)
     batches = [teacher_scoring_batch(rows[i: i + 3], tok.pad_token_id, objective) for i in (0, 3)]
