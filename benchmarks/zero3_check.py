@@ -37,10 +37,8 @@ SMALL_STUDENT = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_head
                  "num_key_value_heads": 2, "intermediate_size": 1024}
 SMALL_TEACHER = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
                  "num_key_value_heads": 2, "intermediate_size": 2048}
-STUDENT = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
-           "num_key_value_heads": 2, "intermediate_size": 4864}
-TEACHER = {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
-           "num_key_value_heads": 2, "intermediate_size": 8960}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_setup import STUDENT, TEACHER  # noqa: E402,F401  (bench_vs_reference's shapes)
 
 
 def ds_config(micro: int, accum: int, world: int, bf16: bool) -> dict:

@@ -11,6 +11,7 @@ import requests
 import torch
 
 from axolotl_gold.config.errors import GoldConfigError
+from grads import loss_and_grad
 from axolotl_gold.models.remote.router import TeacherRouter, check_teacher_servers, connect_teachers
 from axolotl_gold.models.remote.teacher import TeacherServerError
 
@@ -195,10 +196,7 @@ def test_top_k_teachers_per_row_with_repeats(tiny_pair, other_teacher):
     names, weights = ["a", "b", "a"], [1, 3, 2]
 
     def grad(score):
-        student.zero_grad()
-        value = score()
-        value.backward()
-        return float(value), torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+        return loss_and_grad(student, score)
 
     def routed():
         batch = build_scoring_batch(prompts, completions, pad_id=0)

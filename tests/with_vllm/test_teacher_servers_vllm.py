@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from axolotl_run import gold_config, log_history, run_train  # noqa: E402
+from grads import loss_and_grad  # noqa: E402
 from server_process import free_port, served  # noqa: E402
 
 NAMES = ["a", "b", "b", "a", "a", "b"]  # the teacher of each test row
@@ -115,10 +116,7 @@ def test_mixed_batch_equals_each_row_with_its_own_server(vllm_pair, tiny_pair, o
     assert [b["teacher_names"] for b in batches] == [NAMES[:3], NAMES[3:]]
 
     def grad(score):
-        student.zero_grad()
-        value = score()
-        value.backward()
-        return float(value), torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+        return loss_and_grad(student, score)
 
     def routed():
         return sum(loss_sum(student, router, batch, objective, True)[0] for batch in batches)
