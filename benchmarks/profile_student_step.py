@@ -23,11 +23,22 @@ own micro-step loop (Ours.train) less the teacher, the figure the README quotes 
 
 --variants adds one row each: gradient checkpointing toggled, loss chunk sizes, AdamW
 foreach instead of fused (or fused on CPU), Liger's fused linear JSD (skipped when
-liger_kernel is not importable). TF32 is not a knob here: the matmuls are bf16.
---torch-profile prints the top 25 CUDA kernels of one step by total time (on CPU: ops).
+liger_kernel is not importable), and the student through ``torch.compile`` alone and with
+loss chunk 4096. The compile rows mirror Axolotl's ``torch_compile: true``: HF's Trainer
+hands ``torch_compile_backend`` (inductor, no mode) to Accelerate, whose ``prepare`` wraps
+the whole model in ``torch.compile(model, backend="inductor")``; the trainer's forward and
+backward run through that wrapper while the engines keep the plain model (so prefill stays
+eager here too). Each compile row is timed after its warm-up; the first step's student side
+less a measured step's is reported as its compile time (lower when inductor's on-disk cache
+already holds the graphs), beside the number of graphs dynamo compiled for it.
+TF32 is not a knob here: the matmuls are bf16.
+--torch-profile prints the top 25 CUDA kernels of one step by total time (on CPU: ops);
+--profile-compiled profiles the compiled student instead (with --torch-profile).
 
 GPU (device machine; no axolotl needed):
   python3 benchmarks/profile_student_step.py --variants --torch-profile --json OUT.json
+  python3 benchmarks/profile_student_step.py --variants --only-compile --torch-profile --profile-compiled \
+      --json OUT.json    # the baseline and the two compile rows only, kernels of the compiled step
 CPU smoke test:
   source scripts/env.sh && .venv/bin/python benchmarks/profile_student_step.py --tiny --device cpu
 Shape flags are bench_vs_reference's (--prompt, --completion, --micro-batch, --grad-accum,
@@ -58,6 +69,9 @@ def parse_args(argv):
     p.add_argument("--variants", action="store_true", help="also time each knob (one row each)")
     p.add_argument("--torch-profile", action="store_true", help="top 25 CUDA kernels of one step")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--only-compile", action="store_true", help="with --variants: only the torch.compile rows")
+    p.add_argument("--profile-compiled", action="store_true",
+                   help="with --torch-profile: profile the step with the student through torch.compile")
     own, rest = p.parse_known_args(argv)
     sys.path[:0] = [str(HERE), str(HERE.parent)]
     import bench_vs_reference as bvr
@@ -91,13 +105,19 @@ def prefill(ours, prompts, clock) -> None:
     from axolotl_gold.rollouts.engines.decode_step import DecodeStep
     from axolotl_gold.rollouts.engines.hf import generation_mode
 
+    model = plain_model(ours.student)  # the engine's model: never the compiled wrapper
     ids, mask = (t.to(ours.device) for t in left_pad(prompts, ours.pad))
-    decode = DecodeStep(ours.student, ids.shape[0], ids.shape[1] + ours.args.completion, ours.device)
+    decode = DecodeStep(model, ids.shape[0], ids.shape[1] + ours.args.completion, ours.device)
     decode.start(mask)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    with clock("prefill"), torch.no_grad(), generation_mode(ours.student):
-        ours.student(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=decode.cache,
-                     use_cache=True, logits_to_keep=1)
+    with clock("prefill"), torch.no_grad(), generation_mode(model):
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=decode.cache,
+              use_cache=True, logits_to_keep=1)
+
+
+def plain_model(model):
+    """The model under a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``)."""
+    return getattr(model, "_orig_mod", model)
 
 
 def split_step(ours, prepared, clock) -> None:
@@ -128,10 +148,11 @@ def split_step(ours, prepared, clock) -> None:
 
 
 def measure(ours, prepared, prompts, args, plain: bool = False) -> dict:
-    """Median ms per optimizer step of each stage over args.steps after args.warmup."""
+    """Median ms per optimizer step of each stage over args.steps after args.warmup, and
+    ("first step") the student side of the first warm-up step (a compile's warm-up)."""
     from axolotl_gold.scoring.loss import synchronize
 
-    runs = []
+    runs, first = [], None
     for index in range(args.warmup + args.steps):
         clock = Clock(ours.device)
         prefill(ours, prompts, clock)
@@ -142,9 +163,13 @@ def measure(ours, prepared, prompts, args, plain: bool = False) -> dict:
             ours.train(prepared)
             synchronize(ours.device)
             clock.seconds["plain"] = time.perf_counter() - start
+        if index == 0:
+            first = sum(clock.seconds[s] for s in STUDENT_SIDE)
         if index >= args.warmup:
             runs.append(clock.seconds)
-    return {k: 1e3 * statistics.median(r[k] for r in runs) for k in runs[0]}
+    out = {k: 1e3 * statistics.median(r[k] for r in runs) for k in runs[0]}
+    out["first step"] = 1e3 * first
+    return out
 
 
 def floors(ours, prepared, prompts) -> dict:
@@ -251,6 +276,32 @@ def variants(ours, args):
     else:
         liger = dataclasses.replace(ours.objective, backend="liger")
         yield "Liger fused linear JSD", knob([(ours, "objective", liger)])
+    yield from compile_variants(ours, args, knob)
+
+
+COMPILE_ROWS = ("student torch.compile", "student torch.compile + loss chunk 4096")
+
+
+def compile_variants(ours, args, knob):
+    """The student as Axolotl's ``torch_compile: true`` leaves it for the trainer's forward
+    and backward: Accelerate's ``prepare`` returns ``torch.compile(model, backend="inductor")``
+    (HF's Trainer passes ``torch_compile_backend``, inductor by default, and
+    ``torch_compile_mode``, None: no mode). One wrapper for both rows: the second reuses
+    the first's graphs (a changed loss chunk does not touch the model's)."""
+    import torch
+
+    compiled = torch.compile(plain_model(ours.student), backend="inductor")
+    yield COMPILE_ROWS[0], knob([(ours, "student", compiled)])
+    if args.chunk_size != 4096:
+        chunked = dataclasses.replace(ours.objective, chunk_size=4096)
+        yield COMPILE_ROWS[1], knob([(ours, "student", compiled), (ours, "objective", chunked)])
+
+
+def dynamo_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def toggle_checkpointing(model, on: bool) -> None:
@@ -322,19 +373,39 @@ def main(argv=None) -> None:
     if own.variants:
         rows = []
         for name, knob in variants(ours, args):
+            if own.only_compile and name not in COMPILE_ROWS:
+                continue  # a knob not entered changes nothing
             if isinstance(knob, str):
                 rows.append((name, knob))
                 continue
+            graphs = dynamo_graphs()
+            note = ""
             try:
                 with knob:
                     rows.append((name, measure(ours, prepared, prompts, args)))
+                if name in COMPILE_ROWS:
+                    row = rows[-1][1]
+                    row["compile s"] = (row["first step"] - sum(row[s] for s in STUDENT_SIDE)) / 1e3
+                    row["dynamo graphs"] = dynamo_graphs() - graphs
+                    note = (f" (first step {row['first step'] / 1e3:.1f} s: about {row['compile s']:.1f} s of "
+                            f"compiling, {row['dynamo graphs']} new graph(s))" if row["dynamo graphs"]
+                            else " (the graphs above reused: nothing compiled)")
             except Exception as error:  # noqa: BLE001 - one knob failing leaves the others
                 rows.append((name, f"failed: {type(error).__name__}: {error}"[:200]))
-            print(f"[variant] {name}: done", flush=True)
+            print(f"[variant] {name}: done{note}", flush=True)
         print("\nknobs (ms per optimizer step)\n\n" + variant_table(rows, ms), flush=True)
         result["variants"] = dict(rows)
     if own.torch_profile:
-        print("\n" + kernel_table(ours, prepared, prompts), flush=True)
+        title = ""
+        if own.profile_compiled:  # the compiled student, warmed up outside the profile
+            import torch
+
+            ours.student = torch.compile(plain_model(ours.student), backend="inductor")
+            for _ in range(2):
+                split_step(ours, prepared, Clock(ours.device))
+            title = " (student through torch.compile)"
+        print("\n" + kernel_table(ours, prepared, prompts).replace("by total time", "by total time" + title, 1),
+              flush=True)
     if own.json:
         Path(own.json).write_text(json.dumps(result, indent=1, default=str))
 

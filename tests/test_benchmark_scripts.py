@@ -121,4 +121,10 @@ def test_profile_student_step_times_every_stage(tmp_path):
     variants = result["variants"]
     assert {"gradient checkpointing on", "loss chunk 1024", "Liger fused linear JSD"} <= set(variants)
     assert all(v["model backward"] > 0 for k, v in variants.items() if isinstance(v, dict))
+    # the student through torch.compile (as `torch_compile: true` leaves it): compiled once,
+    # its graphs reused by the row with loss chunk 4096
+    compiled, chunked = variants["student torch.compile"], variants["student torch.compile + loss chunk 4096"]
+    assert isinstance(compiled, dict) and isinstance(chunked, dict), (compiled, chunked)
+    assert compiled["dynamo graphs"] >= 1 and compiled["first step"] > 0
+    assert chunked["dynamo graphs"] == 0 and chunked["model backward"] > 0
     assert "top 25" in stdout and "aten::mm" in stdout  # CPU: ops by self time

@@ -108,6 +108,10 @@ def all_cases() -> list[Case]:
         Case("attn-flash", {"flash_attention": True}, flash=True),
         Case("compile-full", {"gold_rollout_compile": True}),
         Case("compile-lora", {**LORA, "gold_rollout_compile": True}),
+        # Axolotl's torch_compile: Accelerate compiles the student for the training forward and
+        # backward (the engines keep the plain model); with the compiled decode step beside it
+        Case("torch-compile-full", {"torch_compile": True}),
+        Case("torch-compile-lora-rollout", {**LORA, "torch_compile": True, "gold_rollout_compile": True}),
         Case("sliding-static", {"gold_generation_engine": "static"}, models="sliding"),
         Case("sliding-auto", {"gold_generation_engine": "auto"}, models="sliding"),
         Case("cross-uld-hybrid", {"use_uld_loss": True, "uld_use_hybrid_loss": True, "beta": 0.5}, models="cross"),
