@@ -18,6 +18,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a server subprocess; kill it if it has not exited after 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextlib.contextmanager
 def served(cmd: list[str], log_path, ready_path: str, seconds: float, port: int, **env_extra):
     """Run ``cmd`` (listening on ``port``) with its output in ``log_path``; yield its URL once
@@ -42,9 +52,4 @@ def served(cmd: list[str], log_path, ready_path: str, seconds: float, port: int,
                     time.sleep(1)
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)

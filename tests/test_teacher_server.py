@@ -28,6 +28,7 @@ from axolotl_gold.models.remote.teacher import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from axolotl_run import gold_config, relative_l2, run_train, sgd_delta  # noqa: E402
+from server_process import stop  # noqa: E402,F401 (also imported from here by test_teacher_servers)
 
 
 def free_port() -> int:
@@ -58,15 +59,6 @@ def start_server(model: str, log_path: Path, *extra: str) -> tuple[subprocess.Po
             time.sleep(0.5)
     proc.kill()
     raise RuntimeError("teacher server did not start in 180 s")
-
-
-def stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
