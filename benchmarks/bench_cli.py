@@ -256,9 +256,11 @@ def run_cli(own, args, bvr, models: Path) -> dict:
 
 
 def train(path: Path, work: Path, cuda: bool, min_new_tokens: int, warmup: int, steps: int,
-          timeout: float | None = None, env: dict | None = None) -> dict:
-    """`axolotl train path` in a subprocess (log under ``work``), one process on one GPU;
-    the mean of steps ``warmup..warmup+steps-1`` as ``summarize`` gives it."""
+          timeout: float | None = None, env: dict | None = None, gpus: str = "0",
+          port: int = 29500) -> dict:
+    """`axolotl train path` in a subprocess (log under ``work``), one process per GPU of
+    ``gpus`` (CUDA_VISIBLE_DEVICES; several: `accelerate launch` on ``port``); the mean of
+    steps ``warmup..warmup+steps-1`` as ``summarize`` gives it."""
     drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     extra_env, env = env, {k: v for k, v in os.environ.items() if k not in drop}
     env.update(
@@ -270,12 +272,12 @@ def train(path: Path, work: Path, cuda: bool, min_new_tokens: int, warmup: int, 
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # accelerate, as tests do
         **(extra_env or {}),
     )
-    if cuda:
-        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]  # one process
-    else:
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    env["CUDA_VISIBLE_DEVICES"] = gpus if cuda else ""
     axolotl = Path(sys.executable).parent / "axolotl"  # next to this interpreter, as tests use it
     cmd = [str(axolotl) if axolotl.exists() else shutil.which("axolotl") or "axolotl", "train", str(path)]
+    processes = len(gpus.split(",")) if cuda else 1
+    if processes > 1:
+        cmd += ["--", "--num_processes", str(processes), "--main_process_port", str(port)]
     logs, stamps = [], []
     start = time.perf_counter()
     with open(work / "log.txt", "w") as log, subprocess.Popen(

@@ -82,6 +82,13 @@ def run_train(cfg: dict, workdir: Path, num_processes: int = 1, timeout: int = 6
         if torch.cuda.device_count() > 1:  # `axolotl train` launches one process per visible GPU
             env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
         cmd = [str(BIN / "axolotl"), "train", str(path)]
+    elif torch.cuda.device_count() >= num_processes:
+        # as users run it: `axolotl train` launches `accelerate launch`, one process per GPU
+        # (Axolotl sets ACCELERATE_USE_DEEPSPEED / _FSDP from the YAML); a port per run so
+        # that concurrent runs do not meet
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(num_processes))
+        cmd = [str(BIN / "axolotl"), "train", str(path), "--",
+               "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
     else:
         # torchrun sets RANK/WORLD_SIZE. On GPUs accelerate picks NCCL by itself. On CPUs,
         # with ACCELERATE_USE_CPU accelerate runs DDP over gloo, and a DeepSpeed run goes
@@ -105,6 +112,15 @@ def run_train(cfg: dict, workdir: Path, num_processes: int = 1, timeout: int = 6
     if proc.returncode != 0:
         raise AssertionError(f"axolotl train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return Path(cfg["output_dir"])
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def windows(out: Path) -> list[dict]:

@@ -45,3 +45,11 @@ def real_smollm2():
     if not (folder / ".complete").exists():
         subprocess.run([sys.executable, str(repo / "scripts" / "real_model.py"), str(folder)], check=True)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def real_shape_pairs(tmp_path_factory):
+    """The 2-GPU tests' real-shaped pairs (tests/real_shapes.py): ``{"same", "cross"}``."""
+    from real_shapes import pairs
+
+    return pairs(tmp_path_factory.mktemp("real_shapes"))
