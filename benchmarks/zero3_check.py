@@ -60,11 +60,11 @@ def ds_config(micro: int, accum: int, world: int, bf16: bool) -> dict:
     }
 
 
-def build(arch: dict, vocab: int, dtype, seed: int, device="cpu"):
+def build(arch: dict, vocab: int, dtype, seed: int, device="cpu", tied: bool = False):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,
+    cfg = Qwen2Config(vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=tied,
                       use_sliding_window=False, pad_token_id=vocab - 3, eos_token_id=vocab - 1,
                       bos_token_id=None, **arch)
     torch.manual_seed(seed)
@@ -111,8 +111,8 @@ def correctness(args, rank, world, device):
     # ---- ZeRO-3 over all processes
     cfg = ds_config(args.micro, args.accum, world, bf16=False)
     # built on the CPU like the reference (same RNG, same weights); the engines partition them
-    student = build(SMALL_STUDENT, vocab, torch.float32, seed=1)
-    teacher = build(SMALL_TEACHER, vocab, torch.float32, seed=2).requires_grad_(False)
+    student = build(SMALL_STUDENT, vocab, torch.float32, seed=1, tied=args.tied)
+    teacher = build(SMALL_TEACHER, vocab, torch.float32, seed=2, tied=args.tied).requires_grad_(False)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=student, optimizer=torch.optim.SGD(student.parameters(), lr=1.0), config=cfg)
     teacher_engine = inference_engine(teacher, cfg, world)
@@ -137,8 +137,8 @@ def correctness(args, rank, world, device):
     # ---- one GPU, no DeepSpeed, the whole window (rank 0)
     if rank != 0:
         return None
-    ref_student = build(SMALL_STUDENT, vocab, torch.float32, seed=1, device=device)
-    ref_teacher = build(SMALL_TEACHER, vocab, torch.float32, seed=2, device=device).requires_grad_(False)
+    ref_student = build(SMALL_STUDENT, vocab, torch.float32, seed=1, device=device, tied=args.tied)
+    ref_teacher = build(SMALL_TEACHER, vocab, torch.float32, seed=2, device=device, tied=args.tied).requires_grad_(False)
     before = {n: p.detach().clone().cpu() for n, p in ref_student.named_parameters()}
     ref_engine = HFGenerateEngine(lambda: ref_student, sampling, pad, {eos})
     ref_prepared = window_prepare(args, rows, ref_engine, pad, objective)
@@ -246,6 +246,8 @@ def main():
     ap.add_argument("--mem-prompt", type=int, default=256)
     ap.add_argument("--mem-completion", type=int, default=256)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--tied", action="store_true",
+                    help="part 1 with tied embeddings (the output head is the embedding, which the forward's hooks release)")
     args = ap.parse_args()
 
     import deepspeed

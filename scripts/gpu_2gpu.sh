@@ -19,10 +19,11 @@ for what in "$@"; do
   case $what in
     tests)
       python3 tests/real_shapes.py /tmp/real_shapes > "$OUT/real_shapes.txt" 2>&1 || tail -20 "$OUT/real_shapes.txt"
-      GOLD_REAL_SHAPE_MODELS=/tmp/real_shapes timeout "${GOLD_2GPU_TESTS_S:-500}" python3 -m pytest -q -s -n 8 \
+      GOLD_TEST_REPORT="$OUT/figures.txt" GOLD_REAL_SHAPE_MODELS=/tmp/real_shapes timeout "${GOLD_2GPU_TESTS_S:-500}" python3 -m pytest -q -s -n 8 \
         -p no:cacheprovider -rs --basetemp=/tmp/t2 tests/test_fsdp2_gpu.py tests/test_zero3_gpu.py > "$OUT/tests.log" 2>&1
       echo "pytest exit $?"
-      grep -E "relative L2|passed|failed|Error|error:" "$OUT/tests.log" | tail -40
+      cat "$OUT/figures.txt" 2>/dev/null
+      grep -E "^(FAILED|ERROR)|passed|failed|Error:" "$OUT/tests.log" | tail -30
       ;;
     bench)
       timeout "${GOLD_2GPU_BENCH_S:-500}" python3 benchmarks/bench_multi_gpu.py --completion "${GOLD_2GPU_COMPLETION:-256}" \
@@ -30,10 +31,12 @@ for what in "$@"; do
       grep -E "^\||^student|Error|error" "$OUT/bench_multi_gpu.txt" | tail -30
       ;;
     checks)
-      timeout 200 torchrun --nproc_per_node 2 benchmarks/fsdp2_check.py --device cuda > "$OUT/fsdp2_check.txt" 2>&1
-      tail -15 "$OUT/fsdp2_check.txt"
-      timeout 200 torchrun --nproc_per_node 2 benchmarks/zero3_check.py > "$OUT/zero3_check.txt" 2>&1
-      tail -15 "$OUT/zero3_check.txt"
+      timeout 150 torchrun --nproc_per_node 2 benchmarks/fsdp2_check.py --device cuda > "$OUT/fsdp2_check.txt" 2>&1
+      grep "^|" "$OUT/fsdp2_check.txt" || tail -15 "$OUT/fsdp2_check.txt"
+      for tied in "" --tied; do
+        timeout 150 torchrun --nproc_per_node 2 benchmarks/zero3_check.py $tied > "$OUT/zero3_check$tied.txt" 2>&1
+        grep "^|" "$OUT/zero3_check$tied.txt" || tail -15 "$OUT/zero3_check$tied.txt"
+      done
       ;;
   esac
 done

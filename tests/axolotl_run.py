@@ -114,6 +114,16 @@ def run_train(cfg: dict, workdir: Path, num_processes: int = 1, timeout: int = 6
     return Path(cfg["output_dir"])
 
 
+def report(line: str) -> None:
+    """Print a measured figure, and append it to GOLD_TEST_REPORT when set (test processes
+    under pytest-xdist do not show their output)."""
+    print(line, flush=True)
+    path = os.environ.get("GOLD_TEST_REPORT")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now (the OS picks it)."""
     import socket

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from axolotl_run import gold_config, log_history, relative_l2, run_train, sgd_delta, weights, windows
+from axolotl_run import gold_config, log_history, relative_l2, report, run_train, sgd_delta, weights, windows
 from real_shapes import OVERRIDES
 
 pytestmark = [
@@ -42,7 +42,7 @@ def test_zero3_gradient_matches_one_gpu(real_shape_pairs, tmp_path, loss):
     for run in range(REPEATS):
         zero3, w_zero3 = sgd_delta(pair, tmp_path, f"zero3_{run}", 2, 2, 2, **extra, **ZERO3_KEYS)
         rel = relative_l2(zero3, ref)
-        print(f"{loss} ZeRO-3 2x(2,2) run {run}: relative L2 difference to one GPU (8,1) = {rel:.2e}")
+        report(f"{loss} ZeRO-3 2x(2,2) run {run}: relative L2 difference to one GPU (8,1) = {rel:.2e}")
         assert w_zero3[0]["engine_calls"] == 0  # off-policy: the dataset's completions
         assert w_zero3[0]["scored_tokens"] == w_ref[0]["scored_tokens"] > 0
         assert rel < 1e-4, rel

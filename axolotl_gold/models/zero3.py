@@ -86,13 +86,44 @@ def generation_weights(engine):
     return unwrap_model_for_generation(engine)
 
 
-def gathered_heads(*heads: nn.Module | None):
-    """Context: the given output heads' parameters gathered (read-only: no broadcast)."""
-    import deepspeed
+# held in a gathered head parameter's ``ds_active_sub_modules`` (module ids are >= 0)
+_HELD = -1
 
+
+def gathered_heads(*heads: nn.Module | None):
+    """Context: the given output heads' parameters gathered (read-only: no broadcast) and
+    held so across the micro-step's forward and backward; one gather per head (a
+    coalesced gather needs one dtype)."""
     stack = contextlib.ExitStack()
-    for head in heads:  # one gather per head: a coalesced gather needs one dtype
+    for head in heads:
         params = list(head.parameters(recurse=False)) if head is not None else []
         if params:
-            stack.enter_context(deepspeed.zero.GatheredParameters(params, modifier_rank=None))
+            stack.enter_context(_held(params))
     return stack
+
+
+@contextlib.contextmanager
+def _held(params: list):
+    """``GatheredParameters(params, modifier_rank=None)``, but for parameters that modules
+    also use: a tied head is the input embedding, whose module runs in the forward, and
+    DeepSpeed's hooks release a parameter after its module unless some module is still
+    active on it. So each parameter is marked active while held; at the end the ones no
+    module holds are partitioned, the others are left to DeepSpeed, which releases them
+    with their module (the embedding's backward leaves it active until the step's end)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    params = sorted({p for p in params if hasattr(p, "ds_id")}, key=lambda p: p.ds_id)  # same order everywhere
+    if not params:
+        yield
+        return
+    params[0].all_gather(param_list=params)
+    for param in params:
+        param.ds_active_sub_modules.add(_HELD)
+    try:
+        yield
+    finally:
+        for param in params:
+            param.ds_active_sub_modules.discard(_HELD)
+        idle = [p for p in params if not p.ds_active_sub_modules and p.ds_status == ZeroParamStatus.AVAILABLE]
+        if idle:
+            idle[0].partition(param_list=idle, has_been_updated=False)
