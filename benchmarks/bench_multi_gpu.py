@@ -6,11 +6,11 @@ bench_cli's configuration and models (Qwen2-shaped ~0.5B student, ~1.5B teacher,
 with only the strategy's keys added; each process takes micro batch x accumulation rows, so
 2 processes score twice the tokens of one per step. Rows:
   1 GPU             the default engine (`auto`: the static-cache engine on CUDA)
-  1 GPU, hf engine  `gold_generation_engine: hf`, what FSDP2 and ZeRO-3 run (the static
+  1 GPU hf engine   `gold_generation_engine: hf`, what FSDP2 and ZeRO-3 run (the static
                     engine's CUDA graphs are refused under sharding)
-  DDP, 2 GPUs       no sharding keys (student and teacher whole on each GPU)
-  FSDP2, 2 GPUs     `fsdp_version: 2` + `fsdp_config` (teacher sharded for inference)
-  ZeRO-3, 2 GPUs    `deepspeed: deepspeed_configs/zero3.json`
+  DDP 2 GPUs        no sharding keys (student and teacher whole on each GPU)
+  FSDP2 2 GPUs      `fsdp_version: 2` + `fsdp_config` (teacher sharded for inference)
+  ZeRO-3 2 GPUs     `deepspeed: deepspeed_configs/zero3.json`
 The two 1-GPU rows run at the same time, one per GPU; the others one after another.
 tokens/s = scored completion tokens of all processes / step wall time (the gap between log
 lines, as bench_cli); peak GiB = process 0's max allocated over all steps; "vs 1 GPU" divides
@@ -43,10 +43,10 @@ HF = {"gold_generation_engine": "hf"}
 # name -> (YAML keys, CUDA_VISIBLE_DEVICES, the 1-GPU row it is compared with, phase)
 ROWS = {
     "1 GPU": ({}, "0", "1 GPU", 0),
-    "1 GPU, hf engine": (HF, "1", "1 GPU, hf engine", 0),
-    "DDP, 2 GPUs": ({}, "0,1", "1 GPU", 1),
-    "FSDP2, 2 GPUs": (FSDP2, "0,1", "1 GPU, hf engine", 2),
-    "ZeRO-3, 2 GPUs": ({**ZERO3, **HF}, "0,1", "1 GPU, hf engine", 3),
+    "1 GPU hf engine": (HF, "1", "1 GPU hf engine", 0),
+    "DDP 2 GPUs": ({}, "0,1", "1 GPU", 1),
+    "FSDP2 2 GPUs": (FSDP2, "0,1", "1 GPU hf engine", 2),
+    "ZeRO-3 2 GPUs": ({**ZERO3, **HF}, "0,1", "1 GPU hf engine", 3),
 }
 
 

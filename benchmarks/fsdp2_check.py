@@ -103,21 +103,30 @@ def shard_student(model, mesh, mp_policy=None):
     return model
 
 
+def gather_name() -> str:
+    """The ``torch.distributed`` function FSDP2's all-gather calls in this torch."""
+    import torch.distributed as dist
+
+    return "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+
+
 class GatherCounter:
-    """Counts FSDP2's all-gathers (``dist.all_gather_single``) while enabled."""
+    """Counts FSDP2's all-gathers (``dist.all_gather_single`` from torch 2.13, before it
+    ``dist.all_gather_into_tensor``) while enabled."""
 
     def __init__(self):
         import torch.distributed as dist
 
         self.count, self.enabled = 0, False
-        self._orig = dist.all_gather_single
+        name = gather_name()
+        self._orig = getattr(dist, name)
 
         def counted(*args, **kwargs):
             if self.enabled:
                 self.count += 1
             return self._orig(*args, **kwargs)
 
-        dist.all_gather_single = counted
+        setattr(dist, name, counted)
 
     @contextlib.contextmanager
     def counting(self):

@@ -19,14 +19,15 @@ for what in "$@"; do
   case $what in
     tests)
       python3 tests/real_shapes.py /tmp/real_shapes > "$OUT/real_shapes.txt" 2>&1 || tail -20 "$OUT/real_shapes.txt"
-      GOLD_TEST_REPORT="$OUT/figures.txt" GOLD_REAL_SHAPE_MODELS=/tmp/real_shapes timeout "${GOLD_2GPU_TESTS_S:-500}" python3 -m pytest -q -s -n 8 \
-        -p no:cacheprovider -rs --basetemp=/tmp/t2 tests/test_fsdp2_gpu.py tests/test_zero3_gpu.py > "$OUT/tests.log" 2>&1
+      GOLD_TEST_REPORT="$OUT/figures.txt" GOLD_REAL_SHAPE_MODELS=/tmp/real_shapes timeout "${GOLD_2GPU_TESTS_S:-500}" python3 -m pytest -v -n 8 \
+        -k "${GOLD_2GPU_TESTS_K:-.}" -p no:cacheprovider -rs --basetemp=/tmp/t2 tests/test_fsdp2_gpu.py tests/test_zero3_gpu.py > "$OUT/tests.log" 2>&1
       echo "pytest exit $?"
       cat "$OUT/figures.txt" 2>/dev/null
-      grep -E "^(FAILED|ERROR)|passed|failed|Error:" "$OUT/tests.log" | tail -30
+      grep -E "PASSED|FAILED|ERROR|passed|failed|Error:" "$OUT/tests.log" | tail -30
       ;;
     bench)
       timeout "${GOLD_2GPU_BENCH_S:-500}" python3 benchmarks/bench_multi_gpu.py --completion "${GOLD_2GPU_COMPLETION:-256}" \
+        ${GOLD_2GPU_ROWS:+--rows "$GOLD_2GPU_ROWS"} \
         --warmup 1 --steps 2 --workdir /tmp/mgpu --json "$OUT/bench_multi_gpu.json" > "$OUT/bench_multi_gpu.txt" 2>&1
       grep -E "^\||^student|Error|error" "$OUT/bench_multi_gpu.txt" | tail -30
       ;;
