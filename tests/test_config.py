@@ -73,6 +73,11 @@ def test_zero3_config_is_accepted(tiny_pair, tmp_path):
             {"deepspeed": {"zero_optimization": {"stage": 3}}, "gold_generation_engine": "static"},
             r"`gold_generation_engine: hf`",
         ),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 3}}, "adapter": "lora", "lora_r": 4,
+             "lora_alpha": 8, "lora_target_linear": True, "val_set_size": 0.25},
+            r"evaluating a `adapter: lora` student under ZeRO-3.*`eval_strategy: \"no\"`",
+        ),
         ({"loss_temperature": 0.0}, r"`loss_temperature` must be > 0"),
         ({"gold_rollout_compile": True, "gold_generation_engine": "hf"}, r"`gold_generation_engine: hf`.*remove `gold_rollout_compile`"),
         ({"gold_rollout_compile": True, "use_vllm": True}, r"`use_vllm: true`.*remove `gold_rollout_compile`"),

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from axolotl_run import gold_config, run_train, windows
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
@@ -77,3 +78,20 @@ def test_axolotl_train_under_zero3_runs(tiny_pair, tmp_path):
     assert (out / "model.safetensors").exists()  # ZeRO-3 gathers the weights to save
     logged = (out / "gold_completions.jsonl").read_text().splitlines()
     assert len(logged) == 4  # the main process's window: micro batch 2 x accumulation 2
+
+
+def test_axolotl_train_lora_under_zero3_without_eval(tiny_pair, tmp_path):
+    """A LoRA student under ZeRO-3 trains on-policy and saves its adapter (evaluating it
+    is refused at validation: it failed in DeepSpeed's parameter trace). Axolotl's LoRA
+    kernels are CUDA-only: off on the CPU."""
+    cfg = gold_config(
+        tiny_pair, tmp_path, deepspeed=str(ZERO3), lmbda=1.0, max_steps=2, save_steps=2,
+        adapter="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_linear=True,
+        lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False,
+    )
+    out = run_train(cfg, tmp_path, num_processes=2)
+    records = windows(out)
+    assert [r["engine_calls"] for r in records] == [1, 1]
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert saved and all("lora_" in k for k in saved)
+    assert any(bool(v.abs().sum() > 0) for k, v in saved.items() if "lora_B" in k)  # it learned

@@ -51,15 +51,18 @@ def test_zero3_gradient_matches_one_gpu(real_shape_pairs, tmp_path, loss):
 @pytest.mark.parametrize("adapter", ["full", "lora"])
 def test_zero3_on_policy_run(real_shape_pairs, tmp_path, adapter):
     pair = real_shape_pairs["same"]
+    # evaluating a LoRA student under ZeRO-3 is refused (DeepSpeed's parameter trace)
+    evaluation = dict(val_set_size=0.25, eval_strategy="steps", eval_steps=2) if adapter == "full" else {}
     cfg = gold_config(
-        pair, tmp_path, **OVERRIDES, lmbda=1.0, max_steps=2, save_steps=2, val_set_size=0.25,
-        eval_strategy="steps", eval_steps=2, **ZERO3_KEYS, **(LORA if adapter == "lora" else {}),
+        pair, tmp_path, **OVERRIDES, lmbda=1.0, max_steps=2, save_steps=2, **evaluation,
+        **ZERO3_KEYS, **(LORA if adapter == "lora" else {}),
     )
     out = run_train(cfg, tmp_path, num_processes=2)
     records = windows(out)
     assert [r["step"] for r in records] == [0, 1]
     assert all(r["engine_calls"] == 1 and r["scored_tokens"] > 0 for r in records)
-    assert any("eval_loss" in h for h in log_history(out, 2))
+    if evaluation:
+        assert any("eval_loss" in h for h in log_history(out, 2))
     before, after = weights(pair["student"]), weights(out)
     if adapter == "full":
         assert set(after) == set(before)  # ZeRO-3 gathers the full weights to save

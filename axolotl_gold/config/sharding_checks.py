@@ -26,6 +26,19 @@ def validate_zero3(data: dict) -> None:
             "vision-language students (`processor_type`) are not supported with ZeRO-3 yet: "
             "use ZeRO-1/2 or DDP."
         )
+    if data.get("adapter") and evaluates(data):
+        raise GoldConfigError(
+            f"evaluating a `adapter: {data['adapter']}` student under ZeRO-3 is not supported yet: "
+            "the first evaluation fails inside DeepSpeed's parameter trace (\"pop from an empty "
+            "deque\"; training itself runs). Set `eval_strategy: \"no\"` (or `val_set_size: 0` "
+            "and no `test_datasets`), or train the adapter with FSDP2 (`fsdp_version: 2`) or DDP."
+        )
+
+
+def evaluates(data: dict) -> bool:
+    """Whether a YAML's run evaluates: an evaluation split and a strategy other than no."""
+    has_split = float(data.get("val_set_size") or 0) > 0 or bool(data.get("test_datasets"))
+    return has_split and str(data.get("eval_strategy") or "steps").lower() != "no"
 
 
 def fsdp_version(data: dict) -> int | None:
