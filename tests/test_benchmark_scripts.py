@@ -128,3 +128,20 @@ def test_profile_student_step_times_every_stage(tmp_path):
     assert compiled["dynamo graphs"] >= 1 and compiled["first step"] > 0
     assert chunked["dynamo graphs"] == 0 and chunked["model backward"] > 0
     assert "top 25" in stdout and "aten::mm" in stdout  # CPU: ops by self time
+
+
+def test_bench_multi_gpu_runs_its_one_gpu_rows_and_writes_each_strategy(tmp_path):
+    """On the CPU only the 1-GPU rows run (together, as on the 2-GPU machine); each row's
+    YAML carries its strategy's keys."""
+    out = tmp_path / "multi.json"
+    stdout = _run(["benchmarks/bench_multi_gpu.py", "--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
+                   "--rows", "1 GPU,1 GPU hf engine", "--cache-dir", str(tmp_path / "models"),
+                   "--workdir", str(tmp_path / "work"), "--json", str(out)], tmp_path)
+    rows = json.loads(out.read_text())
+    assert set(rows) == {"1 GPU", "1 GPU hf engine"}
+    assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows.values()), rows
+    assert "gold_generation_engine: hf" in (tmp_path / "work" / "1_GPU_hf_engine" / "cfg.yaml").read_text()
+    assert "gold_generation_engine" not in (tmp_path / "work" / "1_GPU" / "cfg.yaml").read_text()
+    assert [r[3] for r in _table_rows(stdout, "1 GPU")] == ["1.00x", "1.00x"]  # each its own baseline
+    with pytest.raises(AssertionError, match="unknown"):
+        _run(["benchmarks/bench_multi_gpu.py", "--rows", "8 GPUs"], tmp_path)
