@@ -83,9 +83,9 @@ def test_axolotl_train_under_zero3_runs(tiny_pair, tmp_path):
 def test_axolotl_train_lora_under_zero3_without_eval(tiny_pair, tmp_path):
     """A LoRA student under ZeRO-3 trains on-policy and saves a learned adapter (evaluating
     it is refused at validation: it failed in DeepSpeed's parameter trace). Axolotl's LoRA
-    kernels are CUDA-only: off on the CPU. Up to 3 attempts, as above: on CPU processes
-    DeepSpeed now and then loses an update (seen once in CI: lora_B all zeros; 3 of 3 local
-    runs learned)."""
+    kernels are CUDA-only: off on the CPU. Up to 3 attempts, as above: one CI run saved an
+    adapter with lora_B all zeros (cause not established: DeepSpeed's CPU runs are known to
+    lose a rank's state now and then; 3 of 3 local runs learned)."""
     failures = []
     for attempt in range(3):
         workdir = tmp_path / f"attempt{attempt}"
