@@ -8,6 +8,9 @@ The 0.5B-shaped student of ``bench_vs_reference.py`` (Qwen2: 24 layers, hidden 8
 
 - the engine's whole call per token step (prefill included), forced to full length;
 - the captured decode graph replayed alone (the model's forward for one token);
+- one layer's decode attention alone, captured, the cache filled to its middle: the Triton
+  kernel (``decode_kernel.py``) against the tensor version (``--attention`` picks which
+  of the two the engine rows use; both by default);
 - the per-token sampling alone (temperature, top-p, the inverse-CDF draw), captured as a
   CUDA graph: the sort-free kernels against one sort + the tensor CDF;
 - the lm_head matmul alone, and the weight-read floor (bytes of weights and KV cache
@@ -42,6 +45,8 @@ def parse_args(argv=None):
                    help="also the engine with compile_decode (torch.compile of the decode step, captured)")
     p.add_argument("--only-compile", action="store_true",
                    help="the engine with compile_decode alone (no HF sdpa / grouped eager engine rows)")
+    p.add_argument("--attention", choices=("both", "kernel", "tensor"), default="both",
+                   help="grouped decode attention: the Triton kernel (decode_kernel.py), the tensor version, or a row each")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -106,6 +111,32 @@ def replay_ms(graph, cache, decode, width: int, new: int) -> float:
     return (time.perf_counter() - start) * 1e3 / steps
 
 
+def attention_rows(rows, args, total: int) -> None:
+    """One layer's decode attention, captured: the kernel against the tensor version, over
+    a cache of ``total`` columns whose first half (prompt and tokens so far) is attended."""
+    from axolotl_gold.rollouts.engines.decode_attention import grouped_decode_attention
+    from axolotl_gold.rollouts.engines.decode_kernel import flash_decode
+
+    dim = args.hidden // args.heads
+    q = torch.randn(args.batch, args.heads, 1, dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(args.batch, args.kv_heads, total, dim, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+    mask = torch.zeros(args.batch, 1, 1, total, dtype=torch.bool, device="cuda")
+    mask[..., : total // 2] = True
+    scale = dim ** -0.5
+    for name, fn in (("Triton kernel", flash_decode), ("tensor version", grouped_decode_attention)):
+        rows[f"one layer's decode attention, cache half filled, {name}, captured, ms"] = graph_timed(
+            lambda: fn(q, k, v, mask, scale), 200)
+    difference = (flash_decode(q, k, v, mask, scale).float() - grouped_decode_attention(q, k, v, mask, scale).float())
+    rows["one layer's decode attention, max |kernel - tensor version|"] = difference.abs().max().item()
+
+
+def variant_label(grouped: bool, compiled: bool, kernel: bool) -> str:
+    if not grouped:
+        return "HF sdpa (repeat_kv)"
+    name = "grouped, Triton kernel" if kernel else "grouped, tensor version"
+    return name + (" + torch.compile" if compiled else "")
+
+
 def build(args):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -133,24 +164,26 @@ def main(argv=None) -> dict:
     prompts = [torch.randint(0, vocab - 10, (args.prompt,), generator=g).tolist() for _ in range(args.batch)]
     rows = _Rows()
 
-    variants = [(False, False), (True, False)] + ([(True, True)] if args.compile else [])
+    kernels = {"both": (False, True), "kernel": (True,), "tensor": (False,)}[args.attention]
+    compiled_rows = [(True, True, k) for k in kernels]
+    variants = [(False, False, False)] + [(True, False, k) for k in kernels] + (compiled_rows if args.compile else [])
     if args.only_compile:
-        variants = [(True, True)]
-    for grouped, compiled in variants:
+        variants = compiled_rows
+    for grouped, compiled, kernel in variants:
         engine = StaticCacheEngine(
             lambda: model, sampling, pad, {eos}, min_new_tokens=args.new, grouped_attention=grouped,
-            compile_decode=compiled,
+            decode_kernel=kernel, compile_decode=compiled,
         )
         with torch.no_grad():
             start = time.perf_counter()
             engine.generate(prompts, seed=0)  # warm-up (allocator, kernels; the compile)
             torch.cuda.synchronize()
+            label = variant_label(grouped, compiled, kernel)
             if compiled:
-                rows["first engine call with torch.compile, s (compiles once per shape)"] = time.perf_counter() - start
+                rows[f"first engine call, s (compiles once per shape), {label}"] = time.perf_counter() - start
             start = time.perf_counter()
             engine.generate(prompts, seed=1)
             torch.cuda.synchronize()
-        label = ("grouped + torch.compile" if compiled else "grouped attention") if grouped else "HF sdpa (repeat_kv)"
         rows[f"engine call, ms per token step, {label}"] = (time.perf_counter() - start) * 1e3 / args.new
 
     # the decode forward alone: a captured graph replayed
@@ -158,15 +191,16 @@ def main(argv=None) -> dict:
         width, total = args.prompt, args.prompt + args.new
         ids = torch.tensor(prompts, device="cuda")
         mask = torch.ones_like(ids)
-        for grouped, compiled in variants:
-            decode = DecodeStep(model, args.batch, total, "cuda", grouped)
+        for grouped, compiled, kernel in variants:
+            decode = DecodeStep(model, args.batch, total, "cuda", grouped, kernel)
             decode.start(mask)
             model(input_ids=ids, attention_mask=mask, past_key_values=decode.cache, use_cache=True, logits_to_keep=1)
             rewind(decode.cache, decode, width)
             _, graph, _ = engine._first_step_and_capture(CompiledStep(decode) if compiled else decode)
-            label = ("grouped + torch.compile" if compiled else "grouped attention") if grouped else "HF sdpa (repeat_kv)"
+            label = variant_label(grouped, compiled, kernel)
             rows[f"decode graph replay (forward), ms, {label}"] = replay_ms(graph, decode.cache, decode, width, args.new)
             del graph, decode
+        attention_rows(rows, args, total)
         logits = torch.randn(args.batch, vocab, device="cuda", dtype=torch.bfloat16)
         seeds = row_seeds(0, torch.arange(args.batch, device="cuda"))
         uniforms = row_uniforms(seeds, 3)
@@ -210,17 +244,25 @@ def main(argv=None) -> dict:
 
         from torch.profiler import ProfilerActivity, profile
 
-        eager = DecodeStep(model, args.batch, total, "cuda")
-        eager.start(mask)
-        model(input_ids=ids, attention_mask=mask, past_key_values=eager.cache, use_cache=True, logits_to_keep=1)
+        # the kernels of 10 decode steps, not captured (device times; launch gaps excluded):
+        # compiled as the engine runs them when any compiled variant ran, else eager
+        grouped, compiled, kernel = variants[-1]
+        decode = DecodeStep(model, args.batch, total, "cuda", grouped, kernel)
+        decode.start(mask)
+        model(input_ids=ids, attention_mask=mask, past_key_values=decode.cache, use_cache=True, logits_to_keep=1)
+        step = CompiledStep(decode) if compiled else decode
         for _ in range(3):
-            eager()
-        torch.cuda.synchronize()  # 13 eager steps in all: well inside the cache
+            step()
+        torch.cuda.synchronize()  # 13 steps in all: well inside the cache
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
-                eager()
+                step()
             torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="device_time_total", row_limit=15))
+        averages = prof.key_averages()
+        rows[f"kernels' device time per decode step (not captured), ms, {variant_label(grouped, compiled, kernel)}"] = (
+            sum(e.self_device_time_total for e in averages) / 10 / 1e3)
+        rows["kernel launches per decode step"] = sum(e.count for e in averages) / 10
+    print(averages.table(sort_by="self_device_time_total", row_limit=25))
     width_name = max(map(len, rows))
     print(f"\n| {'measure'.ljust(width_name)} | value |\n| {'-' * width_name} | ----- |")
     for name, value in rows.items():

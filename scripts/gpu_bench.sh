@@ -5,6 +5,8 @@
 #   nucleus  benchmarks/bench_nucleus.py (the sort-free top-p kernels per setting)
 #   student  benchmarks/profile_student_step.py --variants --torch-profile
 #   ragged   benchmarks/bench_vs_reference.py --ragged --skip-reference --variants ours-fast
+#   kernels  the rollout engine's CUDA unit tests (decode attention kernel, static engine, sampling)
+#   decode   benchmarks/profile_decode.py --only-compile (0.5B shape: Triton / tensor attention)
 #   decode360  benchmarks/profile_decode.py --only-compile at SmolLM2-360M's shape
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_bench_out}
@@ -13,6 +15,16 @@ tar -xf .clean/head.tar -C /tmp/clean && cp -r .assets .axsite /tmp/clean/ && cd
 bash scripts/device_bin.sh > /dev/null 2>&1
 export PYTHONPATH=/tmp/axsite:$PWD
 want=",${GOLD_BENCH:-nucleus,student,ragged,decode360},"
+if [[ $want == *,kernels,* ]]; then
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_decode_kernel.py tests/test_static_engine.py \
+    tests/test_decode_attention.py tests/test_nucleus_sampling.py -k "not interpreter" > "$OUT/cuda_tests.txt" 2>&1
+  tail -8 "$OUT/cuda_tests.txt"
+fi
+if [[ $want == *,decode,* ]]; then
+  timeout 240 python3 benchmarks/profile_decode.py --only-compile --json "$OUT/profile_decode.json" \
+    > "$OUT/profile_decode.txt" 2>&1
+  grep "^|" "$OUT/profile_decode.txt" || tail -20 "$OUT/profile_decode.txt"
+fi
 if [[ $want == *,nucleus,* ]]; then
   python3 benchmarks/bench_nucleus.py --json "$OUT/bench_nucleus.json" 2>&1 | grep "^|"
 fi
@@ -27,7 +39,7 @@ if [[ $want == *,ragged,* ]]; then
   grep "^|" "$OUT/ragged.txt" || tail -20 "$OUT/ragged.txt"
 fi
 if [[ $want == *,decode360,* ]]; then
-  timeout 150 python3 benchmarks/profile_decode.py --only-compile --layers 32 --hidden 960 --heads 15 \
+  timeout 240 python3 benchmarks/profile_decode.py --only-compile --layers 32 --hidden 960 --heads 15 \
     --kv-heads 5 --intermediate 2560 --vocab 49152 --json "$OUT/profile_decode_360m.json" \
     > "$OUT/profile_decode_360m.txt" 2>&1
   grep "^|" "$OUT/profile_decode_360m.txt" || tail -20 "$OUT/profile_decode_360m.txt"

@@ -10,6 +10,11 @@ cached key and value is read once::
     q [B, H, 1, D] -> [B, Hkv, H/Hkv, D];  scores = q @ K^T [B, Hkv, H/Hkv, L]
     scores and softmax in float32 (as SDPA's kernels), then @ V -> [B, 1, H, D]
 
+On CUDA with a boolean mask (sdpa models) the same attention runs as two Triton
+launches instead (``decode_kernel.flash_decode``: the cache read once in its own dtype,
+only the blocks the mask lets through); ``kernel=False`` keeps the tensor version, which
+also serves the CPU and the eager implementation's additive masks.
+
 It is installed only around the static engine's decode step (``grouped_decode``) for
 models that read HF's attention interface; anything it does not serve (more than one
 query token, soft-capping, attention sinks) goes to the implementation it replaced.
@@ -21,6 +26,8 @@ import contextlib
 import sys
 
 import torch
+
+from axolotl_gold.rollouts.engines import decode_kernel
 
 _UNSERVED_KWARGS = ("softcap", "s_aux", "sinks")
 
@@ -67,38 +74,41 @@ def grouped_decode_attention(
 _WRAPPED: dict = {}
 
 
-def _wrap(original):
-    """The grouped attention in front of ``original``: one object per ``original``, so a
-    compiled decode step (which guards on the function it finds) is not recompiled."""
-    if original not in _WRAPPED:
-        _WRAPPED[original] = _make_wrapper(original)
-    return _WRAPPED[original]
+def _wrap(original, kernel: bool):
+    """The grouped attention in front of ``original``: one object per (``original``,
+    ``kernel``), so a compiled decode step (which guards on the function it finds) is not
+    recompiled."""
+    if (original, kernel) not in _WRAPPED:
+        _WRAPPED[original, kernel] = _make_wrapper(original, kernel)
+    return _WRAPPED[original, kernel]
 
 
-def _make_wrapper(original):
+def _make_wrapper(original, kernel: bool):
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         served = query.shape[2] == 1 and not any(kwargs.get(k) is not None for k in _UNSERVED_KWARGS)
         if not served:
             fallback = original or sys.modules[type(module).__module__].eager_attention_forward
             return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if kernel and decode_kernel.available(query, key, attention_mask):
+            return decode_kernel.flash_decode(query, key, value, attention_mask, scale), None
         return grouped_decode_attention(query, key, value, attention_mask, scale), None
 
     return attention
 
 
 @contextlib.contextmanager
-def grouped_decode(model):
+def grouped_decode(model, kernel: bool = True):
     """Within the block, the model's attention implementation (sdpa or eager) is the
     grouped decode attention above for one-token queries (a local override of HF's
-    attention interface, removed on exit)."""
+    attention interface, removed on exit); ``kernel``: the Triton version where it serves."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     config = model.config.get_text_config(decoder=True)
     name = getattr(config, "_attn_implementation", None) or "eager"
     local = ALL_ATTENTION_FUNCTIONS._local_mapping
     had_local, before = name in local, local.get(name)
-    ALL_ATTENTION_FUNCTIONS[name] = _wrap(ALL_ATTENTION_FUNCTIONS.get(name))
+    ALL_ATTENTION_FUNCTIONS[name] = _wrap(ALL_ATTENTION_FUNCTIONS.get(name), kernel)
     try:
         yield
     finally:

@@ -33,8 +33,8 @@ class DecodeStep:
     token being fed, counted from 0 at the first generated token) advances inside.
     """
 
-    def __init__(self, model, batch: int, total: int, device, grouped: bool = True):
-        self.model, self.total, self.grouped = model, total, grouped
+    def __init__(self, model, batch: int, total: int, device, grouped: bool = True, kernel: bool = True):
+        self.model, self.total, self.grouped, self.kernel = model, total, grouped, kernel
         self.cache = static_cache(model.config, total)
         self.base_mask = torch.zeros((batch, 1, 1, total), dtype=torch.bool, device=device)
         self.columns = torch.arange(total, device=device)
@@ -54,8 +54,13 @@ class DecodeStep:
         self.step.zero_()
 
     def __call__(self) -> torch.Tensor:
-        with grouped_decode(self.model) if self.grouped else contextlib.nullcontext():
+        with self.attention():
             return decode_forward(self)
+
+    def attention(self):
+        """The context the forward runs in: the grouped decode attention (its Triton
+        kernel where it serves, unless ``kernel`` is False), or HF's own."""
+        return grouped_decode(self.model, self.kernel) if self.grouped else contextlib.nullcontext()
 
     def compact(self, keep: torch.Tensor) -> None:
         """Only rows ``keep`` go on (new, smaller buffers); a captured graph of the old
@@ -111,9 +116,8 @@ class CompiledStep:
         self.decode = decode
 
     def __call__(self) -> torch.Tensor:
-        decode = self.decode
-        with grouped_decode(decode.model) if decode.grouped else contextlib.nullcontext():
-            return compiled_decode_forward()(decode)
+        with self.decode.attention():
+            return compiled_decode_forward()(self.decode)
 
 
 class RowState:

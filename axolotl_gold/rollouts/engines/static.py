@@ -11,7 +11,9 @@ as one CUDA graph and replayed:
   in the dtype attention computes in (``static_support``); its write position is a
   device tensor that the step itself advances;
 - decode attention reads each cached KV head once (``decode_attention``: HF's sdpa
-  path copies every KV head per query head whenever a mask is given);
+  path copies every KV head per query head whenever a mask is given), on CUDA in two
+  Triton launches that read only the columns filled so far (``decode_kernel``;
+  ``decode_kernel=False`` keeps the tensor version);
 - the attention mask is a 4D ``[B, 1, 1, L]`` mask built on the device from the
   prompt's padding and a device step counter (HF passes a 4D mask through unchanged,
   so it is built in the form the attention implementation reads);
@@ -110,11 +112,13 @@ class StaticCacheEngine(HFGenerateEngine):
         eos_check_every: int = 32,
         use_cuda_graph: bool | None = None,
         grouped_attention: bool = True,
+        decode_kernel: bool = True,
         compact_finished: bool = True,
         compile_decode: bool = False,
     ):
         super().__init__(get_model, sampling, pad_id, eos_ids, batch_size, min_new_tokens)
         self.grouped_attention = grouped_attention
+        self.decode_kernel = decode_kernel
         self.compact_finished = compact_finished
         self.compile_decode = compile_decode
         self.compactions = 0
@@ -150,14 +154,14 @@ class StaticCacheEngine(HFGenerateEngine):
     def _decode_step(self, model, batch: int, total: int, device) -> DecodeStep:
         """A fresh step, or (compiled) the bucket's kept one."""
         if not self._compiling(device):
-            return DecodeStep(model, batch, total, device, self.grouped_attention)
+            return DecodeStep(model, batch, total, device, self.grouped_attention, self.decode_kernel)
         key = (id(model), batch, total)
         if key not in self._steps:
             if any(k[0] != id(model) for k in self._steps):
                 self._steps.clear()  # another model: its buffers and compiled shapes go
             LOG.info("gold: compiling the decode step for %d rows x %d cache columns (once per shape)",
                      batch, total)
-            self._steps[key] = DecodeStep(model, batch, total, device, self.grouped_attention)
+            self._steps[key] = DecodeStep(model, batch, total, device, self.grouped_attention, self.decode_kernel)
         return self._steps[key]
 
     def _generate_chunk(self, model, prompts, device, seeds) -> list[list[int]]:
