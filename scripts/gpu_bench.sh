@@ -17,7 +17,7 @@ export PYTHONPATH=/tmp/axsite:$PWD
 want=",${GOLD_BENCH:-nucleus,student,ragged,decode360},"
 if [[ $want == *,kernels,* ]]; then
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_decode_kernel.py tests/test_static_engine.py \
-    tests/test_decode_attention.py tests/test_nucleus_sampling.py -k "not interpreter" > "$OUT/cuda_tests.txt" 2>&1
+    tests/test_decode_attention.py tests/test_nucleus_sampling.py -k "${GOLD_KERNEL_TESTS_K:-not interpreter}" > "$OUT/cuda_tests.txt" 2>&1
   tail -8 "$OUT/cuda_tests.txt"
 fi
 if [[ $want == *,decode,* ]]; then
@@ -39,7 +39,8 @@ if [[ $want == *,ragged,* ]]; then
   grep "^|" "$OUT/ragged.txt" || tail -20 "$OUT/ragged.txt"
 fi
 if [[ $want == *,decode360,* ]]; then
-  timeout 240 python3 benchmarks/profile_decode.py --only-compile --layers 32 --hidden 960 --heads 15 \
+  timeout 240 python3 benchmarks/profile_decode.py --only-compile --attention "${GOLD_DECODE360_ATTENTION:-both}" \
+    --layers 32 --hidden 960 --heads 15 \
     --kv-heads 5 --intermediate 2560 --vocab 49152 --json "$OUT/profile_decode_360m.json" \
     > "$OUT/profile_decode_360m.txt" 2>&1
   grep "^|" "$OUT/profile_decode_360m.txt" || tail -20 "$OUT/profile_decode_360m.txt"

@@ -132,16 +132,29 @@ def test_served_inputs():
     assert decode_kernel.split_columns(40) == 64
 
 
+@pytest.mark.skipif(INTERPRETING or not torch.cuda.is_available(), reason="torch.compile of Triton calls needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_under_torch_compile_equals_the_eager_call(dtype):
+    """Inductor hands a Python float to the kernel as float64 (it once reached tl.dot so)."""
+    q, k, v, mask = _inputs(4, 14, 2, 300, 64, dtype, "cuda", seed=4)
+    compiled = torch.compile(lambda q, k, v, mask: decode_kernel.flash_decode(q, k, v, mask, 0.125), dynamic=False)
+    torch.testing.assert_close(compiled(q, k, v, mask), decode_kernel.flash_decode(q, k, v, mask, 0.125),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
-def test_static_engine_with_the_kernel_matches_generate(device, monkeypatch):
-    """Greedy output of the static engine, the kernel serving its decode steps, equals HF
-    ``generate`` (and the kernel did serve them)."""
+def test_static_engine_with_the_kernel_matches_generate(device, compiled, monkeypatch):
+    """Greedy output of the static engine, the kernel serving its decode steps (eager, or
+    compiled and captured on CUDA), equals HF ``generate`` (and the kernel did serve them)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from axolotl_gold.rollouts.engines.base import SamplingSettings
     from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
     from axolotl_gold.rollouts.engines.static import StaticCacheEngine
 
+    if compiled and device != "cuda":
+        pytest.skip("torch.compile of the decode step is CUDA-only")
     torch.manual_seed(0)
     config = Qwen2Config(
         vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -157,6 +170,6 @@ def test_static_engine_with_the_kernel_matches_generate(device, monkeypatch):
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 9, 1, 7)]
     greedy = SamplingSettings(max_new_tokens=20, temperature=0.0)
     expected = HFGenerateEngine(lambda: model, greedy, 0, {1}).generate(prompts, seed=0)
-    engine = StaticCacheEngine(lambda: model, greedy, 0, {1}, use_cuda_graph=False)
+    engine = StaticCacheEngine(lambda: model, greedy, 0, {1}, use_cuda_graph=compiled, compile_decode=compiled)
     assert engine.generate(prompts, seed=0) == expected
-    assert calls and len(calls) % 2 == 0  # both layers of each decode step
+    assert calls and len(calls) % 2 == 0  # both layers of each decode step (traced once when compiled)

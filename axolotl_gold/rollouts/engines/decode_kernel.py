@@ -108,7 +108,8 @@ if triton is not None:
                 kv_mask = attend[:, None] & d_in[None, :]
                 k = tl.load(k_base + cols[:, None] * skl + d[None, :] * skd, mask=kv_mask, other=0.0)
                 s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-                s = tl.where(attend[None, :], s * scale, float("-inf"))
+                # (under torch.compile a Python float arrives as float64: back to float32)
+                s = tl.where(attend[None, :], (s * scale).to(tl.float32), float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 alpha = tl.exp(m_i - m_new)
                 p = tl.exp(s - m_new[:, None])
