@@ -16,7 +16,9 @@ in its own process, all with the same OMP_NUM_THREADS (accelerate's default, 1):
 `axolotl train`'s step time is the gap between consecutive per-step log lines on its stdout
 (logging reads the loss with .item(), so it is device-synced): --warmup must be >= 1.
 Generation, teacher and peak memory are the trainer's logs (gold/time_generation_s,
-gold/time_teacher_s, max of gold/peak_memory_gib over all steps), tokens gold/scored_tokens
+gold/time_teacher_s, max of gold/peak_memory_gib over all steps; on CUDA a second table of
+gold/memory_at_window_gib, gold/peak_generation_gib and the step peak beside the plain
+loop's same marks: which stage sets the peak), tokens gold/scored_tokens
 (else gold_windows.jsonl). On every row: tokens/s = scored completion tokens / step wall
 time, student = step - generation - teacher (student forward + backward, loss, optimizer),
 means over the --steps measured steps.
@@ -308,7 +310,8 @@ def train(path: Path, work: Path, cuda: bool, min_new_tokens: int, warmup: int, 
         entry = logs[i]
         records.append({"step": stamps[i] - stamps[i - 1], "generation": entry["gold/time_generation_s"],
                         "teacher": entry["gold/time_teacher_s"], "tokens": entry["gold/scored_tokens"],
-                        "logged_student": entry.get("gold/time_student_s")})
+                        "logged_student": entry.get("gold/time_student_s"),
+                        **{mark: entry[key] for mark, key in LOGGED_MARKS.items() if key in entry}})
     peaks = [e["gold/peak_memory_gib"] for e in logs if "gold/peak_memory_gib" in e]
     row = summarize(records)
     row["peak_gib"] = max(peaks) if peaks else None  # every step, warm-up included
@@ -317,12 +320,21 @@ def train(path: Path, work: Path, cuda: bool, min_new_tokens: int, warmup: int, 
     return row
 
 
+# the trainer's per-step memory logs, under bench_setup.MemoryMarks' names
+LOGGED_MARKS = {"at_window_gib": "gold/memory_at_window_gib", "peak_generation_gib": "gold/peak_generation_gib",
+                "peak_step_gib": "gold/peak_memory_gib"}
+
+
 def summarize(records: list[dict]) -> dict:
     mean = lambda key: sum(r[key] for r in records) / len(records)  # noqa: E731
     step, gen, teacher, tokens = mean("step"), mean("generation"), mean("teacher"), mean("tokens")
-    return {"step_s": step, "generation_s": gen, "teacher_s": teacher, "student_s": step - gen - teacher,
-            "tokens_per_step": tokens, "tokens_per_s": tokens / step if step > 0 else 0.0,
-            "all_steps_s": [round(r["step"], 3) for r in records]}
+    row = {"step_s": step, "generation_s": gen, "teacher_s": teacher, "student_s": step - gen - teacher,
+           "tokens_per_step": tokens, "tokens_per_s": tokens / step if step > 0 else 0.0,
+           "all_steps_s": [round(r["step"], 3) for r in records]}
+    for mark in LOGGED_MARKS:
+        if all(mark in r for r in records):
+            row[mark] = mean(mark)
+    return row
 
 
 # ---------------------------------------------------------------- table and driver
@@ -354,6 +366,13 @@ def table(rows: list[tuple[str, dict]], own, args) -> str:
             f"| {name} | {r['tokens_per_s']:.0f} | {r['generation_s']:.2f} | {r['teacher_s']:.2f} | {r['student_s']:.2f} "
             f"| {r['step_s']:.2f} | {r['tokens_per_step'] / window:.1f} | {fmt(r.get('peak_gib'))} | {ratio} |"
         )
+    if any("peak_step_gib" in r for _, r in rows):
+        lines += ["", "| run | allocated at window start GiB | peak through generation GiB | step peak GiB |",
+                  "| --- | ---: | ---: | ---: |"]
+        for name, r in rows:
+            if "peak_step_gib" in r:
+                lines.append(f"| {name} | {fmt(r.get('at_window_gib'))} | {fmt(r.get('peak_generation_gib'))} "
+                             f"| {fmt(r.get('peak_step_gib'))} |")
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from bench_setup import Timers, build_models, build_prompts, special_ids, summarize
+from bench_setup import MemoryMarks, Timers, build_models, build_prompts, special_ids, summarize
 
 
 class Ours:
@@ -84,18 +84,22 @@ def run_ours(args, variant: str) -> dict:
     total_steps = args.warmup + args.steps
     prompts = build_prompts(args, window * total_steps)
     records = []
+    memory = MemoryMarks(device)
     for step in range(total_steps):
         timers.reset()
         timers.sync()
+        marks = memory.start()
         start = time.perf_counter()
         prepared = ours.prepare(prompts[step * window : (step + 1) * window], step)
         timers.generation = prepared.generation_seconds  # generate() ends on .tolist(): synced
+        marks.update(memory.peak("peak_generation_gib"))
         summed, _tokens = ours.train(prepared)
         timers.sync()
         elapsed = time.perf_counter() - start
+        marks.update(memory.peak("peak_step_gib"))
         lengths = prepared.window.completion_lengths()
         records.append({"step": elapsed, "generation": timers.generation, "teacher": timers.teacher,
-                        "tokens": prepared.local_tokens, "lengths": lengths})
+                        "tokens": prepared.local_tokens, "lengths": lengths, **marks})
         print(f"[{variant}] step {step}: {elapsed:.2f} s, generation {timers.generation:.2f} s, "
               f"teacher {timers.teacher:.2f} s, tokens {prepared.local_tokens}, "
               f"completion lengths {min(lengths)}..{max(lengths)}, loss/token {float(summed.detach()) / max(int(_tokens), 1):.4f}",
@@ -106,7 +110,10 @@ def run_ours(args, variant: str) -> dict:
     if hasattr(engine, "graphs_captured"):
         extra["graphs_captured"] = engine.graphs_captured
         extra["sampling_ms_per_token"] = sampling_cost_ms(args, sampling, device, dtype, window)
-    return summarize(variant, records, args.warmup, device, extra)
+    row = summarize(variant, records, args.warmup, device, extra)
+    if memory.cuda:  # the run's peak, warm-up included (the marks reset it per step)
+        row["peak_gib"] = memory.overall / 2**30
+    return row
 
 
 def engine_kind(engine, device, compiled: bool) -> str:

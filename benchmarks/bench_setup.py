@@ -147,6 +147,40 @@ def peak_memory(device) -> dict:
     }
 
 
+class MemoryMarks:
+    """Per-step CUDA memory marks, as GoldTrainer logs them (gold/memory_at_window_gib,
+    gold/peak_generation_gib, gold/peak_memory_gib): allocated when the window starts,
+    the peak through generation, the step's peak; ``overall`` keeps the run's peak
+    across the per-step resets. All None off CUDA."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = torch.device(device).type == "cuda"
+        self.overall = 0
+
+    def start(self) -> dict:
+        import torch
+
+        if not self.cuda:
+            return {}
+        self.overall = max(self.overall, torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        return {"at_window_gib": torch.cuda.memory_allocated() / 2**30}
+
+    def peak(self, key: str) -> dict:
+        import torch
+
+        if not self.cuda:
+            return {}
+        value = torch.cuda.max_memory_allocated()
+        self.overall = max(self.overall, value)
+        return {key: value / 2**30}
+
+
+MEMORY_MARKS = ("at_window_gib", "peak_generation_gib", "peak_step_gib")
+
+
 def summarize(name, records, warmup, device, extra=None) -> dict:
     timed = records[warmup:] or records
     mean = lambda key: sum(r[key] for r in timed) / len(timed)  # noqa: E731
@@ -165,5 +199,8 @@ def summarize(name, records, warmup, device, extra=None) -> dict:
         "windows": [r["lengths"] for r in timed if r.get("lengths")],
         **peak_memory(device),
     }
+    for key in MEMORY_MARKS:  # means over the timed steps, where the records have them
+        if all(key in r for r in timed):
+            out[key] = mean(key)
     out.update(extra or {})
     return out

@@ -5,6 +5,7 @@
 #   nucleus  benchmarks/bench_nucleus.py (the sort-free top-p kernels per setting)
 #   student  benchmarks/profile_student_step.py --variants --torch-profile
 #   ragged   benchmarks/bench_vs_reference.py --ragged --skip-reference --variants ours-fast
+#   cli      benchmarks/bench_cli.py --compile --warmup 1 --steps 2 (plain loop and `axolotl train`)
 #   kernels  the rollout engine's CUDA unit tests (decode attention kernel, static engine, sampling)
 #   decode   benchmarks/profile_decode.py --only-compile (0.5B shape: Triton / tensor attention)
 #   decode360  benchmarks/profile_decode.py --only-compile at SmolLM2-360M's shape
@@ -15,6 +16,11 @@ tar -xf .clean/head.tar -C /tmp/clean && cp -r .assets .axsite /tmp/clean/ && cd
 bash scripts/device_bin.sh > /dev/null 2>&1
 export PYTHONPATH=/tmp/axsite:$PWD
 want=",${GOLD_BENCH:-nucleus,student,ragged,decode360},"
+if [[ $want == *,cli,* ]]; then
+  timeout "${GOLD_CLI_S:-420}" python3 benchmarks/bench_cli.py --compile --warmup 1 --steps 2 \
+    --json "$OUT/bench_cli.json" > "$OUT/bench_cli.txt" 2>&1
+  grep -E "^\||^device|failed" "$OUT/bench_cli.txt" || tail -30 "$OUT/bench_cli.txt"
+fi
 if [[ $want == *,kernels,* ]]; then
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_decode_kernel.py tests/test_static_engine.py \
     tests/test_decode_attention.py tests/test_nucleus_sampling.py -k "${GOLD_KERNEL_TESTS_K:-not interpreter}" > "$OUT/cuda_tests.txt" 2>&1

@@ -50,6 +50,11 @@ from axolotl_gold.vision.batch import rollout_inputs
 WINDOW_LOG = "gold_windows.jsonl"
 
 
+def _allocated_gib() -> float | None:
+    """CUDA memory allocated by this process now, GiB (None without CUDA)."""
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
 class GoldTrainer(AxolotlTrainer):
     """Axolotl's trainer with GOLD's window, rollouts and objective."""
 
@@ -133,6 +138,7 @@ class GoldTrainer(AxolotlTrainer):
             return [], None
 
         self._teacher_engine_ready()
+        at_window = _allocated_gib()  # weights, optimizer state, what the last step left
         calls_before = self.student_engine.calls
         step = self.state.global_step
         draws = policy_draws(self.gold.seed, step, len(batches), self.gold.lmbda)  # once per window
@@ -150,6 +156,9 @@ class GoldTrainer(AxolotlTrainer):
                 vision=self.vision,
             )
         window = prepared.window
+        if at_window is not None:  # where a step's peak sits: before the student's step or in it
+            self._gold_sums["gold/memory_at_window_gib"] += at_window
+            self._gold_sums["gold/peak_generation_gib"] += torch.cuda.max_memory_allocated() / 2**30
         prefetch = getattr(self.teacher, "prefetch", None)  # a teacher server: slice k+1 ahead
         if prefetch is not None:
             prefetch([batch.get("teacher", batch) for batch in prepared.micro_batches])
