@@ -68,14 +68,14 @@ class JsdObjective:
         if student.head is not None and teacher.head is not None:
             return fused_jsd_loss_sum(
                 s_rows,
-                student.head.weight[:v],
+                student.head_weight()[:v],
                 t_rows,
-                teacher.head.weight[:v].detach(),
+                teacher.head_weight()[:v].detach(),
                 beta=self.beta,
                 temperature=self.temperature,
                 chunk_size=self.chunk_size,
-                student_bias=_bias(student.head, v),
-                teacher_bias=_bias(teacher.head, v),
+                student_bias=_bias(student, v),
+                teacher_bias=_bias(teacher, v),
                 backend=self.backend,
             )
         s_logits = _logits(student, s_rows)[..., :v]
@@ -85,12 +85,16 @@ class JsdObjective:
         ).sum()
 
 
-def _bias(head, v):
-    return None if head.bias is None else head.bias[:v]
+def _bias(states: CompletionStates, v):
+    bias = states.head_bias()
+    return None if bias is None else bias[:v]
 
 
 def _logits(states: CompletionStates, rows: torch.Tensor) -> torch.Tensor:
-    return rows if states.head is None else states.head(rows)
+    if states.head is None:
+        return rows
+    weight = states.head_weight()
+    return torch.nn.functional.linear(rows.to(weight.dtype), weight, states.head_bias())
 
 
 @dataclass
@@ -143,9 +147,9 @@ class UldObjective:
 
         total, _ = uld_loss_sum(
             take(student.values),
-            student.head.weight,
+            student.head_weight(),
             take(teacher.values.detach()),
-            teacher.head.weight.detach(),
+            teacher.head_weight().detach(),
             take(batch["uld_student_ids"]),
             take(batch["uld_teacher_ids"]),
             take(batch["uld_student_groups"]),

@@ -48,7 +48,7 @@ def take_rows(batch: dict, rows: list[int]) -> dict:
 def take_states(states: CompletionStates, rows: list[int]) -> CompletionStates:
     """The completion states of ``rows`` (gradients flow back to the whole batch's)."""
     index = torch.as_tensor(rows, dtype=torch.long, device=states.values.device)
-    return CompletionStates(values=states.values[index], head=states.head)
+    return CompletionStates(values=states.values[index], head=states.head, compute_dtype=states.compute_dtype)
 
 
 def objective_sum(objective, student: CompletionStates, teacher, batch: dict) -> torch.Tensor:

@@ -51,8 +51,9 @@ class TopKTailObjective:
         rows = student.values[mask]
         weight = bias = None
         if student.head is not None:
-            weight = student.head.weight[:v]
-            bias = None if student.head.bias is None else student.head.bias[:v]
+            weight = student.head_weight()[:v]
+            bias = student.head_bias()
+            bias = None if bias is None else bias[:v]
         else:
             rows = rows[..., :v]
         return topk_tail_loss_sum(
