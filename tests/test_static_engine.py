@@ -219,6 +219,69 @@ def test_float32_student_under_autocast_runs_and_matches_generate():
     _agrees_in_low_precision(StaticCacheEngine(lambda: model, fast.sampling, PAD, {EOS}), prompts, expected)
 
 
+def _axolotl_full_fine_tune_layout(tie: bool):
+    """bf16 body, float32 embeddings and head (Axolotl's `_configure_embedding_dtypes`),
+    forward in Accelerate's bf16 autocast."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2, tie_word_embeddings=tie,
+    )
+    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.lm_head.weight.data.mul_(40.0)
+    model.model.embed_tokens.float()
+    model.lm_head.float()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) is tie
+    return _under_accelerate_autocast(model)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_float32_head_under_autocast_is_cast_once_per_call_with_the_same_output(tie, monkeypatch):
+    """The decode steps read a bf16 copy of the float32 head made once per call, not
+    autocast's cast per step; the tokens are generate()'s (same rounding), and the head's
+    parameters (tied or not) are the model's again afterwards."""
+    model = _axolotl_full_fine_tune_layout(tie)
+    head, embed = model.lm_head.weight, model.model.embed_tokens.weight
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
+    hf, fast = _engines(model, max_new=16, grouped_attention=False)
+    prompts = _prompts()
+    expected = hf.generate(prompts, seed=0)
+    seen.clear()
+    assert fast.generate(prompts, seed=0) == expected
+    assert seen[0] == torch.float32 and set(seen[1:]) == {torch.bfloat16} and len(seen) > 2, seen
+    assert model.lm_head.weight is head and model.model.embed_tokens.weight is embed
+    assert head.dtype == torch.float32 and head.requires_grad
+    # without autocast (a float32 model): nothing is swapped
+    plain = _model()
+    seen.clear()
+    plain.lm_head.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
+    _engines(plain, max_new=8)[1].generate(prompts, seed=0)
+    assert set(seen) == {torch.float32}
+
+
+def test_compiled_step_with_the_cast_head_is_not_recompiled_per_call(monkeypatch):
+    """The head's copy is a new tensor every call: the compiled decode step (run here on
+    the CPU, uncaptured) takes it as an input, not a constant, so the second call compiles
+    nothing."""
+    from torch._dynamo.utils import counters
+
+    import axolotl_gold.rollouts.engines.static as static
+
+    monkeypatch.setattr(static.StaticCacheEngine, "_compiling", lambda self, device: True)
+    model = _axolotl_full_fine_tune_layout(True)
+    hf, fast = _engines(model, max_new=12, grouped_attention=False)
+    prompts = _prompts()
+    expected = hf.generate(prompts, seed=0)
+    assert fast.generate(prompts, seed=0) == expected
+    graphs = counters["stats"]["unique_graphs"]
+    assert fast.generate(prompts, seed=0) == expected
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def _agrees_in_low_precision(engine, prompts, expected, prefix=8):
     """The grouped decode attention computes bf16 attention with other kernels than HF's
     (float32 scores), so a near-tie may later go the other way; the first tokens agree."""

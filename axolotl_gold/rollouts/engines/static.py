@@ -29,7 +29,8 @@ as one CUDA graph and replayed:
   bucket's buffers are kept between calls, so the compile happens once per bucket.
 
 The prompt (prefill) runs once through HF's own forward with a 2D mask, exactly as
-``generate`` does. On CPU, or with ``use_cuda_graph=False``, the same loop runs eagerly;
+``generate`` does; a float32 head under autocast (Axolotl's full fine-tune) is cast once
+for the call's decode steps instead of by autocast in every step (``static_support``). On CPU, or with ``use_cuda_graph=False``, the same loop runs eagerly;
 the tests check that greedy output equals ``model.generate``'s.
 
 Where it cannot serve a model (an attention implementation other than sdpa / eager,
@@ -50,7 +51,7 @@ from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
 from axolotl_gold.rollouts.engines.noise import row_seeds, row_uniforms
 from axolotl_gold.rollouts.engines.decode_step import CompiledStep, DecodeStep, RowState
 from axolotl_gold.rollouts.engines.sampling import filter_logits, sample_tokens  # noqa: F401 (re-exported)
-from axolotl_gold.rollouts.engines.static_support import blocker
+from axolotl_gold.rollouts.engines.static_support import autocast_head, blocker, precast_head
 
 LOG = logging.getLogger(__name__)
 
@@ -181,11 +182,19 @@ class StaticCacheEngine(HFGenerateEngine):
 
         # prefill through HF's own mask and position logic, as generate() does
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        logits = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions,
-            past_key_values=decode.cache, use_cache=True, logits_to_keep=1,
-        ).logits[:, -1]
+        with autocast_head(model) as probe:
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=positions,
+                past_key_values=decode.cache, use_cache=True, logits_to_keep=1,
+            ).logits[:, -1]
         self._emit(logits, decode, rows)  # token 0
+        with precast_head(model, probe.autocast_dtype):  # a float32 head under autocast: cast once
+            return self._decode_tokens(model, decode, rows, device, compiling, total)
+
+    def _decode_tokens(self, model, decode: DecodeStep, rows: RowState, device, compiling: bool,
+                       total: int) -> list[list[int]]:
+        """Tokens 1 .. max_new - 1 of every row (token 0 came from the prefill)."""
+        max_new = self.sampling.max_new_tokens
         graph, count = None, 1
         for index in range(1, max_new):
             if graph is not None:
