@@ -282,6 +282,39 @@ def test_compiled_step_with_the_cast_head_is_not_recompiled_per_call(monkeypatch
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_compiled_decode_step_is_shared_by_same_shape_steps_and_compiles_past_dynamos_limit(monkeypatch):
+    """Two caches of one shape share a compiled step (the cache's layer class is made once:
+    a class per cache recompiled every new one), and a new shape compiles even past
+    dynamo's recompile limit (past it dynamo would run the shape eagerly), here set to 1."""
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.utils import counters
+
+    from axolotl_gold.rollouts.engines.decode_step import CompiledStep, DecodeStep
+
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 1)
+    model = _model()
+    torch._dynamo.reset()
+
+    def step(rows: int, total: int) -> torch.Tensor:
+        ids = torch.randint(3, VOCAB, (rows, 5), generator=torch.Generator().manual_seed(rows))
+        mask = torch.ones_like(ids)
+        decode = DecodeStep(model, rows, total, "cpu")
+        decode.start(mask)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, past_key_values=decode.cache, use_cache=True, logits_to_keep=1)
+            compiled = CompiledStep(decode)()
+            decode.step.zero_()
+            for layer in decode.cache.layers:
+                layer.cumulative_length.fill_(5)
+            eager = decode()
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+        return counters["stats"]["unique_graphs"]
+
+    first = step(4, 64)
+    assert step(4, 64) == first  # the same shape: no recompile
+    assert step(2, 128) == first + 1  # a new shape past the limit of 1: compiled, not eager
+
+
 def _agrees_in_low_precision(engine, prompts, expected, prefix=8):
     """The grouped decode attention computes bf16 attention with other kernels than HF's
     (float32 scores), so a near-tie may later go the other way; the first tokens agree."""

@@ -100,6 +100,11 @@ def decode_forward(decode: DecodeStep) -> torch.Tensor:
 
 _COMPILED = {}
 
+# compiles the decode step may keep: one per (model, rows bucket, cache-column bucket),
+# more than dynamo's default 8 in a run whose prompt widths vary; past its limit dynamo
+# would run every new shape eagerly (twice as slow, with only a log line)
+RECOMPILE_LIMIT = 64
+
 
 def compiled_decode_forward():
     """``decode_forward`` through ``torch.compile`` (static shapes: one compile per batch
@@ -109,6 +114,15 @@ def compiled_decode_forward():
     return _COMPILED["fn"]
 
 
+def decode_compile_limits():
+    """Dynamo's recompile limit raised to ``RECOMPILE_LIMIT`` while the decode step runs
+    (it is read when a call misses the compiled cache)."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    return dynamo_config.patch(**{name: max(RECOMPILE_LIMIT, getattr(dynamo_config, name))})
+
+
 class CompiledStep:
     """Calls a ``DecodeStep``'s forward through ``compiled_decode_forward``."""
 
@@ -116,7 +130,7 @@ class CompiledStep:
         self.decode = decode
 
     def __call__(self) -> torch.Tensor:
-        with self.decode.attention():
+        with self.decode.attention(), decode_compile_limits():
             return compiled_decode_forward()(self.decode)
 
 

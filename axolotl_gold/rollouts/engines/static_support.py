@@ -43,6 +43,19 @@ class ComputeDtypeLayer:
         return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
 
 
+_LAYER_CLASS = {}
+
+
+def _layer_class():
+    """``ComputeDtypeLayer`` over HF's ``StaticLayer``, made once: a compiled decode step
+    guards on its layers' class, and a class made per cache recompiled every new cache."""
+    if "cls" not in _LAYER_CLASS:
+        from transformers.cache_utils import StaticLayer
+
+        _LAYER_CLASS["cls"] = type("ComputeDtypeStaticLayer", (ComputeDtypeLayer, StaticLayer), {})
+    return _LAYER_CLASS["cls"]
+
+
 def static_cache(config, max_cache_len: int):
     """HF's ``StaticCache`` for ``config`` with every layer a full-attention ``ComputeDtypeLayer``.
 
@@ -50,9 +63,8 @@ def static_cache(config, max_cache_len: int):
     whole sequence and are full layers in effect.
     """
     from transformers import StaticCache
-    from transformers.cache_utils import StaticLayer
 
-    layer_cls = type("ComputeDtypeStaticLayer", (ComputeDtypeLayer, StaticLayer), {})
+    layer_cls = _layer_class()
     cache = StaticCache(config=config, max_cache_len=max_cache_len)
     cache.layers = [layer_cls(max_cache_len=max_cache_len) for _ in cache.layers]
     return cache
