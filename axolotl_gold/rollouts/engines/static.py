@@ -30,8 +30,9 @@ as one CUDA graph and replayed:
 
 The prompt (prefill) runs once through HF's own forward with a 2D mask, exactly as
 ``generate`` does; a float32 head under autocast (Axolotl's full fine-tune) is cast once
-for the call's decode steps instead of by autocast in every step (``static_support``). On CPU, or with ``use_cuda_graph=False``, the same loop runs eagerly;
-the tests check that greedy output equals ``model.generate``'s.
+for the call's decode steps instead of by autocast in every step (``static_support``).
+On CPU, or with ``use_cuda_graph=False``, the same loop runs eagerly; the tests check
+that greedy output equals ``model.generate``'s.
 
 Where it cannot serve a model (an attention implementation other than sdpa / eager,
 sliding-window layers narrower than the sequence), the window goes through HF
