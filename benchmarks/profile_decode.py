@@ -93,10 +93,8 @@ def sorted_top_p(logits, top_p: float):
 
 
 def rewind(cache, decode, width: int) -> None:
-    """Back to the first decode position (the cache write index and the step counter)."""
-    for layer in cache.layers:
-        layer.cumulative_length.fill_(width)
-    decode.step.zero_()
+    """Back to the first decode position (each row writes at its start + step)."""
+    decode.steps.zero_()
 
 
 def replay_ms(graph, cache, decode, width: int, new: int) -> float:
@@ -193,8 +191,8 @@ def main(argv=None) -> dict:
         mask = torch.ones_like(ids)
         for grouped, compiled, kernel in variants:
             decode = DecodeStep(model, args.batch, total, "cuda", grouped, kernel)
-            decode.start(mask)
-            model(input_ids=ids, attention_mask=mask, past_key_values=decode.cache, use_cache=True, logits_to_keep=1)
+            decode.reset()
+            decode.prefill(ids, mask)
             rewind(decode.cache, decode, width)
             _, graph, _ = engine._first_step_and_capture(CompiledStep(decode) if compiled else decode)
             label = variant_label(grouped, compiled, kernel)
@@ -248,8 +246,8 @@ def main(argv=None) -> dict:
         # compiled as the engine runs them when any compiled variant ran, else eager
         grouped, compiled, kernel = variants[-1]
         decode = DecodeStep(model, args.batch, total, "cuda", grouped, kernel)
-        decode.start(mask)
-        model(input_ids=ids, attention_mask=mask, past_key_values=decode.cache, use_cache=True, logits_to_keep=1)
+        decode.reset()
+        decode.prefill(ids, mask)
         step = CompiledStep(decode) if compiled else decode
         for _ in range(3):
             step()

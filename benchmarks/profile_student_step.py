@@ -98,7 +98,7 @@ class Clock:
 
 
 def prefill(ours, prompts, clock) -> None:
-    """The static engine's prefill (its DecodeStep's cache, HF's own mask and positions)."""
+    """The static engine's prefill (``DecodeStep.prefill``: HF's own mask and positions)."""
     import torch
 
     from axolotl_gold.data.batching import left_pad
@@ -108,11 +108,9 @@ def prefill(ours, prompts, clock) -> None:
     model = plain_model(ours.student)  # the engine's model: never the compiled wrapper
     ids, mask = (t.to(ours.device) for t in left_pad(prompts, ours.pad))
     decode = DecodeStep(model, ids.shape[0], ids.shape[1] + ours.args.completion, ours.device)
-    decode.start(mask)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    decode.reset()
     with clock("prefill"), torch.no_grad(), generation_mode(model):
-        model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=decode.cache,
-              use_cache=True, logits_to_keep=1)
+        decode.prefill(ids, mask)
 
 
 def plain_model(model):

@@ -15,14 +15,17 @@ S is chosen so that this is ``TARGET_FRACTION`` (40%) of N. ``stop_mass`` measur
 the model itself (one forward) so the run can say whether the model honours it.
 
 What the comparison means, for our static engine (rollouts/engines/static.py): every row
-of a chunk advances one token per step; the host checks stops every ``eos_check_every``
-(32) steps, ends the call when all rows stopped, and once half of the live rows stopped
-the others go on as a smaller batch (``compact_finished``; compiled: power-of-two buckets
-of at least 4 rows). ``engine_schedule`` replays that schedule from the lengths: token
-steps run and row-steps run. A token step at batch 16 costs about the same at 8 or 4 rows
-(the decode step is bound by kernel count and weight reads, not rows), so the time per
+of a batch advances one token per step; the host checks stops every ``eos_check_every``
+(32) steps and at each row's last token, starts waiting prompts in slots whose row
+stopped, ends the call when all rows stopped, and once no prompt waits and half the rows
+stopped the others go on as a smaller batch (``compact_finished``; compiled: power-of-two
+buckets of at least 4 rows). ``engine_schedule`` replays that schedule from the lengths
+(the engine's own ``SlotQueue``): decode steps run and row-steps run. A token step at
+batch 16 costs about the same at 8 or 4 rows (the decode step is bound by kernel count and
+weight reads, not rows), so when all of a window's rows fit in one batch the time per
 generated token rises above the forced run's by up to (token steps x rows) / tokens: the
-longest row sets the time, whatever the compaction saves on row-steps.
+longest row sets the time, whatever the compaction saves on row-steps. When they do not
+fit (``slots`` < rows), refilled slots keep every step full until the queue empties.
 """
 
 from __future__ import annotations
@@ -63,29 +66,35 @@ def length_stats(lengths: list[int], max_new: int) -> dict:
             "at_limit": sum(n >= max_new for n in ordered) / len(ordered), "rows": len(ordered)}
 
 
-def engine_schedule(lengths: list[int], max_new: int, engine: str = "static") -> tuple[int, int]:
-    """(token steps, row-steps) an engine runs for one call on rows of these lengths:
-    ``static`` / ``static-compiled`` replay StaticCacheEngine's loop (``_generate_chunk``);
-    ``hf`` is ``generate``: every row until the longest stops."""
-    from axolotl_gold.rollouts.engines.static import compiled_rows
+def engine_schedule(lengths: list[int], max_new: int, engine: str = "static", slots: int | None = None,
+                    every: int = EOS_CHECK_EVERY) -> tuple[int, int]:
+    """(decode steps, row-steps) an engine runs for one call on prompts whose completions
+    have these lengths (token 0 of each comes from its prefill, not a step), ``slots`` rows at once (default: all): ``static`` /
+    ``static-compiled`` replay StaticCacheEngine's schedule (its own ``SlotQueue``; refilled
+    slots, compaction); ``static-chunked`` its ``refill_slots=False`` (one batch after
+    another); ``hf`` is ``generate``: every row until the longest stops, batch after batch."""
+    from axolotl_gold.rollouts.engines.slots import SlotQueue
 
-    check_every = 1 if engine == "hf" else EOS_CHECK_EVERY
-    batch = len(lengths)
-    live = list(lengths)  # rows still in the batch (stopped ones included until dropped)
-    width, row_steps, steps = batch, batch, 1  # token 0 comes from the prefill
-    for count in range(2, max_new + 1):
-        row_steps += width
-        steps = count
-        if count % check_every:
-            continue
-        done = sum(n <= count for n in live)
-        if done == len(live):
-            break
-        if engine != "hf" and 2 * done >= len(live):
-            going = [n for n in live if n > count]
-            width = compiled_rows(len(going), len(live)) if engine == "static-compiled" else len(going)
-            live = (going + [n for n in live if n <= count])[:width]
-    return steps, row_steps
+    slots = slots or len(lengths)
+    if engine in ("hf", "static-chunked"):
+        steps = row_steps = 0
+        for start in range(0, len(lengths), slots):
+            chunk = lengths[start : start + slots]
+            s, r = ((max(chunk) - 1, (max(chunk) - 1) * len(chunk)) if engine == "hf"
+                    else engine_schedule(chunk, max_new, "static", every=every))
+            steps, row_steps = steps + s, row_steps + r
+        return steps, row_steps
+    queue = SlotQueue(len(lengths), min(slots, len(lengths)), max_new, every, buckets=engine == "static-compiled")
+    queue.start(range(len(queue.holding)))
+    queue.plan()
+    while True:
+        if queue.count == queue.next_check:
+            # a row stops once it sampled its last token (token k comes at step started + k)
+            check = queue.check([p < 0 or queue.count >= s + lengths[p] - 1
+                                 for p, s in zip(queue.holding, queue.started)])
+            if check.done:
+                return queue.count, queue.row_steps
+        queue.stepped()
 
 
 def stop_mass(model, ids, stops: list[int], temperature: float, top_p: float, top_k: int = 0) -> float:
@@ -112,6 +121,7 @@ def compare(forced: dict, ragged: dict, max_new: int) -> dict:
     steps = row_steps = tokens = rows = 0
     for lengths in ragged["windows"]:
         s, r = engine_schedule(lengths, max_new, ragged.get("engine", "static"))
+        s, r = s + 1, r + len(lengths)  # the prefill: one step, token 0 of every row
         steps, row_steps, tokens, rows = steps + s, row_steps + r, tokens + sum(lengths), rows + len(lengths)
     return {"ms_per_token_forced": 1e3 * per_forced, "ms_per_token_ragged": 1e3 * per_ragged,
             "ratio": per_ragged / per_forced, "token_steps": steps / len(ragged["windows"]),

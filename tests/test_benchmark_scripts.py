@@ -81,10 +81,18 @@ def test_ragged_helpers_size_the_stop_set_for_the_mean():
     assert abs(ragged.expected_length(q, 768) - 0.4 * 768) < 1e-6
     ids = ragged.stop_ids(151936, 768, [151935, 151933])
     assert len(ids) == round(q * 151936) and {151935, 151933} <= set(ids) and 151934 not in ids
-    # StaticCacheEngine's schedule: checks every 32 steps, compaction once half stopped
-    assert ragged.engine_schedule([768] + [10] * 15, 768, "static") == (768, 16 * 32 + 736)
-    assert ragged.engine_schedule([768] + [10] * 15, 768, "static-compiled") == (768, 16 * 32 + 4 * 736)
-    assert ragged.engine_schedule([5, 9], 768, "hf") == (9, 18)
+    # StaticCacheEngine's schedule (decode steps, row-steps): checks every 32 steps and at a
+    # row's last token (767: token 0 came from the prefill), compaction once half stopped
+    assert ragged.engine_schedule([768] + [10] * 15, 768, "static") == (767, 16 * 32 + 735)
+    assert ragged.engine_schedule([768] + [10] * 15, 768, "static-compiled") == (767, 16 * 32 + 4 * 735)
+    assert ragged.engine_schedule([5, 9], 768, "hf") == (8, 16)
+    # 3 prompts in 2 slots, checks every step: the third starts in slot 0 at step 2 (its
+    # row stopped at token 2), slot 0 stops again at step 3, so slot 1 goes on alone
+    assert ragged.engine_schedule([3, 5, 2], 8, "static", slots=2, every=1) == (4, 2 + 2 + 2 + 1)
+    # every 4 steps: both rows stopped by step 4, the third prompt runs steps 4 to 7
+    assert ragged.engine_schedule([3, 5, 2], 8, "static", slots=2, every=4) == (8, 16)
+    # one batch after another: [3, 5] for 4 steps, then [2] until its check at 4
+    assert ragged.engine_schedule([3, 5, 2], 8, "static-chunked", slots=2, every=4) == (8, 12)
 
 
 def test_bench_cli_ragged_runs_the_forced_loop_beside_it(tmp_path):

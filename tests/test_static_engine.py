@@ -150,10 +150,11 @@ def test_cuda_graph_greedy_matches_generate():
 def test_bucketed_buffers_of_the_compiled_path_match_generate(monkeypatch):
     """The compiled path's bookkeeping (rounded cache columns, power-of-two row buckets
     padded with stopped rows, buffers kept between calls), run eagerly on the CPU."""
+    import axolotl_gold.rollouts.engines.slots as slots
     import axolotl_gold.rollouts.engines.static as static
 
     monkeypatch.setattr(static.StaticCacheEngine, "_compiling", lambda self, device: True)
-    monkeypatch.setattr(static, "COMPILE_MIN_ROWS", 2)
+    monkeypatch.setattr(slots, "COMPILE_MIN_ROWS", 2)
     model = _model()
     prompts = [p for seed in (1, 2, 3, 4) for p in _prompts(seed)][:13]  # buckets 13 -> 8 -> 4 -> 2
     first, _ = _engines(model, max_new=40)
@@ -299,13 +300,11 @@ def test_compiled_decode_step_is_shared_by_same_shape_steps_and_compiles_past_dy
         ids = torch.randint(3, VOCAB, (rows, 5), generator=torch.Generator().manual_seed(rows))
         mask = torch.ones_like(ids)
         decode = DecodeStep(model, rows, total, "cpu")
-        decode.start(mask)
+        decode.reset()
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, past_key_values=decode.cache, use_cache=True, logits_to_keep=1)
+            decode.prefill(ids, mask)
             compiled = CompiledStep(decode)()
-            decode.step.zero_()
-            for layer in decode.cache.layers:
-                layer.cumulative_length.fill_(5)
+            decode.steps.zero_()
             eager = decode()
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
         return counters["stats"]["unique_graphs"]

@@ -20,6 +20,7 @@ from axolotl_gold.rollouts.engines.static_support import (
     attention_mask_for,
     compact_cache,
     copy_cache_rows,
+    place_prompt_rows,
     static_cache,
 )
 
@@ -27,10 +28,14 @@ from axolotl_gold.rollouts.engines.static_support import (
 class DecodeStep:
     """One token for every row: static buffers in, ``[B, V]`` logits out.
 
-    Built for ``batch`` rows and ``total`` cache columns, then ``start``-ed for each call
-    (in place, so a compiled step sees the same objects every call). ``tokens``
-    (``[B, 1]``) is written by the caller before each step; ``step`` (the index of the
-    token being fed, counted from 0 at the first generated token) advances inside.
+    Built for ``batch`` rows (slots) and ``total`` cache columns, ``reset`` for each call
+    (in place, so a compiled step sees the same objects every call). A slot starts a
+    prompt with its keys and values at columns
+    ``[0, width)``, its generated tokens from column ``width`` on (``prefill``). Slots are independent:
+    each has its own first generated column (``starts``) and token index (``steps``, the
+    index of the token fed next, counted from 0 at the first generated token, advanced
+    inside the step), so a slot whose row stopped can start another prompt while the
+    others go on. ``tokens`` (``[B, 1]``) is written by the caller before each step.
     """
 
     def __init__(self, model, batch: int, total: int, device, grouped: bool = True, kernel: bool = True):
@@ -38,20 +43,44 @@ class DecodeStep:
         self.cache = static_cache(model.config, total)
         self.base_mask = torch.zeros((batch, 1, 1, total), dtype=torch.bool, device=device)
         self.columns = torch.arange(total, device=device)
-        self.width = torch.zeros((), dtype=torch.long, device=device)
+        self.starts = torch.zeros(batch, dtype=torch.long, device=device)
+        self.steps = torch.zeros(batch, dtype=torch.long, device=device)
         self.prompt_lengths = torch.zeros((batch, 1), dtype=torch.long, device=device)
-        self.step = torch.zeros((), dtype=torch.long, device=device)
         self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self._write_at(torch.zeros(batch, dtype=torch.long, device=device))
 
-    def start(self, prompt_mask: torch.Tensor) -> None:
-        """A new call: the prompt's ``[B, width]`` padding mask, an empty cache."""
-        width = prompt_mask.shape[1]
+    def _write_at(self, columns: torch.Tensor) -> None:
+        """The ``[B]`` cache column each slot's token is written to (filled by the step)."""
+        self.write_at = columns
+        for layer in self.cache.layers:
+            layer.write_at = columns
+
+    def reset(self) -> None:
+        """A new call: every slot empty."""
         self.cache.reset()
         self.base_mask.zero_()
-        self.base_mask[:, 0, 0, :width] = prompt_mask.bool()
-        self.width.fill_(width)
-        self.prompt_lengths.copy_(prompt_mask.sum(-1, keepdim=True))
-        self.step.zero_()
+        self.steps.zero_()
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Slots ``slots`` (default: all) start the left-padded prompts ``ids`` (padding
+        ``mask``): prefilled through HF's own mask and position logic (as ``generate``
+        does) into a cache of their own, then placed at columns ``[0, width)``; returns
+        their last position's ``[len(slots), V]`` logits."""
+        slots = torch.arange(self.starts.numel(), device=ids.device) if slots is None else slots
+        cache = static_cache(self.model.config, ids.shape[1])
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions,
+            past_key_values=cache, use_cache=True, logits_to_keep=1,
+        ).logits[:, -1]
+        width = ids.shape[1]
+        place_prompt_rows(cache, self.cache, slots, self.starts.numel())
+        self.base_mask[slots] = False
+        self.base_mask[slots, 0, 0, :width] = mask.bool()
+        self.starts[slots] = width
+        self.steps[slots] = 0
+        self.prompt_lengths[slots] = mask.sum(-1, keepdim=True)
+        return logits
 
     def __call__(self) -> torch.Tensor:
         with self.attention():
@@ -63,38 +92,42 @@ class DecodeStep:
         return grouped_decode(self.model, self.kernel) if self.grouped else contextlib.nullcontext()
 
     def compact(self, keep: torch.Tensor) -> None:
-        """Only rows ``keep`` go on (new, smaller buffers); a captured graph of the old
+        """Only slots ``keep`` go on (new, smaller buffers); a captured graph of the old
         batch no longer applies."""
         compact_cache(self.cache, keep)
         self.base_mask = self.base_mask.index_select(0, keep)
+        self.starts = self.starts.index_select(0, keep)
+        self.steps = self.steps.index_select(0, keep)
         self.prompt_lengths = self.prompt_lengths.index_select(0, keep)
         self.tokens = self.tokens.index_select(0, keep)
+        self._write_at(self.write_at.index_select(0, keep))
 
     def take_rows(self, other: "DecodeStep", keep: torch.Tensor) -> None:
-        """This step (built for ``len(keep)`` rows) continues rows ``keep`` of ``other``,
+        """This step (built for ``len(keep)`` slots) continues slots ``keep`` of ``other``,
         copied into its own buffers in place."""
         copy_cache_rows(other.cache, self.cache, keep)
-        self.base_mask.copy_(other.base_mask.index_select(0, keep))
-        self.prompt_lengths.copy_(other.prompt_lengths.index_select(0, keep))
-        self.tokens.copy_(other.tokens.index_select(0, keep))
-        self.width.copy_(other.width)
-        self.step.copy_(other.step)
+        for name in ("base_mask", "starts", "steps", "prompt_lengths", "tokens"):
+            getattr(self, name).copy_(getattr(other, name).index_select(0, keep))
 
 
 def decode_forward(decode: DecodeStep) -> torch.Tensor:
     """The decode step's body (what ``torch.compile`` compiles when asked)."""
-    # the token fed now sits at cache column width + step and attends to itself
-    new = (decode.columns >= decode.width) & (decode.columns <= decode.width + decode.step)
+    # each slot's fed token sits at cache column start + step and attends to itself; a
+    # slot that stopped goes on until it is refilled or dropped, written at the last
+    # column (its output is never read)
+    starts, steps = decode.starts.view(-1, 1, 1, 1), decode.steps.view(-1, 1, 1, 1)
+    new = (decode.columns >= starts) & (decode.columns <= starts + steps)
     mask = attention_mask_for(decode.model, decode.base_mask | new)
+    decode.write_at.copy_((decode.starts + decode.steps).clamp(max=decode.total - 1))
     out = decode.model(
         input_ids=decode.tokens,
         attention_mask=mask,
-        position_ids=decode.prompt_lengths + decode.step,
+        position_ids=decode.prompt_lengths + decode.steps.view(-1, 1),
         past_key_values=decode.cache,
         use_cache=True,
         logits_to_keep=1,
     )
-    decode.step.add_(1)
+    decode.steps.add_(1)
     return out.logits[:, -1]
 
 
@@ -135,16 +168,28 @@ class CompiledStep:
 
 
 class RowState:
-    """What a call records per row, on the device: sampled tokens, stopped or not, and
-    for the rows still sampled (after compaction), their original index and noise seed."""
+    """What a call records, on the device: the sampled tokens of each of its ``n`` prompts
+    (``generated``, one spare column last, where slots that stopped write what they still
+    sample), and per slot the prompt it samples for (``live``), that prompt's noise seed
+    and whether it stopped (an empty slot counts as stopped)."""
 
-    def __init__(self, pad_id: int, max_new: int, seeds: torch.Tensor, eos: list[int], device):
-        batch = seeds.numel()
-        self.generated = torch.full((batch, max_new), pad_id, dtype=torch.long, device=device)
-        self.live = torch.arange(batch, device=device)  # the original row of each row sampled
-        self.seeds = seeds
-        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    def __init__(self, pad_id: int, max_new: int, seeds: torch.Tensor, eos: list[int], device, slots: int):
+        self.max_new = max_new
+        self.generated = torch.full((seeds.numel(), max_new + 1), pad_id, dtype=torch.long, device=device)
+        self.prompt_seeds = seeds
+        self.live = torch.zeros(slots, dtype=torch.long, device=device)
+        self.seeds = torch.zeros(slots, dtype=torch.long, device=device)
+        self.finished = torch.ones(slots, dtype=torch.bool, device=device)
         self.eos = torch.tensor(eos, dtype=torch.long, device=device)
+
+    def assign(self, slots: torch.Tensor, prompts: torch.Tensor) -> None:
+        """Slots ``slots`` now sample for prompts ``prompts`` (in place)."""
+        self.live[slots] = prompts
+        self.seeds[slots] = self.prompt_seeds[prompts]
+        self.finished[slots] = False
 
     def keep(self, keep: torch.Tensor) -> None:
         self.live, self.seeds, self.finished = self.live[keep], self.seeds[keep], self.finished[keep]
+
+    def completions(self) -> list[list[int]]:
+        return self.generated[:, : self.max_new].tolist()

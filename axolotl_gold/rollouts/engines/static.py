@@ -52,6 +52,7 @@ from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
 from axolotl_gold.rollouts.engines.noise import row_seeds, row_uniforms
 from axolotl_gold.rollouts.engines.decode_step import CompiledStep, DecodeStep, RowState
 from axolotl_gold.rollouts.engines.sampling import filter_logits, sample_tokens  # noqa: F401 (re-exported)
+from axolotl_gold.rollouts.engines.slots import COMPILE_MIN_ROWS, SlotQueue, compiled_rows  # noqa: F401 (re-exported)
 from axolotl_gold.rollouts.engines.static_support import autocast_head, blocker, precast_head
 
 LOG = logging.getLogger(__name__)
@@ -60,16 +61,6 @@ LOG = logging.getLogger(__name__)
 # cache columns are rounded up to a multiple of this when the step is compiled, so
 # prompts of different widths share a compiled shape
 COMPILE_COLUMNS = 256
-# the fewest rows a compiled step compacts to (power-of-two buckets down to it)
-COMPILE_MIN_ROWS = 4
-
-
-def compiled_rows(live: int, batch: int) -> int:
-    """The bucket for ``live`` rows still sampling out of ``batch``: the next power of
-    two, at least ``COMPILE_MIN_ROWS``, at most ``batch``."""
-    return min(batch, max(COMPILE_MIN_ROWS, 1 << max(0, live - 1).bit_length()))
-
-
 # share of the free device memory one chunk of rollouts may take (KV cache and sampling
 # buffers), when the number of rows generated at once is not set
 FREE_MEMORY_SHARE = 0.5
@@ -117,13 +108,18 @@ class StaticCacheEngine(HFGenerateEngine):
         decode_kernel: bool = True,
         compact_finished: bool = True,
         compile_decode: bool = False,
+        refill_slots: bool = True,
     ):
         super().__init__(get_model, sampling, pad_id, eos_ids, batch_size, min_new_tokens)
         self.grouped_attention = grouped_attention
         self.decode_kernel = decode_kernel
         self.compact_finished = compact_finished
         self.compile_decode = compile_decode
+        self.refill_slots = refill_slots
         self.compactions = 0
+        self.refills = 0  # prompts started in a slot another prompt had stopped in
+        self.token_steps = 0  # decode steps run, all calls
+        self.row_steps = 0  # rows those steps ran (stopped rows not yet dropped included)
         self.eos_check_every = max(1, eos_check_every)
         self.use_cuda_graph = use_cuda_graph
         self.graphs_captured = 0
@@ -140,14 +136,16 @@ class StaticCacheEngine(HFGenerateEngine):
             self.fallbacks += 1
             return super()._sample(model, prompts, seed, model_inputs)
         device = next(model.parameters()).device
-        # each row's noise is its own (seed, row index): the same samples however the
-        # call is split into chunks or rows are dropped
+        # each row's noise is its own (seed, row index): the same samples however many
+        # slots the call has, whichever slot a prompt lands in, whichever rows are dropped
         seeds = row_seeds(seed, torch.arange(len(prompts), device=device))
-        step = self.batch_size or rows_that_fit(model, len(prompts), max(map(len, prompts)) + self.sampling.max_new_tokens)
-        out: list[list[int]] = []
-        for start in range(0, len(prompts), step):
-            chunk = prompts[start : start + step]
-            out.extend(self._generate_chunk(model, chunk, device, seeds[start : start + len(chunk)]))
+        total = max(map(len, prompts)) + self.sampling.max_new_tokens
+        slots = self.batch_size or rows_that_fit(model, len(prompts), total)
+        if self.refill_slots:
+            return self._generate(model, prompts, device, seeds, slots)
+        out: list[list[int]] = []  # one batch after another, each until its longest row
+        for start in range(0, len(prompts), slots):
+            out.extend(self._generate(model, prompts[start : start + slots], device, seeds[start : start + slots], slots))
         return out
 
     def _compiling(self, device: torch.device) -> bool:
@@ -166,38 +164,61 @@ class StaticCacheEngine(HFGenerateEngine):
             self._steps[key] = DecodeStep(model, batch, total, device, self.grouped_attention, self.decode_kernel)
         return self._steps[key]
 
-    def _generate_chunk(self, model, prompts, device, seeds) -> list[list[int]]:
+    def _generate(self, model, prompts, device, seeds, slots: int) -> list[list[int]]:
+        """Completions of ``prompts`` through ``slots`` rows at once: the first prompts
+        start together, and a slot whose row stopped starts the next waiting prompt."""
         max_new = self.sampling.max_new_tokens
-        ids, mask = left_pad(prompts, self.pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        batch, width = ids.shape
-        if max_new <= 0:
+        if max_new <= 0 or not prompts:
             return [[] for _ in prompts]
         compiling = self._compiling(device)
-        total = width + max_new
+        total = max(map(len, prompts)) + max_new  # any prompt fits any slot
         if compiling:
             total = -(-total // COMPILE_COLUMNS) * COMPILE_COLUMNS
+        batch = min(slots, len(prompts))
         decode = self._decode_step(model, batch, total, device)
-        decode.start(mask)
-        rows = RowState(self.pad_id, max_new, seeds, sorted(self.eos_ids), device)
-
-        # prefill through HF's own mask and position logic, as generate() does
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        decode.reset()
+        rows = RowState(self.pad_id, max_new, seeds, sorted(self.eos_ids), device, batch)
+        every = self.eos_check_every if self.eos_ids else None
+        queue = SlotQueue(len(prompts), batch, max_new, every, self.compact_finished, buckets=compiling)
         with autocast_head(model) as probe:
-            logits = model(
-                input_ids=ids, attention_mask=mask, position_ids=positions,
-                past_key_values=decode.cache, use_cache=True, logits_to_keep=1,
-            ).logits[:, -1]
-        self._emit(logits, decode, rows)  # token 0
-        with precast_head(model, probe.autocast_dtype):  # a float32 head under autocast: cast once
-            return self._decode_tokens(model, decode, rows, device, compiling, total)
+            self._start(model, prompts, decode, rows, queue.start(range(batch)))
+            while max_new == 1 and queue.waiting:  # token 0 is all: prefills only
+                self._start(model, prompts, decode, rows, queue.start(range(batch)))
+        if max_new > 1:
+            with precast_head(model, probe.autocast_dtype):  # a float32 head under autocast: cast once
+                self._decode_tokens(model, prompts, decode, rows, queue, device, compiling, total)
+        self.token_steps += queue.count
+        self.row_steps += queue.row_steps
+        self.refills += queue.refills
+        self.compactions += queue.compactions
+        return [trim_completion(r, self.eos_ids) for r in rows.completions()]
 
-    def _decode_tokens(self, model, decode: DecodeStep, rows: RowState, device, compiling: bool,
-                       total: int) -> list[list[int]]:
-        """Tokens 1 .. max_new - 1 of every row (token 0 came from the prefill)."""
-        max_new = self.sampling.max_new_tokens
-        graph, count = None, 1
-        for index in range(1, max_new):
+    def _start(self, model, prompts, decode: DecodeStep, rows: RowState, started: dict[int, int]) -> None:
+        """Slot -> prompt pairs ``started`` begin: their prompts prefilled into the slots
+        and their token 0 sampled."""
+        slots = torch.tensor(list(started), device=decode.starts.device)
+        ids, mask = left_pad([prompts[i] for i in started.values()], self.pad_id)
+        logits = decode.prefill(ids.to(slots.device), mask.to(slots.device), slots)
+        rows.assign(slots, torch.tensor(list(started.values()), device=slots.device))
+        self._emit(logits, decode, rows, slots)
+
+    def _decode_tokens(self, model, prompts, decode: DecodeStep, rows: RowState, queue: SlotQueue,
+                       device, compiling: bool, total: int) -> None:
+        """Token steps until every prompt is done. At each check the queue planned (one
+        host sync), stopped slots take waiting prompts, or, none waiting, the call ends
+        or the rows still sampling go on as a smaller batch (``slots.SlotQueue``)."""
+        queue.plan()
+        graph = None
+        while True:
+            if queue.count == queue.next_check:
+                check = queue.check(rows.finished.tolist())  # the one host sync per check
+                if check.done:
+                    return
+                if check.started:  # in place: a captured graph still applies
+                    self._start(model, prompts, decode, rows, check.started)
+                elif check.keep is not None:
+                    decode = self._compact(model, decode, rows, check.keep, device, compiling, total)
+                    graph = None
             if graph is not None:
                 graph.replay()
             elif self._want_graph(device):
@@ -205,30 +226,21 @@ class StaticCacheEngine(HFGenerateEngine):
                 _, graph, _ = self._first_step_and_capture(self._token_step(decode, rows, compiling))
             else:
                 self._token_step(decode, rows, compiling)()
-            count = index + 1
-            if rows.eos.numel() and count % self.eos_check_every == 0:
-                done = int(rows.finished.sum())  # the one host sync per check
-                if done == rows.finished.numel():
-                    break
-                if self.compact_finished and 2 * done >= rows.finished.numel():
-                    # half the rows stopped: the rest go on as a smaller batch
-                    keep = (~rows.finished).nonzero().squeeze(1)
-                    if compiling:  # into the next bucket, padded with stopped rows
-                        size = compiled_rows(int(keep.numel()), rows.finished.numel())
-                        keep = torch.cat([keep, rows.finished.nonzero().squeeze(1)])[:size]
-                        smaller = self._decode_step(model, size, total, device)
-                        if smaller is not decode:
-                            smaller.take_rows(decode, keep)
-                            decode = smaller
-                    else:
-                        decode.compact(keep)
-                    if keep.numel() < rows.finished.numel():
-                        rows.keep(keep)
-                        graph = None
-                        self.compactions += 1
-        out = rows.generated[:, :count].tolist()
-        del graph, decode
-        return [trim_completion(r, self.eos_ids) for r in out]
+            queue.stepped()
+
+    def _compact(self, model, decode: DecodeStep, rows: RowState, keep: list[int], device,
+                 compiling: bool, total: int) -> DecodeStep:
+        """Only slots ``keep`` go on: in a smaller step (compiled: the bucket's kept one) or
+        in the same step's smaller buffers."""
+        index = torch.tensor(keep, device=device)
+        if compiling:
+            smaller = self._decode_step(model, len(keep), total, device)
+            smaller.take_rows(decode, index)
+            decode = smaller
+        else:
+            decode.compact(index)
+        rows.keep(index)
+        return decode
 
     def _token_step(self, decode: DecodeStep, rows: RowState, compiling: bool) -> Callable[[], None]:
         """One whole token step on static buffers: the decode forward, then ``_emit``."""
@@ -239,20 +251,28 @@ class StaticCacheEngine(HFGenerateEngine):
 
         return step
 
-    def _emit(self, logits: torch.Tensor, decode: DecodeStep, rows: RowState) -> None:
-        """Sample token ``decode.step`` of every row from ``logits`` and record it, all on
-        the device (no host sync: capturable)."""
-        index = decode.step
+    def _emit(self, logits: torch.Tensor, decode: DecodeStep, rows: RowState, slots: torch.Tensor | None = None) -> None:
+        """Sample each slot's token ``decode.steps`` from ``logits`` (all slots, or the
+        rows of ``slots``) and record it, all on the device (no host sync: capturable)."""
+        pick = (lambda t: t) if slots is None else (lambda t: t[slots])  # noqa: E731
+        index, finished = pick(decode.steps), pick(rows.finished)
         if self.min_new_tokens and rows.eos.numel():
-            suppress = index < self.min_new_tokens
+            suppress = (index < self.min_new_tokens).unsqueeze(1)
             logits[:, rows.eos] = torch.where(suppress, float("-inf"), logits[:, rows.eos])
         greedy = self.sampling.temperature <= 0
-        tokens = sample_tokens(logits, self.sampling, None if greedy else row_uniforms(rows.seeds, index))
-        rows.generated.index_put_((rows.live, index.expand_as(rows.live)), tokens)
+        tokens = sample_tokens(logits, self.sampling, None if greedy else row_uniforms(pick(rows.seeds), index))
+        # a slot that stopped writes to the spare last column
+        rows.generated.index_put_((pick(rows.live), torch.where(finished, rows.max_new, index)), tokens)
+        stop = index >= rows.max_new - 1
         if rows.eos.numel():
             # not torch.isin: with 15+ stop ids (16 rows) it sorts and syncs, which breaks capture
-            rows.finished |= (tokens.unsqueeze(1) == rows.eos).any(1)
-        decode.tokens.copy_(tokens.view(-1, 1))
+            stop = stop | (tokens.unsqueeze(1) == rows.eos).any(1)
+        if slots is None:
+            rows.finished |= stop
+            decode.tokens.copy_(tokens.view(-1, 1))
+        else:
+            rows.finished[slots] = finished | stop
+            decode.tokens[slots] = tokens.view(-1, 1)
 
     def _want_graph(self, device: torch.device) -> bool:
         if device.type != "cuda":

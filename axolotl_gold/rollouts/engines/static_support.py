@@ -33,14 +33,23 @@ SERVED_ATTENTION = ("sdpa", "eager")
 
 
 class ComputeDtypeLayer:
-    """Mixin for HF's ``StaticLayer``: keys stored in the values' dtype (see above)."""
+    """Mixin for HF's ``StaticLayer``: keys stored in the values' dtype (see above), and,
+    once ``write_at`` is set (a decode step's cache), one token per row written at that
+    row's own column (``write_at[row]``) instead of HF's one shared write position."""
+
+    write_at: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states.to(value_states.dtype), value_states)
 
     def update(self, key_states, value_states, *args, **kwargs):
         dtype = self.dtype if self.is_initialized else value_states.dtype
-        return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
+        if self.write_at is None:
+            return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
+        for store, new in ((self.keys, key_states), (self.values, value_states)):
+            index = self.write_at.view(-1, 1, 1, 1).expand(-1, store.shape[1], 1, store.shape[3])
+            store.scatter_(2, index, new.to(dtype))
+        return self.keys, self.values
 
 
 _LAYER_CLASS = {}
@@ -94,6 +103,19 @@ def copy_cache_rows(source, target, keep: torch.Tensor) -> None:
         dst.keys.copy_(keys)
         dst.values.copy_(values)
         dst.cumulative_length.copy_(src.cumulative_length)
+
+
+def place_prompt_rows(source, target, slots: torch.Tensor, batch: int) -> None:
+    """``source``'s rows (prefilled prompts, ``width`` columns) into rows ``slots`` of
+    ``target``'s layers (``batch`` rows), columns ``[0, width)``, in place; ``target``'s
+    layers are allocated on first use."""
+    for src, dst in zip(source.layers, target.layers):
+        if not dst.is_initialized:
+            shape = (batch, src.keys.shape[1], 1)
+            dst.lazy_initialization(src.keys[:1, :, :1].expand(*shape, -1), src.values[:1, :, :1].expand(*shape, -1))
+        width = src.keys.shape[2]
+        dst.keys[slots, :, :width] = src.keys.to(dst.keys.dtype)
+        dst.values[slots, :, :width] = src.values.to(dst.values.dtype)
 
 
 def attention_implementation(model) -> str | None:
