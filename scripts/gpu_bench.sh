@@ -9,6 +9,7 @@
 #   kernels  the rollout engine's CUDA unit tests (decode attention kernel, static engine, sampling)
 #   decode   benchmarks/profile_decode.py --only-compile (0.5B shape: Triton / tensor attention)
 #   decode360  benchmarks/profile_decode.py --only-compile at SmolLM2-360M's shape
+#   refill   benchmarks/bench_refill.py --compile (64 ragged prompts through 16 slots: refilled vs chunked)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_bench_out}
 mkdir -p "$OUT" /tmp/clean
@@ -50,4 +51,8 @@ if [[ $want == *,decode360,* ]]; then
     --kv-heads 5 --intermediate 2560 --vocab 49152 --json "$OUT/profile_decode_360m.json" \
     > "$OUT/profile_decode_360m.txt" 2>&1
   grep "^|" "$OUT/profile_decode_360m.txt" || tail -20 "$OUT/profile_decode_360m.txt"
+fi
+if [[ $want == *,refill,* ]]; then
+  timeout "${GOLD_REFILL_S:-420}" python3 benchmarks/bench_refill.py --compile --json "$OUT/bench_refill.json" > "$OUT/bench_refill.txt" 2>&1
+  grep -E "^\||^device" "$OUT/bench_refill.txt" || tail -20 "$OUT/bench_refill.txt"
 fi

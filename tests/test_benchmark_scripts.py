@@ -95,6 +95,18 @@ def test_ragged_helpers_size_the_stop_set_for_the_mean():
     assert ragged.engine_schedule([3, 5, 2], 8, "static-chunked", slots=2, every=4) == (8, 12)
 
 
+def test_bench_refill_counts_what_the_replay_predicts_and_refilling_saves_steps(tmp_path):
+    out = tmp_path / "bench_refill.json"
+    stdout = _run(["benchmarks/bench_refill.py", "--tiny", "--device", "cpu", "--json", str(out)], tmp_path)
+    rows = json.loads(out.read_text())["rows"]
+    for row in rows.values():
+        assert row["token_steps"] == row["replayed_steps"] and row["row_steps"] == row["replayed_row_steps"]
+        assert 0.2 < row["lengths"]["mean"] / 48 < 0.6  # ragged: 40% of the limit intended
+    assert rows["refill"]["refills"] > 0 and rows["chunked"]["refills"] == 0
+    assert rows["one batch"]["token_steps"] < rows["refill"]["token_steps"] < rows["chunked"]["token_steps"]
+    assert len(_table_rows(stdout, "refill")) == 1
+
+
 def test_bench_cli_ragged_runs_the_forced_loop_beside_it(tmp_path):
     out = tmp_path / "bench_cli.json"
     stdout = _run(["benchmarks/bench_cli.py", "--tiny", "--device", "cpu", "--ragged", "--steps", "3",

@@ -1,12 +1,13 @@
 """The static engine's device-side state: one decode step on static buffers, and what a
-call records per row.
+call records per prompt.
 
-``DecodeStep`` holds a call's buffers (HF ``StaticCache``, the 4-D mask, prompt lengths,
-the step counter, the fed tokens) and runs the model for one token per row;
-``decode_forward`` is its body, and ``compiled_decode_forward`` the same body through
-``torch.compile``. ``RowState`` holds what each row sampled and whether it stopped. All of
-it lives on the device and changes in place, so the engine can capture a whole token step
-as one CUDA graph.
+``DecodeStep`` holds a call's buffers (HF ``StaticCache``, the 4-D mask, each slot's prompt
+length, first generated column and token index, the fed tokens), prefills prompts into
+slots and runs the model for one token per slot; ``decode_forward`` is its body, and
+``compiled_decode_forward`` the same body through ``torch.compile``. ``RowState`` holds
+what each prompt sampled and, per slot, which prompt it samples for and whether it
+stopped. All of it lives on the device and changes in place, so the engine can capture a
+whole token step as one CUDA graph and keep it while slots take new prompts.
 """
 
 from __future__ import annotations

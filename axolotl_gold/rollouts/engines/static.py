@@ -7,30 +7,36 @@ suppression, sampling, recording the token and the stop flags: ``decode_step``) 
 fixed-shape function of static device buffers, so on CUDA it is captured once per call
 as one CUDA graph and replayed:
 
-- the KV cache is HF's ``StaticCache``, sized prompt width + ``max_new_tokens``, storing
-  in the dtype attention computes in (``static_support``); its write position is a
-  device tensor that the step itself advances;
+- the KV cache is HF's ``StaticCache``, sized the longest prompt + ``max_new_tokens``,
+  storing in the dtype attention computes in (``static_support``); each row writes at
+  its own column (its first generated column + its token index, device tensors the step
+  itself advances);
 - decode attention reads each cached KV head once (``decode_attention``: HF's sdpa
   path copies every KV head per query head whenever a mask is given), on CUDA in two
   Triton launches that read only the columns filled so far (``decode_kernel``;
   ``decode_kernel=False`` keeps the tensor version);
-- the attention mask is a 4D ``[B, 1, 1, L]`` mask built on the device from the
-  prompt's padding and a device step counter (HF passes a 4D mask through unchanged,
+- the attention mask is a 4D ``[B, 1, 1, L]`` mask built on the device from each
+  row's prompt padding and token index (HF passes a 4D mask through unchanged,
   so it is built in the form the attention implementation reads);
 - sampling (temperature, top-k, top-p, then the CDF inverted at one uniform per row:
   ``sampling``) runs on the device with a uniform that is a function of (seed, row,
-  step) (``noise``): a row's sample does not depend on its batch, and EOS is checked on
-  the host only every ``eos_check_every`` tokens; once half the rows have stopped, the
-  others go on as a smaller batch (cache rows dropped, the graph captured anew), so
-  stopped rows cost nothing afterwards;
+  step) (``noise``): a row's sample does not depend on its batch;
+- the host reads the stop flags only every ``eos_check_every`` tokens and at the step a
+  row samples its last token (``slots``). When a call has more prompts than fit at once,
+  a slot whose row stopped starts the next waiting prompt there and then (its prompt
+  prefilled alone and placed in the slot's cache row, in place, so the captured graph
+  still applies): each slot has its own cache columns, positions and token index. Once
+  no prompt waits and half the rows have stopped, the others go on as a smaller batch
+  (cache rows dropped, the graph captured anew);
 - with ``compile_decode`` the step goes through ``torch.compile`` (fused pointwise
   kernels: 3.35 -> 1.74 ms per decode forward of a 0.5B model at batch 16 on an H200)
   before it is captured; shapes are bucketed (cache columns, power-of-two rows) and each
   bucket's buffers are kept between calls, so the compile happens once per bucket.
 
-The prompt (prefill) runs once through HF's own forward with a 2D mask, exactly as
-``generate`` does; a float32 head under autocast (Axolotl's full fine-tune) is cast once
-for the call's decode steps instead of by autocast in every step (``static_support``).
+Prompts (prefill) run through HF's own forward with a 2D mask, exactly as ``generate``
+does, into a cache of their own that is then copied into the rows' slots; a float32
+head under autocast (Axolotl's full fine-tune) is cast once for the call's decode steps
+instead of by autocast in every step (``static_support``).
 On CPU, or with ``use_cuda_graph=False``, the same loop runs eagerly; the tests check
 that greedy output equals ``model.generate``'s.
 
@@ -85,6 +91,11 @@ def rows_that_fit(model, rows: int, columns: int) -> int:
 
 class StaticCacheEngine(HFGenerateEngine):
     """Drop-in for ``HFGenerateEngine``: same constructor and ``generate`` contract.
+
+    ``batch_size`` caps the rows decoded at once (default: as many as fit, ``rows_that_fit``);
+    with more prompts, ``refill_slots`` (default) starts waiting prompts in slots whose row
+    stopped, and ``refill_slots=False`` runs one batch after another. ``token_steps``,
+    ``row_steps``, ``refills`` and ``compactions`` count what the calls ran.
 
     ``min_new_tokens`` suppresses EOS before that many tokens (benchmarks use it to force
     fixed-length rollouts). ``use_cuda_graph`` defaults to True on CUDA; on any other
