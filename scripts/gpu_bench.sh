@@ -9,6 +9,8 @@
 #   kernels  the rollout engine's CUDA unit tests (decode attention kernel, static engine, sampling)
 #   decode   benchmarks/profile_decode.py --only-compile (0.5B shape: Triton / tensor attention)
 #   decode360  benchmarks/profile_decode.py --only-compile at SmolLM2-360M's shape
+#   student-ragged  profile_student_step.py --ragged, default allocator then expandable segments
+#            (why the ragged windows' student and teacher sides ran ~2x slower than forced)
 #   refill   benchmarks/bench_refill.py --compile (64 ragged prompts through 16 slots: refilled vs chunked)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_bench_out}
@@ -55,4 +57,12 @@ fi
 if [[ $want == *,refill,* ]]; then
   timeout "${GOLD_REFILL_S:-420}" python3 benchmarks/bench_refill.py --compile --json "$OUT/bench_refill.json" > "$OUT/bench_refill.txt" 2>&1
   grep -E "^\||^device" "$OUT/bench_refill.txt" || tail -20 "$OUT/bench_refill.txt"
+fi
+if [[ $want == *,student-ragged,* ]]; then
+  for alloc in default expandable_segments:True; do
+    PYTORCH_CUDA_ALLOC_CONF=$([ $alloc = default ] || echo $alloc) timeout 200 python3 benchmarks/profile_student_step.py \
+      --ragged --torch-profile --json "$OUT/profile_student_ragged_${alloc%%:*}.json" \
+      > "$OUT/profile_student_ragged_${alloc%%:*}.txt" 2>&1
+    echo "allocator: $alloc"; grep -E "^\|" "$OUT/profile_student_ragged_${alloc%%:*}.txt" | head -14
+  done
 fi
