@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--new", type=int, default=768)
     p.add_argument("--fraction", type=float, default=ragged.TARGET_FRACTION, help="mean length / --new")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--every", type=int, default=ragged.EOS_CHECK_EVERY,
+                   help="eos_check_every: token steps between reads of the stop flags")
     p.add_argument("--compile", action="store_true", help="compile_decode (torch.compile of the decode step)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model, 16 prompts of 16 + 48 tokens, 4 slots")
@@ -94,7 +96,8 @@ def run(args) -> dict:
     prompts = [torch.randint(0, min(stops), (args.prompt,), generator=g).tolist() for _ in range(args.prompts)]
     settings = {"refill": {"batch_size": args.slots}, "chunked": {"batch_size": args.slots, "refill_slots": False},
                 "one batch": {"batch_size": args.prompts}}
-    engines = {name: StaticCacheEngine(lambda: model, sampling, pad, stops, compile_decode=args.compile, **kwargs)
+    engines = {name: StaticCacheEngine(lambda: model, sampling, pad, stops, compile_decode=args.compile,
+                                       eos_check_every=args.every, **kwargs)
                for name, kwargs in settings.items()}
     records = {name: [] for name in VARIANTS}
     with torch.no_grad():
@@ -121,7 +124,8 @@ def summarize(args, records: dict, engines: dict) -> dict:
     rows = {}
     for name, runs in records.items():
         slots = args.prompts if name == "one batch" else args.slots
-        replayed = [ragged.engine_schedule(r["lengths"], args.new, kinds[name], slots=slots) for r in runs]
+        replayed = [ragged.engine_schedule(r["lengths"], args.new, kinds[name], slots=slots, every=args.every)
+                    for r in runs]
         lengths = [n for r in runs for n in r["lengths"]]
         seconds = sum(r["s"] for r in runs) / len(runs)
         rows[name] = {
@@ -139,7 +143,7 @@ def summarize(args, records: dict, engines: dict) -> dict:
         row["steps_vs_chunked"] = row["token_steps"] / base["token_steps"]
     return {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "config": {k: getattr(args, k) for k in ("layers", "hidden", "vocab", "prompts", "slots", "prompt",
-                                                     "new", "fraction", "rounds", "compile")},
+                                                     "new", "fraction", "rounds", "every", "compile")},
             "rows": rows}
 
 
