@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import profile_decode  # noqa: E402
 import ragged  # noqa: E402
 
 VARIANTS = ("refill", "chunked", "one batch")
@@ -41,12 +42,7 @@ VARIANTS = ("refill", "chunked", "one batch")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--hidden", type=int, default=896)
-    p.add_argument("--heads", type=int, default=14)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=4864)
-    p.add_argument("--vocab", type=int, default=151936)
+    profile_decode.add_shape_args(p)
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--prompt", type=int, default=256)
@@ -66,19 +62,6 @@ def parse_args(argv=None):
     return args
 
 
-def build(args):
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    config = Qwen2Config(
-        hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate, vocab_size=args.vocab,
-        max_position_embeddings=4096, tie_word_embeddings=True, attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_config(config, dtype=dtype).to(args.device).eval()
-
-
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -88,7 +71,7 @@ def run(args) -> dict:
     from axolotl_gold.rollouts.engines.base import SamplingSettings
     from axolotl_gold.rollouts.engines.static import StaticCacheEngine
 
-    model = build(args)
+    model = profile_decode.build(args, args.device)
     pad, eos = args.vocab - 2, args.vocab - 1
     stops = set(ragged.stop_ids(args.vocab, args.new, [eos, pad], args.fraction))
     sampling = SamplingSettings(max_new_tokens=args.new, temperature=0.9, top_p=0.95)

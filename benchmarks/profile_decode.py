@@ -28,14 +28,19 @@ from types import SimpleNamespace
 import torch
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """The model's shape (``build``): the 0.5B Qwen2 student by default."""
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--hidden", type=int, default=896)
     p.add_argument("--heads", type=int, default=14)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--intermediate", type=int, default=4864)
     p.add_argument("--vocab", type=int, default=151936)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_args(p)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--new", type=int, default=768)
@@ -135,7 +140,8 @@ def variant_label(grouped: bool, compiled: bool, kernel: bool) -> str:
     return name + (" + torch.compile" if compiled else "")
 
 
-def build(args):
+def build(args, device: str = "cuda"):
+    """The random-weight Qwen2-shaped model of ``args`` (bf16 on CUDA, float32 elsewhere)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     config = Qwen2Config(
@@ -144,8 +150,8 @@ def build(args):
         max_position_embeddings=4096, tie_word_embeddings=True, attn_implementation="sdpa",
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().eval()
-    return model
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
 
 
 def main(argv=None) -> dict:
