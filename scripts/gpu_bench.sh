@@ -26,7 +26,7 @@ if [[ $want == *,cli,* ]]; then
 fi
 if [[ $want == *,kernels,* ]]; then
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_decode_kernel.py tests/test_static_engine.py \
-    tests/test_decode_attention.py tests/test_nucleus_sampling.py -k "${GOLD_KERNEL_TESTS_K:-not interpreter}" > "$OUT/cuda_tests.txt" 2>&1
+    tests/test_slot_refill.py tests/test_decode_attention.py tests/test_nucleus_sampling.py -k "${GOLD_KERNEL_TESTS_K:-not interpreter}" > "$OUT/cuda_tests.txt" 2>&1
   tail -8 "$OUT/cuda_tests.txt"
 fi
 if [[ $want == *,decode,* ]]; then

@@ -174,8 +174,13 @@ def completion_states(model: nn.Module, batch: dict, use_head_bypass: bool) -> C
     return CompletionStates(values=values, head=head, compute_dtype=head_compute_dtype(stand_in, head))
 
 
-# the autocast dtypes the loss follows for a bypassed head: bf16 (float16 logits of a large
-# vocabulary are left to the head's own dtype: not measured on a GPU yet)
+# the autocast dtypes the loss follows for a bypassed head: bf16 only. Under float16 the
+# head stays float32 on purpose: the fused losses form the logit gradient inside their
+# forward, of the summed loss, before the GradScaler's scale reaches it (the backward
+# multiplies it in afterwards), and cast it to the head's compute dtype for the matmul
+# into hidden and weight gradients; in float16 every entry below 6e-8 (most of a 152k
+# vocabulary's probability differences) would flush to zero, where the model's own
+# autocast head gets them scaled by autograd. bfloat16 has float32's exponent range.
 FOLLOWED_AUTOCAST = (torch.bfloat16,)
 
 
