@@ -109,6 +109,26 @@ def test_one_token_completions_and_no_stop_ids():
     assert engine.token_steps == 3 * 5  # three rounds of 5 decode steps (8 prompts, 3 slots)
 
 
+def test_first_prompts_prefill_into_the_step_cache_and_refills_into_their_own(monkeypatch):
+    """No second cache when every slot starts at once (its prompt keys and values would
+    sit beside the whole decode cache); a refill prefills its few rows apart."""
+    import axolotl_gold.rollouts.engines.decode_step as decode_step
+
+    built = []
+    real = decode_step.static_cache
+    monkeypatch.setattr(decode_step, "static_cache", lambda config, columns: built.append(columns) or real(config, columns))
+    model = _model()
+    prompts = _prompts()
+    StaticCacheEngine(lambda: model, GREEDY, PAD, {EOS}).generate(prompts, seed=0)
+    assert built == [max(map(len, prompts)) + GREEDY.max_new_tokens]  # the decode step's own only
+    built.clear()
+    stops = _ragged_stops(model, prompts)
+    engine = StaticCacheEngine(lambda: model, GREEDY, PAD, stops, batch_size=3, eos_check_every=2)
+    engine.generate(prompts, seed=0)
+    assert len(built) > 1 and engine.refills >= 6
+    assert all(width <= max(map(len, prompts)) for width in built[1:])  # prompt-wide, for refills
+
+
 def test_min_new_tokens_holds_in_refilled_slots():
     model = _model()
     prompts = _prompts(7)

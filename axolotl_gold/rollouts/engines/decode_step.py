@@ -31,12 +31,11 @@ class DecodeStep:
 
     Built for ``batch`` rows (slots) and ``total`` cache columns, ``reset`` for each call
     (in place, so a compiled step sees the same objects every call). A slot starts a
-    prompt with its keys and values at columns
-    ``[0, width)``, its generated tokens from column ``width`` on (``prefill``). Slots are independent:
-    each has its own first generated column (``starts``) and token index (``steps``, the
-    index of the token fed next, counted from 0 at the first generated token, advanced
-    inside the step), so a slot whose row stopped can start another prompt while the
-    others go on. ``tokens`` (``[B, 1]``) is written by the caller before each step.
+    prompt with its keys and values at columns ``[0, width)`` and its generated tokens
+    from column ``width`` on (``prefill``). Slots are independent: each has its own
+    first generated column (``starts``) and token index (``steps``, the index of the
+    token fed next, counted from 0 at the first generated token, advanced inside the
+    step), so a slot whose row stopped can start another prompt while the others go on. ``tokens`` (``[B, 1]``) is written by the caller before each step.
     """
 
     def __init__(self, model, batch: int, total: int, device, grouped: bool = True, kernel: bool = True):
@@ -53,6 +52,9 @@ class DecodeStep:
     def _write_at(self, columns: torch.Tensor) -> None:
         """The ``[B]`` cache column each slot's token is written to (filled by the step)."""
         self.write_at = columns
+        self._layers_write_at(columns)
+
+    def _layers_write_at(self, columns: torch.Tensor | None) -> None:
         for layer in self.cache.layers:
             layer.write_at = columns
 
@@ -63,19 +65,31 @@ class DecodeStep:
         self.steps.zero_()
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
-        """Slots ``slots`` (default: all) start the left-padded prompts ``ids`` (padding
-        ``mask``): prefilled through HF's own mask and position logic (as ``generate``
-        does) into a cache of their own, then placed at columns ``[0, width)``; returns
-        their last position's ``[len(slots), V]`` logits."""
-        slots = torch.arange(self.starts.numel(), device=ids.device) if slots is None else slots
-        cache = static_cache(self.model.config, ids.shape[1])
+        """Slots ``slots`` start the left-padded prompts ``ids`` (padding ``mask``),
+        prefilled through HF's own mask and position logic (as ``generate`` does), their
+        keys and values at columns ``[0, width)``; returns their last position's
+        ``[len(slots), V]`` logits. ``slots`` None: every slot (a call's first prompts),
+        prefilled straight into this cache; else into a cache of their own, then copied
+        into those slots' rows (the other slots go on untouched)."""
+        width, everyone = ids.shape[1], slots is None
+        if everyone:
+            slots = torch.arange(self.starts.numel(), device=ids.device)
+            cache = self.cache
+            self._layers_write_at(None)  # HF's one write position, from column 0
+            for layer in cache.layers:
+                layer.cumulative_length.zero_()
+        else:
+            cache = static_cache(self.model.config, width)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        logits = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions,
-            past_key_values=cache, use_cache=True, logits_to_keep=1,
-        ).logits[:, -1]
-        width = ids.shape[1]
-        place_prompt_rows(cache, self.cache, slots, self.starts.numel())
+        try:
+            logits = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            ).logits[:, -1]
+        finally:
+            self._layers_write_at(self.write_at)
+        if not everyone:
+            place_prompt_rows(cache, self.cache, slots, self.starts.numel())
         self.base_mask[slots] = False
         self.base_mask[slots, 0, 0, :width] = mask.bool()
         self.starts[slots] = width

@@ -209,7 +209,8 @@ class StaticCacheEngine(HFGenerateEngine):
         and their token 0 sampled."""
         slots = torch.tensor(list(started), device=decode.starts.device)
         ids, mask = left_pad([prompts[i] for i in started.values()], self.pad_id)
-        logits = decode.prefill(ids.to(slots.device), mask.to(slots.device), slots)
+        everyone = list(started) == list(range(decode.starts.numel()))  # the call's first prompts
+        logits = decode.prefill(ids.to(slots.device), mask.to(slots.device), None if everyone else slots)
         rows.assign(slots, torch.tensor(list(started.values()), device=slots.device))
         self._emit(logits, decode, rows, slots)
 
