@@ -14,7 +14,7 @@ prompts and seed (the rounds interleave them; a warm-up call each first):
 - ``chunked``: the same with ``refill_slots=False``: 4 batches one after another, each
   until its longest row;
 - ``one batch``: all 64 rows at once (what a GPU with room for them runs; not the case
-  under test, the floor of steps).
+  under test, the floor of steps; ``--variants refill,chunked`` leaves it out).
 
 Per variant: device-synced seconds per call, tokens per second, decode steps and
 row-steps (the engine's counters) and the same replayed from the lengths
@@ -52,10 +52,14 @@ def parse_args(argv=None):
     p.add_argument("--every", type=int, default=ragged.EOS_CHECK_EVERY,
                    help="eos_check_every: token steps between reads of the stop flags")
     p.add_argument("--compile", action="store_true", help="compile_decode (torch.compile of the decode step)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated, of: refill, chunked, one batch (chunked is the baseline, always run; "
+                        "compiled, 'one batch' adds two row buckets to compile)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model, 16 prompts of 16 + 48 tokens, 4 slots")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    args.variants = [v for v in VARIANTS if v in args.variants.split(",") or v == "chunked"]
     if args.tiny:
         args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate = 2, 64, 4, 2, 128
         args.vocab, args.prompts, args.slots, args.prompt, args.new = 4096, 16, 4, 16, 48
@@ -79,10 +83,11 @@ def run(args) -> dict:
     prompts = [torch.randint(0, min(stops), (args.prompt,), generator=g).tolist() for _ in range(args.prompts)]
     settings = {"refill": {"batch_size": args.slots}, "chunked": {"batch_size": args.slots, "refill_slots": False},
                 "one batch": {"batch_size": args.prompts}}
+    settings = {name: settings[name] for name in args.variants}
     engines = {name: StaticCacheEngine(lambda: model, sampling, pad, stops, compile_decode=args.compile,
                                        eos_check_every=args.every, **kwargs)
                for name, kwargs in settings.items()}
-    records = {name: [] for name in VARIANTS}
+    records = {name: [] for name in args.variants}
     with torch.no_grad():
         for name, engine in engines.items():
             engine.generate(prompts, seed=0)  # warm-up: allocator, kernels, the compile

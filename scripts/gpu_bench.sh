@@ -11,7 +11,8 @@
 #   decode360  benchmarks/profile_decode.py --only-compile at SmolLM2-360M's shape
 #   student-ragged  profile_student_step.py --ragged, default allocator then expandable segments
 #            (why the ragged windows' student and teacher sides ran ~2x slower than forced)
-#   refill   benchmarks/bench_refill.py --compile (64 ragged prompts through 16 slots: refilled vs chunked)
+#   refill   benchmarks/bench_refill.py --compile --variants refill,chunked (64 ragged prompts through
+#            16 slots: refilled vs one batch after another; 3 row buckets to compile)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_bench_out}
 mkdir -p "$OUT" /tmp/clean
@@ -55,7 +56,7 @@ if [[ $want == *,decode360,* ]]; then
   grep "^|" "$OUT/profile_decode_360m.txt" || tail -20 "$OUT/profile_decode_360m.txt"
 fi
 if [[ $want == *,refill,* ]]; then
-  timeout "${GOLD_REFILL_S:-420}" python3 benchmarks/bench_refill.py --compile --json "$OUT/bench_refill.json" > "$OUT/bench_refill.txt" 2>&1
+  timeout "${GOLD_REFILL_S:-420}" python3 benchmarks/bench_refill.py --compile --variants refill,chunked --json "$OUT/bench_refill.json" > "$OUT/bench_refill.txt" 2>&1
   grep -E "^\||^device" "$OUT/bench_refill.txt" || tail -20 "$OUT/bench_refill.txt"
 fi
 if [[ $want == *,student-ragged,* ]]; then
