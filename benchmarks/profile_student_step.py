@@ -23,8 +23,9 @@ own micro-step loop (Ours.train) less the teacher, the figure the README quotes 
 
 --variants adds one row each: gradient checkpointing toggled, loss chunk sizes, AdamW
 foreach instead of fused (or fused on CPU), Liger's fused linear JSD (skipped when
-liger_kernel is not importable), and the student through ``torch.compile`` alone and with
-loss chunk 4096. The compile rows mirror Axolotl's ``torch_compile: true``: HF's Trainer
+liger_kernel is not importable), the student through ``torch.compile`` alone and with
+loss chunk 4096, and last the student with Liger's RMSNorm / SwiGLU / RoPE kernels (what
+Axolotl's Liger plugin applies; CUDA only; ``--only-compile`` keeps it beside the compile rows). The compile rows mirror Axolotl's ``torch_compile: true``: HF's Trainer
 hands ``torch_compile_backend`` (inductor, no mode) to Accelerate, whose ``prepare`` wraps
 the whole model in ``torch.compile(model, backend="inductor")``; the trainer's forward and
 backward run through that wrapper while the engines keep the plain model (so prefill stays
@@ -275,9 +276,37 @@ def variants(ours, args):
         liger = dataclasses.replace(ours.objective, backend="liger")
         yield "Liger fused linear JSD", knob([(ours, "objective", liger)])
     yield from compile_variants(ours, args, knob)
+    yield from liger_model_variant(ours)
 
 
 COMPILE_ROWS = ("student torch.compile", "student torch.compile + loss chunk 4096")
+LIGER_ROW = "student with Liger's RMSNorm, SwiGLU, RoPE kernels (last: not undone)"
+
+
+def liger_model_variant(ours):
+    """Axolotl's Liger plugin on the student (``liger_rms_norm``, ``liger_glu_activation``,
+    ``liger_rope``): its Triton kernels in place of HF's element-wise layers. Applied to the
+    model instance (and RoPE to the modeling module, so the teacher's forward too) and not
+    undone, so it comes last."""
+    import contextlib
+
+    name = LIGER_ROW
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+    except ImportError:
+        yield name, "skipped: liger_kernel not importable"
+        return
+    if ours.device.type != "cuda":
+        yield name, "skipped: CUDA only (Triton kernels)"
+        return
+
+    @contextlib.contextmanager
+    def applied():
+        apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False, model=plain_model(ours.student))
+        yield
+
+    yield name, applied()
 
 
 def compile_variants(ours, args, knob):
@@ -371,7 +400,7 @@ def main(argv=None) -> None:
     if own.variants:
         rows = []
         for name, knob in variants(ours, args):
-            if own.only_compile and name not in COMPILE_ROWS:
+            if own.only_compile and name not in (*COMPILE_ROWS, LIGER_ROW):
                 continue  # a knob not entered changes nothing
             if isinstance(knob, str):
                 rows.append((name, knob))
