@@ -136,13 +136,21 @@ def test_text_strategy_refuses_image_rows(tiny_pair):
     [
         ({"skip_prepare_dataset": None}, "skip_prepare_dataset"),
         ({"remove_unused_columns": True}, "remove_unused_columns"),
-        ({"gold_generation_engine": "static"}, "gold_generation_engine"),
+        ({"gold_rollout_compile": True}, "set `gold_generation_engine: static`"),
         ({"use_vllm": True}, "use_vllm"),
         ({"use_uld_loss": True, "uld_teacher_prompt": "student_text"}, "uld_teacher_prompt"),
         ({"datasets": [{"path": "x.jsonl", "type": "alpaca"}]}, "axolotl_gold.vision.chat_template"),
     ],
 )
 def test_vision_settings_are_checked_before_loading(overrides, key):
+    _validate_vision_data(overrides, key)
+
+
+def test_static_engine_and_its_compile_are_accepted_for_a_vision_student():
+    _validate_vision_data({"gold_generation_engine": "static", "gold_rollout_compile": True}, None)
+
+
+def _validate_vision_data(overrides, key):
     from axolotl_gold.config.validation import validate_gold_settings
 
     data = {
@@ -153,5 +161,8 @@ def test_vision_settings_are_checked_before_loading(overrides, key):
     }
     data.update(overrides)
     data = {k: v for k, v in data.items() if v is not None}
+    if key is None:
+        validate_gold_settings(data)
+        return
     with pytest.raises(GoldConfigError, match=key):
         validate_gold_settings(data)

@@ -212,8 +212,9 @@ def _validate_rollout_compile(data: dict) -> None:
         blocker = "`gold_generation_engine: hf` (HF generate samples)"
     elif data.get("use_vllm"):
         blocker = "`use_vllm: true` (vLLM samples, with its own CUDA graphs)"
-    elif data.get("processor_type"):
-        blocker = "a vision-language student (`processor_type`: HF generate samples with the images)"
+    elif data.get("processor_type") and data.get("gold_generation_engine") != "static":
+        blocker = ("a vision-language student (`processor_type`) under `gold_generation_engine: auto` "
+                   "(HF generate samples with the images; set `gold_generation_engine: static`)")
     elif data.get("fsdp_config") or data.get("fsdp_version") or zero_stage(data.get("deepspeed")) == 3:
         blocker = "FSDP2 / ZeRO-3 (HF generate samples from the weights gathered per window)"
     else:
@@ -237,11 +238,6 @@ def _validate_vision(data: dict) -> None:
         raise GoldConfigError(
             "`remove_unused_columns: true` would drop the image rows' columns: set "
             "`remove_unused_columns: false` (or leave it unset) with `processor_type`."
-        )
-    if data.get("gold_generation_engine") == "static":
-        raise GoldConfigError(
-            "`gold_generation_engine: static` samples from token ids only and cannot take "
-            "images: set `gold_generation_engine: hf` (or `auto`) for a vision-language student."
         )
     if data.get("use_vllm"):
         raise GoldConfigError(

@@ -216,6 +216,9 @@ class GoldTrainer(AxolotlTrainer):
             "engine_calls": calls,
             "engine_calls_total": self.student_engine.calls,
             "teacher_engine_calls_total": self.teacher_engine.calls if self.teacher_engine else 0,
+            "engine": type(self.student_engine).__name__,
+            # calls the static engine handed to HF generate (a model it cannot serve)
+            "engine_fallbacks": getattr(self.student_engine, "fallbacks", 0),
         }
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, WINDOW_LOG), "a", encoding="utf-8") as f:

@@ -64,13 +64,15 @@ class DecodeStep:
         self.base_mask.zero_()
         self.steps.zero_()
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor | None = None,
+                extra: dict | None = None) -> torch.Tensor:
         """Slots ``slots`` start the left-padded prompts ``ids`` (padding ``mask``),
         prefilled through HF's own mask and position logic (as ``generate`` does), their
         keys and values at columns ``[0, width)``; returns their last position's
         ``[len(slots), V]`` logits. ``slots`` None: every slot (a call's first prompts),
         prefilled straight into this cache; else into a cache of their own, then copied
-        into those slots' rows (the other slots go on untouched)."""
+        into those slots' rows (the other slots go on untouched). ``extra``: more inputs of
+        the prompt forward only (a processor's ``pixel_values``, ``token_type_ids``, ...)."""
         width, everyone = ids.shape[1], slots is None
         if everyone:
             slots = torch.arange(self.starts.numel(), device=ids.device)
@@ -84,7 +86,7 @@ class DecodeStep:
         try:
             logits = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
+                past_key_values=cache, use_cache=True, logits_to_keep=1, **(extra or {}),
             ).logits[:, -1]
         finally:
             self._layers_write_at(self.write_at)
@@ -186,9 +188,11 @@ class RowState:
     """What a call records, on the device: the sampled tokens of each of its ``n`` prompts
     (``generated``, one spare column last, where slots that stopped write what they still
     sample), and per slot the prompt it samples for (``live``), that prompt's noise seed
-    and whether it stopped (an empty slot counts as stopped)."""
+    and whether it stopped (an empty slot counts as stopped); ``eos`` and ``suppress``
+    (tokens never sampled) are the call's."""
 
-    def __init__(self, pad_id: int, max_new: int, seeds: torch.Tensor, eos: list[int], device, slots: int):
+    def __init__(self, pad_id: int, max_new: int, seeds: torch.Tensor, eos: list[int], device, slots: int,
+                 suppress: list[int] = ()):
         self.max_new = max_new
         self.generated = torch.full((seeds.numel(), max_new + 1), pad_id, dtype=torch.long, device=device)
         self.prompt_seeds = seeds
@@ -196,6 +200,7 @@ class RowState:
         self.seeds = torch.zeros(slots, dtype=torch.long, device=device)
         self.finished = torch.ones(slots, dtype=torch.bool, device=device)
         self.eos = torch.tensor(eos, dtype=torch.long, device=device)
+        self.suppress = torch.tensor(list(suppress), dtype=torch.long, device=device)
 
     def assign(self, slots: torch.Tensor, prompts: torch.Tensor) -> None:
         """Slots ``slots`` now sample for prompts ``prompts`` (in place)."""

@@ -53,13 +53,13 @@ from typing import Callable
 import torch
 
 from axolotl_gold.data.batching import left_pad
-from axolotl_gold.rollouts.engines.base import SamplingSettings, refuse_model_inputs, trim_completion
-from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
+from axolotl_gold.rollouts.engines.base import SamplingSettings, trim_completion
+from axolotl_gold.rollouts.engines.hf import HFGenerateEngine, _to_model
 from axolotl_gold.rollouts.engines.noise import row_seeds, row_uniforms
 from axolotl_gold.rollouts.engines.decode_step import CompiledStep, DecodeStep, RowState
 from axolotl_gold.rollouts.engines.sampling import filter_logits, sample_tokens  # noqa: F401 (re-exported)
 from axolotl_gold.rollouts.engines.slots import COMPILE_MIN_ROWS, SlotQueue, compiled_rows  # noqa: F401 (re-exported)
-from axolotl_gold.rollouts.engines.static_support import autocast_head, blocker, precast_head
+from axolotl_gold.rollouts.engines.static_support import autocast_head, blocker, position_blocker, precast_head
 
 LOG = logging.getLogger(__name__)
 
@@ -120,8 +120,14 @@ class StaticCacheEngine(HFGenerateEngine):
         compact_finished: bool = True,
         compile_decode: bool = False,
         refill_slots: bool = True,
+        generate_kwargs: dict | None = None,
     ):
-        super().__init__(get_model, sampling, pad_id, eos_ids, batch_size, min_new_tokens)
+        unknown = set(generate_kwargs or {}) - {"suppress_tokens"}
+        if unknown:
+            raise ValueError(f"StaticCacheEngine takes `suppress_tokens` of generate's keyword arguments, "
+                             f"not {sorted(unknown)}")
+        super().__init__(get_model, sampling, pad_id, eos_ids, batch_size, min_new_tokens, generate_kwargs)
+        self.suppress_tokens = sorted(self.generate_kwargs.get("suppress_tokens") or [])
         self.grouped_attention = grouped_attention
         self.decode_kernel = decode_kernel
         self.compact_finished = compact_finished
@@ -138,8 +144,9 @@ class StaticCacheEngine(HFGenerateEngine):
         self._steps: dict[tuple, DecodeStep] = {}  # compiled: the decode buffers per bucket
 
     def _sample(self, model, prompts, seed, model_inputs) -> list[list[int]]:
-        refuse_model_inputs(self, model_inputs)
-        reason = blocker(model, max(map(len, prompts)) + self.sampling.max_new_tokens)
+        vision = model_inputs is not None  # prompts with images: the processor's batch
+        width = model_inputs["input_ids"].shape[1] if vision else max(map(len, prompts))
+        reason = blocker(model, width + self.sampling.max_new_tokens) or (position_blocker(model) if vision else None)
         if reason is not None:
             if not self.fallbacks:
                 LOG.warning("gold: the static generation engine cannot serve %s: "
@@ -150,8 +157,9 @@ class StaticCacheEngine(HFGenerateEngine):
         # each row's noise is its own (seed, row index): the same samples however many
         # slots the call has, whichever slot a prompt lands in, whichever rows are dropped
         seeds = row_seeds(seed, torch.arange(len(prompts), device=device))
-        total = max(map(len, prompts)) + self.sampling.max_new_tokens
-        slots = self.batch_size or rows_that_fit(model, len(prompts), total)
+        if vision:  # one batch: the processor's image tensors are not split by row
+            return self._generate(model, prompts, device, seeds, len(prompts), model_inputs)
+        slots = self.batch_size or rows_that_fit(model, len(prompts), width + self.sampling.max_new_tokens)
         if self.refill_slots:
             return self._generate(model, prompts, device, seeds, slots)
         out: list[list[int]] = []  # one batch after another, each until its longest row
@@ -175,24 +183,26 @@ class StaticCacheEngine(HFGenerateEngine):
             self._steps[key] = DecodeStep(model, batch, total, device, self.grouped_attention, self.decode_kernel)
         return self._steps[key]
 
-    def _generate(self, model, prompts, device, seeds, slots: int) -> list[list[int]]:
+    def _generate(self, model, prompts, device, seeds, slots: int, model_inputs: dict | None = None) -> list[list[int]]:
         """Completions of ``prompts`` through ``slots`` rows at once: the first prompts
-        start together, and a slot whose row stopped starts the next waiting prompt."""
+        start together, and a slot whose row stopped starts the next waiting prompt.
+        ``model_inputs``: the processor's batch of all the prompts (``slots`` holds them)."""
         max_new = self.sampling.max_new_tokens
         if max_new <= 0 or not prompts:
             return [[] for _ in prompts]
         compiling = self._compiling(device)
-        total = max(map(len, prompts)) + max_new  # any prompt fits any slot
+        width = model_inputs["input_ids"].shape[1] if model_inputs is not None else max(map(len, prompts))
+        total = width + max_new  # any prompt fits any slot
         if compiling:
             total = -(-total // COMPILE_COLUMNS) * COMPILE_COLUMNS
         batch = min(slots, len(prompts))
         decode = self._decode_step(model, batch, total, device)
         decode.reset()
-        rows = RowState(self.pad_id, max_new, seeds, sorted(self.eos_ids), device, batch)
+        rows = RowState(self.pad_id, max_new, seeds, sorted(self.eos_ids), device, batch, self.suppress_tokens)
         every = self.eos_check_every if self.eos_ids else None
         queue = SlotQueue(len(prompts), batch, max_new, every, self.compact_finished, buckets=compiling)
         with autocast_head(model) as probe:
-            self._start(model, prompts, decode, rows, queue.start(range(batch)))
+            self._start(model, prompts, decode, rows, queue.start(range(batch)), model_inputs)
             while max_new == 1 and queue.waiting:  # token 0 is all: prefills only
                 self._start(model, prompts, decode, rows, queue.start(range(batch)))
         if max_new > 1:
@@ -204,13 +214,20 @@ class StaticCacheEngine(HFGenerateEngine):
         self.compactions += queue.compactions
         return [trim_completion(r, self.eos_ids) for r in rows.completions()]
 
-    def _start(self, model, prompts, decode: DecodeStep, rows: RowState, started: dict[int, int]) -> None:
+    def _start(self, model, prompts, decode: DecodeStep, rows: RowState, started: dict[int, int],
+               model_inputs: dict | None = None) -> None:
         """Slot -> prompt pairs ``started`` begin: their prompts prefilled into the slots
-        and their token 0 sampled."""
+        and their token 0 sampled (``model_inputs``: every slot, from the processor's batch)."""
         slots = torch.tensor(list(started), device=decode.starts.device)
-        ids, mask = left_pad([prompts[i] for i in started.values()], self.pad_id)
         everyone = list(started) == list(range(decode.starts.numel()))  # the call's first prompts
-        logits = decode.prefill(ids.to(slots.device), mask.to(slots.device), None if everyone else slots)
+        extra = None
+        if model_inputs is not None:
+            param = next(model.parameters())
+            extra = {k: _to_model(v, param) for k, v in model_inputs.items()}
+            ids, mask = extra.pop("input_ids"), extra.pop("attention_mask")
+        else:
+            ids, mask = left_pad([prompts[i] for i in started.values()], self.pad_id)
+        logits = decode.prefill(ids.to(slots.device), mask.to(slots.device), None if everyone else slots, extra)
         rows.assign(slots, torch.tensor(list(started.values()), device=slots.device))
         self._emit(logits, decode, rows, slots)
 
@@ -268,6 +285,8 @@ class StaticCacheEngine(HFGenerateEngine):
         rows of ``slots``) and record it, all on the device (no host sync: capturable)."""
         pick = (lambda t: t) if slots is None else (lambda t: t[slots])  # noqa: E731
         index, finished = pick(decode.steps), pick(rows.finished)
+        if rows.suppress.numel():  # tokens never sampled (a VLM's image tokens)
+            logits.index_fill_(1, rows.suppress, float("-inf"))
         if self.min_new_tokens and rows.eos.numel():
             suppress = (index < self.min_new_tokens).unsqueeze(1)
             logits[:, rows.eos] = torch.where(suppress, float("-inf"), logits[:, rows.eos])

@@ -141,6 +141,15 @@ def blocker(model, total_len: int) -> str | None:
     return None
 
 
+def position_blocker(model) -> str | None:
+    """Why the static engine cannot serve ``model`` with images, or None: a model that
+    places its own rotary positions for images (Qwen2-VL's 3-D "mrope", through
+    ``get_rope_index``) needs them in every decode step, where the engine passes 1-D ones."""
+    if any(hasattr(module, "get_rope_index") for module in model.modules()):
+        return "image prompts of a model with its own rotary positions (`get_rope_index`, e.g. Qwen2-VL)"
+    return None
+
+
 def attention_mask_for(model, mask: torch.Tensor) -> torch.Tensor:
     """A boolean ``[B, 1, 1, L]`` mask in the form the model's attention reads."""
     if attention_implementation(model) != "eager":
