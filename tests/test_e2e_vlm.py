@@ -94,3 +94,14 @@ def test_lora_on_the_language_model(tiny_vlms, tmp_path, family):
     assert tower and language
     assert all(v.abs().sum() == 0 for v in tower)  # adapters there stay frozen at zero
     assert any(v.abs().sum() > 0 for v in language)
+
+
+def test_static_engine_samples_with_images(tiny_vlms, tmp_path):
+    """`gold_generation_engine: static` on a vision-language student: the processor's batch
+    prefilled through the model's own forward, then the static engine's decode steps."""
+    out = run_train(vlm_config(tiny_vlms, tmp_path, "same", gold_generation_engine="static"), tmp_path)
+    losses = _train_losses(log_history(out, 3))
+    assert len(losses) == 3 and all(math.isfinite(l) and l > 0 for l in losses)
+    records = _check_windows(out)
+    assert {r["engine"] for r in records} == {"StaticCacheEngine"}
+    assert records[-1]["engine_fallbacks"] == 0 and records[-1]["engine_calls_total"] >= 1

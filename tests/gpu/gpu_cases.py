@@ -125,6 +125,10 @@ def all_cases() -> list[Case]:
         Case("vlm-cross-lora", {**VLM, **LORA, **LORA_KERNELS_OFF, "lora_target_linear": None,
                                 "lora_target_modules": VLM_LORA_TARGET,
                                 "use_uld_loss": True, "uld_use_hybrid_loss": True}, models="vlm-cross"),
+        # the static engine on prompts with images (auto picks HF generate for them until these pass)
+        Case("vlm-same-static", {**VLM, "beta": 0.5, "gold_generation_engine": "static"}, models="vlm-same"),
+        Case("vlm-same-static-compile", {**VLM, "beta": 0.5, "gold_generation_engine": "static",
+                                         "gold_rollout_compile": True}, models="vlm-same"),
     ]
     return cases
 
