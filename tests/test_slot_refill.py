@@ -77,6 +77,24 @@ def test_engine_runs_the_schedule_ragged_py_replays(compiled, monkeypatch):
         assert engine.compactions >= 1
 
 
+def test_compiled_slots_that_fit_round_down_to_a_power_of_two(monkeypatch):
+    """Compiled, the rows that fit (free memory: a different count call to call) round down
+    to a power of two, so the decode step compiles for few row counts."""
+    import axolotl_gold.rollouts.engines.static as static
+
+    monkeypatch.setattr(StaticCacheEngine, "_compiling", lambda self, device: True)
+    model = _model()
+    prompts = _prompts()
+    engine = StaticCacheEngine(lambda: model, GREEDY, PAD, {EOS}, eos_check_every=4)
+    for fit in (7, 6, 5):
+        monkeypatch.setattr(static, "rows_that_fit", lambda *args, fit=fit: fit)
+        engine.generate(prompts, seed=0)
+    assert {key[1] for key in engine._steps} <= {4, 2}  # 4 slots, compacted buckets below
+    monkeypatch.setattr(static, "rows_that_fit", lambda *args: len(prompts))
+    engine.generate(prompts, seed=0)
+    assert len(prompts) in {key[1] for key in engine._steps}  # all fit: one batch as it is
+
+
 def test_samples_do_not_depend_on_slots_or_refills():
     """Each prompt's noise is (seed, prompt index, token): refilled slots, one batch after
     another and all rows at once sample the same completions."""

@@ -160,6 +160,10 @@ class StaticCacheEngine(HFGenerateEngine):
         if vision:  # one batch: the processor's image tensors are not split by row
             return self._generate(model, prompts, device, seeds, len(prompts), model_inputs)
         slots = self.batch_size or rows_that_fit(model, len(prompts), width + self.sampling.max_new_tokens)
+        if slots < len(prompts) and self._compiling(device):
+            # what fits moves with free memory from call to call: a power of two keeps the
+            # compiled shapes few (a new row count would compile anew)
+            slots = 1 << (slots.bit_length() - 1)
         if self.refill_slots:
             return self._generate(model, prompts, device, seeds, slots)
         out: list[list[int]] = []  # one batch after another, each until its longest row
