@@ -34,14 +34,17 @@ as one CUDA graph and replayed:
   bucket's buffers are kept between calls, so the compile happens once per bucket.
 
 Prompts (prefill) run through HF's own forward with a 2D mask, exactly as ``generate``
-does, into a cache of their own that is then copied into the rows' slots; a float32
-head under autocast (Axolotl's full fine-tune) is cast once for the call's decode steps
-instead of by autocast in every step (``static_support``).
+does (with images: the processor's batch, ``pixel_values`` and the rest, in that one
+forward), the call's first prompts straight into the cache, a refill's into a cache of
+its own copied into its slots; a float32 head under autocast (Axolotl's full fine-tune)
+is cast once for the call's decode steps instead of by autocast in every step
+(``static_support``).
 On CPU, or with ``use_cuda_graph=False``, the same loop runs eagerly; the tests check
 that greedy output equals ``model.generate``'s.
 
 Where it cannot serve a model (an attention implementation other than sdpa / eager,
-sliding-window layers narrower than the sequence), the window goes through HF
+sliding-window layers narrower than the sequence, image prompts of a model that places
+its own rotary positions), the window goes through HF
 ``generate`` instead, with a warning naming the reason (``fallbacks`` counts them).
 """
 
