@@ -95,6 +95,26 @@ def test_compiled_slots_that_fit_round_down_to_a_power_of_two(monkeypatch):
     assert len(prompts) in {key[1] for key in engine._steps}  # all fit: one batch as it is
 
 
+def test_stopped_slots_never_pass_the_positions_generate_uses():
+    """A slot whose row stopped keeps stepping until it is refilled or the call ends; were
+    its positions to keep growing past what generate reaches, HF's dynamic / long RoPE
+    (rescaled for the whole batch by its largest position once past
+    ``max_position_embeddings``) would change every live row's rotations."""
+    model = _model()
+    prompts = _prompts()
+    stops = _ragged_stops(model, prompts)
+    seen = []
+    model.model.rotary_emb.register_forward_pre_hook(lambda module, args: seen.append(int(args[1].max())))
+    expected = HFGenerateEngine(lambda: model, GREEDY, PAD, stops).generate(prompts, seed=0)
+    reached = max(seen)
+    assert reached == max(map(len, prompts)) + GREEDY.max_new_tokens - 2  # token max_new - 1 is not fed
+    seen.clear()
+    engine = StaticCacheEngine(lambda: model, GREEDY, PAD, stops, batch_size=3, eos_check_every=1,
+                               compact_finished=False)
+    assert engine.generate(prompts, seed=0) == expected
+    assert engine.refills >= 6 and max(seen) <= reached, (max(seen), reached)
+
+
 def test_samples_do_not_depend_on_slots_or_refills():
     """Each prompt's noise is (seed, prompt index, token): refilled slots, one batch after
     another and all rows at once sample the same completions."""

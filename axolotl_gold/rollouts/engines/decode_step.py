@@ -45,6 +45,8 @@ class DecodeStep:
         self.columns = torch.arange(total, device=device)
         self.starts = torch.zeros(batch, dtype=torch.long, device=device)
         self.steps = torch.zeros(batch, dtype=torch.long, device=device)
+        self.last = torch.full((batch,), total - 1, dtype=torch.long, device=device)  # each slot's last fed column
+        self.max_new = total
         self.prompt_lengths = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self._write_at(torch.zeros(batch, dtype=torch.long, device=device))
@@ -58,8 +60,10 @@ class DecodeStep:
         for layer in self.cache.layers:
             layer.write_at = columns
 
-    def reset(self) -> None:
-        """A new call: every slot empty."""
+    def reset(self, max_new: int | None = None) -> None:
+        """A new call (of ``max_new`` tokens a prompt; default: as many as the cache
+        holds): every slot empty."""
+        self.max_new = max_new or self.total
         self.cache.reset()
         self.base_mask.zero_()
         self.steps.zero_()
@@ -95,6 +99,8 @@ class DecodeStep:
         self.base_mask[slots] = False
         self.base_mask[slots, 0, 0, :width] = mask.bool()
         self.starts[slots] = width
+        # the column of the last token a slot feeds (token max_new - 2; the last is only sampled)
+        self.last[slots] = max(width, min(width + self.max_new - 1, self.total) - 1)
         self.steps[slots] = 0
         self.prompt_lengths[slots] = mask.sum(-1, keepdim=True)
         return logits
@@ -114,6 +120,7 @@ class DecodeStep:
         compact_cache(self.cache, keep)
         self.base_mask = self.base_mask.index_select(0, keep)
         self.starts = self.starts.index_select(0, keep)
+        self.last = self.last.index_select(0, keep)
         self.steps = self.steps.index_select(0, keep)
         self.prompt_lengths = self.prompt_lengths.index_select(0, keep)
         self.tokens = self.tokens.index_select(0, keep)
@@ -123,23 +130,24 @@ class DecodeStep:
         """This step (built for ``len(keep)`` slots) continues slots ``keep`` of ``other``,
         copied into its own buffers in place."""
         copy_cache_rows(other.cache, self.cache, keep)
-        for name in ("base_mask", "starts", "steps", "prompt_lengths", "tokens"):
+        for name in ("base_mask", "starts", "last", "steps", "prompt_lengths", "tokens"):
             getattr(self, name).copy_(getattr(other, name).index_select(0, keep))
 
 
 def decode_forward(decode: DecodeStep) -> torch.Tensor:
     """The decode step's body (what ``torch.compile`` compiles when asked)."""
-    # each slot's fed token sits at cache column start + step and attends to itself; a
-    # slot that stopped goes on until it is refilled or dropped, written at the last
-    # column (its output is never read)
-    starts, steps = decode.starts.view(-1, 1, 1, 1), decode.steps.view(-1, 1, 1, 1)
-    new = (decode.columns >= starts) & (decode.columns <= starts + steps)
+    # each slot's fed token sits at cache column start + step and attends to itself. A
+    # slot whose row stopped goes on until it is refilled or dropped, held at its last
+    # column (its output is never read): its positions never pass what generate would
+    # use, since HF's dynamic / long RoPE rescales for the whole batch by the largest
+    column = torch.minimum(decode.starts + decode.steps, decode.last)
+    new = (decode.columns >= decode.starts.view(-1, 1, 1, 1)) & (decode.columns <= column.view(-1, 1, 1, 1))
     mask = attention_mask_for(decode.model, decode.base_mask | new)
-    decode.write_at.copy_((decode.starts + decode.steps).clamp(max=decode.total - 1))
+    decode.write_at.copy_(column)
     out = decode.model(
         input_ids=decode.tokens,
         attention_mask=mask,
-        position_ids=decode.prompt_lengths + decode.steps.view(-1, 1),
+        position_ids=decode.prompt_lengths + (column - decode.starts).view(-1, 1),
         past_key_values=decode.cache,
         use_cache=True,
         logits_to_keep=1,

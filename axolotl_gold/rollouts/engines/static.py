@@ -162,11 +162,13 @@ class StaticCacheEngine(HFGenerateEngine):
         seeds = row_seeds(seed, torch.arange(len(prompts), device=device))
         if vision:  # one batch: the processor's image tensors are not split by row
             return self._generate(model, prompts, device, seeds, len(prompts), model_inputs)
-        slots = self.batch_size or rows_that_fit(model, len(prompts), width + self.sampling.max_new_tokens)
-        if slots < len(prompts) and self._compiling(device):
-            # what fits moves with free memory from call to call: a power of two keeps the
-            # compiled shapes few (a new row count would compile anew)
-            slots = 1 << (slots.bit_length() - 1)
+        slots = self.batch_size
+        if not slots:
+            slots = rows_that_fit(model, len(prompts), width + self.sampling.max_new_tokens)
+            if slots < len(prompts) and self._compiling(device):
+                # what fits moves with free memory from call to call: a power of two keeps
+                # the compiled shapes few (a new row count would compile anew)
+                slots = 1 << (slots.bit_length() - 1)
         if self.refill_slots:
             return self._generate(model, prompts, device, seeds, slots)
         out: list[list[int]] = []  # one batch after another, each until its longest row
@@ -204,7 +206,7 @@ class StaticCacheEngine(HFGenerateEngine):
             total = -(-total // COMPILE_COLUMNS) * COMPILE_COLUMNS
         batch = min(slots, len(prompts))
         decode = self._decode_step(model, batch, total, device)
-        decode.reset()
+        decode.reset(max_new)
         rows = RowState(self.pad_id, max_new, seeds, sorted(self.eos_ids), device, batch, self.suppress_tokens)
         every = self.eos_check_every if self.eos_ids else None
         queue = SlotQueue(len(prompts), batch, max_new, every, self.compact_finished, buckets=compiling)
