@@ -1,6 +1,6 @@
 """What the static-cache engine needs from a model, and when it cannot serve one.
 
-Three facts about HF models the engine must respect:
+Facts about HF models the engine must respect:
 
 - Under autocast (Accelerate wraps a float32 student's forward in it for ``bf16`` /
   ``fp16`` training) the value projection comes out in the autocast dtype while RoPE
@@ -8,6 +8,9 @@ Three facts about HF models the engine must respect:
   keys' dtype, so the first value write fails (``index_copy_(): self and source expected
   to have the same dtype``). Attention computes in the values' dtype either way (autocast
   casts its inputs), so the cache stores keys and values in the values' dtype.
+- ``StaticLayer`` writes every row at one shared position; the engine's slots each write
+  at their own column (a slot may start a new prompt while others go on), so a decode
+  step's cache layer scatters each row's key and value at ``write_at[row]``.
 - A 4-D mask is handed to attention unchanged: ``sdpa`` reads a boolean mask, ``eager``
   *adds* the mask to its scores, so it needs ``0`` / ``-inf``-like floats.
 - Axolotl keeps a full fine-tune's ``embed_tokens`` / ``lm_head`` in float32 under bf16
