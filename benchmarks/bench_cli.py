@@ -218,6 +218,8 @@ def write_config(own, args, bvr, models: Path, work: Path) -> Path:
         cfg["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if args.compile:
         cfg["gold_rollout_compile"] = True
+    if args.generation_rows:
+        cfg["gold_generation_rows"] = args.generation_rows
     path = work / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -254,6 +256,7 @@ def run_cli(own, args, bvr, models: Path) -> dict:
         calls = [json.loads(line) for line in lengths.read_text().splitlines()]
         row["windows"] = calls[args.warmup: args.warmup + args.steps]
         row["engine"] = ("static-compiled" if args.compile else "static") if cuda else "hf"  # `auto`'s pick
+        row["slots"] = args.generation_rows
     return row
 
 

@@ -37,7 +37,7 @@ class Ours:
         forced = 0 if args.ragged else args.completion
         if variant == "ours-fast":
             engine = StaticCacheEngine(get, sampling, self.pad, stops, min_new_tokens=forced,
-                                       compile_decode=args.compile)
+                                       compile_decode=args.compile, batch_size=args.generation_rows)
         elif variant == "ours-hf-static":
             engine = HFGenerateEngine(get, sampling, self.pad, stops, min_new_tokens=forced,
                                       generate_kwargs={"cache_implementation": "static"})
@@ -104,7 +104,8 @@ def run_ours(args, variant: str) -> dict:
               f"teacher {timers.teacher:.2f} s, tokens {prepared.local_tokens}, "
               f"completion lengths {min(lengths)}..{max(lengths)}, loss/token {float(summed.detach()) / max(int(_tokens), 1):.4f}",
               flush=True)
-    extra = {"engine_calls": engine.calls, "engine": engine_kind(engine, device, args.compile)}
+    extra = {"engine_calls": engine.calls, "engine": engine_kind(engine, device, args.compile),
+             "slots": args.generation_rows}
     if args.ragged:
         extra["stop_mass"] = measured_stop_mass(student, prompts[: max(1, 1024 // args.prompt)], ours.stops, sampling, device)
     if hasattr(engine, "graphs_captured"):

@@ -114,18 +114,19 @@ def compare(forced: dict, ragged: dict, max_new: int) -> dict:
     """The cost of stopped rows: generation time per generated token, ragged vs forced.
 
     Each dict holds ``generation_s`` (per step), ``windows`` (the timed steps' lengths,
-    one list per engine call) and ``engine`` (for ``engine_schedule``)."""
+    one list per engine call), ``engine`` and ``slots`` (for ``engine_schedule``)."""
     gen_tokens = lambda r: sum(map(sum, r["windows"])) / len(r["windows"])  # noqa: E731 - per step
     per_forced = forced["generation_s"] / gen_tokens(forced)
     per_ragged = ragged["generation_s"] / gen_tokens(ragged)
-    steps = row_steps = tokens = rows = 0
+    steps = row_steps = tokens = full = 0
     for lengths in ragged["windows"]:
-        s, r = engine_schedule(lengths, max_new, ragged.get("engine", "static"))
+        s, r = engine_schedule(lengths, max_new, ragged.get("engine", "static"), slots=ragged.get("slots"))
         s, r = s + 1, r + len(lengths)  # the prefill: one step, token 0 of every row
-        steps, row_steps, tokens, rows = steps + s, row_steps + r, tokens + sum(lengths), rows + len(lengths)
+        batch = min(ragged.get("slots") or len(lengths), len(lengths))
+        steps, row_steps, tokens, full = steps + s, row_steps + r, tokens + sum(lengths), full + s * batch
     return {"ms_per_token_forced": 1e3 * per_forced, "ms_per_token_ragged": 1e3 * per_ragged,
             "ratio": per_ragged / per_forced, "token_steps": steps / len(ragged["windows"]),
-            "step_bound": steps * rows / len(ragged["windows"]) / tokens,  # every step costs a full batch
+            "step_bound": full / tokens,  # every step costs a full batch (of the rows decoded at once)
             "row_bound": row_steps / tokens,  # every step costs its rows
             "generated_per_s": gen_tokens(ragged) / ragged["generation_s"]}
 

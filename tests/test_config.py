@@ -79,6 +79,8 @@ def test_zero3_config_is_accepted(tiny_pair, tmp_path):
             r"evaluating a `adapter: lora` student under ZeRO-3.*`eval_strategy: \"no\"`",
         ),
         ({"loss_temperature": 0.0}, r"`loss_temperature` must be > 0"),
+        ({"gold_generation_rows": 0}, r"`gold_generation_rows` must be a whole number >= 1"),
+        ({"gold_generation_rows": 2.5}, r"`gold_generation_rows` must be a whole number >= 1"),
         ({"gold_rollout_compile": True, "gold_generation_engine": "hf"}, r"`gold_generation_engine: hf`.*remove `gold_rollout_compile`"),
         ({"gold_rollout_compile": True, "use_vllm": True}, r"`use_vllm: true`.*remove `gold_rollout_compile`"),
         (

@@ -62,6 +62,7 @@ def test_lora_mixed_policy_seq_kd(tiny_pair, tmp_path):
         adapter="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_linear=True,
         learning_rate=1e-2,
         gold_generation_engine="static",  # the static-cache engine, eager on the CPU
+        gold_generation_rows=2,  # 2 rows at once: a window's other prompts start in refilled slots
         # Axolotl's fused LoRA kernels are CUDA-only
         lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False,
     )
@@ -72,6 +73,8 @@ def test_lora_mixed_policy_seq_kd(tiny_pair, tmp_path):
     assert [r["engine_calls"] for r in records] == [int(any(r["on_policy"])) for r in records]
     # seq_kd: off-policy slices are sampled by the teacher, once per window that has any
     assert records[-1]["teacher_engine_calls_total"] == sum(not all(r["on_policy"]) for r in records)
+    # each on-policy slice is 2 prompts: all but the first 2 of a window start in a refilled slot
+    assert records[-1]["engine_refills"] == sum(max(0, 2 * sum(r["on_policy"]) - 2) for r in records) > 0
     assert all(math.isfinite(l) for l in _train_losses(log_history(out, 4)))
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -113,6 +113,9 @@ class GoldArgs(BaseModel):
     # the static engine's decode step through torch.compile (fused kernels; a one-time
     # compile per batch and cache-length bucket, about a minute each on a 0.5B model)
     gold_rollout_compile: bool = False
+    # rows the local engines (static, hf) decode at once; default: as many as fit in half
+    # the free device memory. With more prompts, the static engine refills stopped rows' slots
+    gold_generation_rows: int | None = None
     # --- vision-language students -------------------------------------------
     gold_train_vision_tower: bool = False
     use_vllm: bool = False

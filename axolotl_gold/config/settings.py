@@ -103,6 +103,7 @@ class GoldSettings:
     uld: UldSettings
     generation_engine: str
     rollout_compile: bool  # the static engine's decode step through torch.compile
+    generation_rows: int | None  # rows the local engines decode at once (None: as many as fit)
     vision: bool  # a vision-language student (``processor_type`` set)
     train_vision_tower: bool
     vllm: VllmSettings
@@ -185,6 +186,7 @@ class GoldSettings:
             ),
             generation_engine=str(get("gold_generation_engine")),
             rollout_compile=bool(get("gold_rollout_compile")),
+            generation_rows=get("gold_generation_rows"),
             vision=bool(cfg.get("processor_type")),
             train_vision_tower=bool(get("gold_train_vision_tower")),
             vllm=VllmSettings(

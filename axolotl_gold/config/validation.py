@@ -65,6 +65,12 @@ def validate_gold_settings(data: dict) -> None:
     top_p = setting(data, "top_p")
     if not 0.0 < float(top_p) <= 1.0:
         raise GoldConfigError(f"`top_p` must be in (0, 1], got {top_p}.")
+    rows = data.get("gold_generation_rows")
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise GoldConfigError(
+            f"`gold_generation_rows` must be a whole number >= 1 (rows decoded at once), got {rows!r}: "
+            "set it, or remove it to decode as many rows as fit in memory."
+        )
 
     if data.get("rl"):
         raise GoldConfigError(

@@ -219,6 +219,8 @@ class GoldTrainer(AxolotlTrainer):
             "engine": type(self.student_engine).__name__,
             # calls the static engine handed to HF generate (a model it cannot serve)
             "engine_fallbacks": getattr(self.student_engine, "fallbacks", 0),
+            # prompts the static engine started in slots of stopped rows (`gold_generation_rows`)
+            "engine_refills": getattr(self.student_engine, "refills", 0),
         }
         os.makedirs(self.args.output_dir, exist_ok=True)
         with open(os.path.join(self.args.output_dir, WINDOW_LOG), "a", encoding="utf-8") as f:

@@ -58,6 +58,8 @@ def build_engines(
     sampling = sampling_settings(settings)
     local = select_engine(settings.generation_engine, ctx.device, images=settings.vision or ctx.gathered_weights)
     kwargs = {"generate_kwargs": {"suppress_tokens": ctx.suppress_tokens}} if ctx.suppress_tokens else {}
+    if settings.generation_rows:
+        kwargs["batch_size"] = settings.generation_rows
     vllm = settings.vllm
     if vllm.enabled and vllm.mode == "server":
         from axolotl_gold.rollouts.vllm.client import VLLMServerEngine
