@@ -179,26 +179,15 @@ def test_min_new_tokens_holds_in_refilled_slots():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph decode step needs a CUDA device")
-def test_refills_reuse_the_captured_graph():
-    """A refill rewrites the slot's buffers in place: one graph serves the whole call."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_refills_reuse_the_captured_graph(compiled):
+    """A refill rewrites the slot's buffers in place: one graph serves the call until a
+    compaction (plain and through torch.compile)."""
     model = _model("cuda")
     prompts = _prompts()
     stops = _ragged_stops(model, prompts)
     expected = HFGenerateEngine(lambda: model, GREEDY, PAD, stops).generate(prompts, seed=0)
     engine = StaticCacheEngine(lambda: model, GREEDY, PAD, stops, batch_size=4, eos_check_every=2,
-                               compact_finished=False)
+                               compact_finished=compiled, compile_decode=compiled)
     assert engine.generate(prompts, seed=0) == expected
-    assert engine.refills >= 6 and engine.graphs_captured == 1
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the decode step is CUDA-only")
-def test_compiled_refills_match_generate_and_keep_the_graph():
-    model = _model("cuda")
-    prompts = _prompts()
-    stops = _ragged_stops(model, prompts)
-    expected = HFGenerateEngine(lambda: model, GREEDY, PAD, stops).generate(prompts, seed=0)
-    engine = StaticCacheEngine(lambda: model, GREEDY, PAD, stops, batch_size=4, eos_check_every=2,
-                               compile_decode=True)
-    assert engine.generate(prompts, seed=0) == expected
-    assert engine.refills >= 6
-    assert engine.graphs_captured == 1 + engine.compactions  # refills never recapture
+    assert engine.refills >= 6 and engine.graphs_captured == 1 + engine.compactions
