@@ -6,7 +6,8 @@
 #   student  benchmarks/profile_student_step.py --variants --torch-profile
 #   ragged   benchmarks/bench_vs_reference.py --ragged --skip-reference --variants ours-fast
 #   cli      benchmarks/bench_cli.py --compile --warmup 1 --steps 2 (plain loop and `axolotl train`)
-#   kernels  the rollout engine's CUDA unit tests (decode attention kernel, static engine, sampling)
+#   kernels  the rollout engine's CUDA unit tests (decode attention kernel, static engine, refills,
+#            image prompts, sampling; the static engine's graphs under FSDP2 at world size 1)
 #   decode   benchmarks/profile_decode.py --only-compile (0.5B shape: Triton / tensor attention)
 #   decode360  benchmarks/profile_decode.py --only-compile at SmolLM2-360M's shape
 #   student-ragged  profile_student_step.py --ragged, default allocator then expandable segments
@@ -26,8 +27,10 @@ if [[ $want == *,cli,* ]]; then
   grep -E "^\||^device|failed" "$OUT/bench_cli.txt" || tail -30 "$OUT/bench_cli.txt"
 fi
 if [[ $want == *,kernels,* ]]; then
-  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_decode_kernel.py tests/test_static_engine.py \
-    tests/test_slot_refill.py tests/test_decode_attention.py tests/test_nucleus_sampling.py -k "${GOLD_KERNEL_TESTS_K:-not interpreter}" > "$OUT/cuda_tests.txt" 2>&1
+  timeout 360 python3 -m pytest -q -rs -p no:cacheprovider tests/test_decode_kernel.py tests/test_static_engine.py \
+    tests/test_slot_refill.py tests/test_static_vision.py tests/test_decode_attention.py tests/test_nucleus_sampling.py \
+    tests/test_fsdp2.py::test_static_engine_graphs_under_fsdp2_on_cuda -s \
+    -k "${GOLD_KERNEL_TESTS_K:-not interpreter}" > "$OUT/cuda_tests.txt" 2>&1
   tail -8 "$OUT/cuda_tests.txt"
 fi
 if [[ $want == *,decode,* ]]; then

@@ -118,11 +118,11 @@ def test_fsdp_wrapped_head_is_bypassable():
 
 
 # ---------------------------------------------------------------- 2 processes
-def _torchrun(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], timeout: int = 600, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(29800 + os.getpid() % 500), *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -207,13 +207,44 @@ def test_generation_weights_no_gathers_while_decoding(stage_report):
 
 
 @pytest.mark.e2e
+def test_static_engine_under_fsdp2_sets_the_hooks_aside(stage_report):
+    r = stage_report["static_engine"]
+    assert r["same_tokens"], r  # as HF generate on the unsharded model, 5 prompts through 2 slots
+    assert r["refills"] == 3
+    assert r["hook_calls_inside"] == 0 and r["hooks_left_inside"] == 0
+    assert r["gathers_inside"] == 0
+    assert r["hook_calls_after"] > 0 and r["hooks_restored_in_order"]
+
+
+@pytest.mark.e2e
 def test_full_state_dict_on_rank0(stage_report):
     r = stage_report["state_dict"]
     assert r["rank0_keys_match"] and r["rank0_max_abs_diff"] == 0.0
     assert r["rank1_empty"]
 
 
-# ---------------------------------------------------------------- the worker (torchrun)
+@pytest.mark.e2e
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs under FSDP2 need a CUDA device")
+def test_static_engine_graphs_under_fsdp2_on_cuda(tmp_path):
+    """FSDP2 over the GPUs present (NCCL; world size 1 on one GPU): the static engine's
+    captured (and compiled) decode step samples from the gathered student with FSDP's
+    hooks set aside: the same greedy tokens as HF generate on the unsharded model."""
+    import torch
+
+    out = tmp_path / "static_cuda.json"
+    gpus = min(2, torch.cuda.device_count())
+    proc = _torchrun([str(Path(__file__).resolve()), str(out), "--static-cuda"], nproc=gpus)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    print(json.dumps(report, indent=1))  # the hooks-on capture's outcome is recorded, not required
+    for name in ("graph", "compiled"):
+        r = report[name]
+        assert r["same_tokens"], (name, r)
+        assert r["graphs_captured"] >= 1 and r["refills"] > 0, (name, r)
+        assert r["hook_calls_inside"] == 0, (name, r)
+
+
+# ---------------------------------------------------------------- the workers (torchrun)
 def _llama(vocab=96, hidden=32, layers=2, tie=False, seed=0, meta=False):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -239,6 +270,24 @@ def _shard_student(model, mesh, head_group=False):
     return model
 
 
+def _count_fsdp_pre_forward_hooks() -> dict:
+    """Counts FSDP2's pre-forward hook calls (wrapped in place, keeping its module name)."""
+    import functools
+
+    from torch.distributed.fsdp._fully_shard import _fsdp_state
+
+    calls = {"n": 0}
+    original = _fsdp_state.FSDPState._pre_forward
+
+    @functools.wraps(original)
+    def counted(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    _fsdp_state.FSDPState._pre_forward = counted
+    return calls
+
+
 def _worker(out_path: str) -> None:
     import torch
     import torch.distributed as dist
@@ -251,6 +300,7 @@ def _worker(out_path: str) -> None:
     )
     from axolotl_gold.scoring.forward import _head_as_identity
 
+    hook_calls = _count_fsdp_pre_forward_hooks()  # before any fully_shard binds the hook
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
@@ -392,6 +442,51 @@ def _worker(out_path: str) -> None:
         "plain_generate_gathers": plain,
     }
 
+    # ---- the static engine inside generation_weights: FSDP's forward hooks set aside
+    # (the root's stream waits cannot sit in a CUDA graph capture), the same greedy
+    # tokens as HF generate on the unsharded model, no collective while it decodes
+    from axolotl_gold.rollouts.engines.base import SamplingSettings
+    from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
+    from axolotl_gold.rollouts.engines.static import StaticCacheEngine
+
+    def hook_layout(model):
+        return [(list(m._forward_pre_hooks), list(m._forward_hooks)) for m in model.modules()]
+
+    prompts = [ids[(rank + i) % 4, : 3 + i].tolist() for i in range(5)]  # ragged, 5 through 2 slots
+    sampling = SamplingSettings(max_new_tokens=8, temperature=0.0)
+    engine = StaticCacheEngine(lambda: student, sampling, pad_id=0, eos_ids={95}, batch_size=2)
+    layout = hook_layout(student)
+    student.reshard()
+    gathers = {"n": 0}
+
+    def counted_gather(*a, **k):
+        gathers["n"] += 1
+        return original(*a, **k)
+
+    dist.all_gather_single = counted_gather
+    with generation_weights(student):
+        entry = gathers["n"]
+        hook_calls["n"] = 0
+        got = engine.generate(prompts, seed=0)
+        inside = {"hooks": hook_calls["n"], "gathers": gathers["n"] - entry}
+        fsdp_hooks_inside = sum(len(pre) + len(post) for pre, post in hook_layout(student))
+    dist.all_gather_single = original
+    hook_calls["n"] = 0
+    with torch.no_grad():
+        student(input_ids=prompt)  # outside: FSDP's hooks run again
+    student.reshard()
+    expected = HFGenerateEngine(lambda: _llama(seed=1).eval(), sampling, pad_id=0, eos_ids={95}).generate(prompts, 0)
+    report["static_engine"] = {
+        "same_tokens": got == expected,
+        "lengths": [len(c) for c in got],
+        "refills": engine.refills,
+        "hook_calls_inside": inside["hooks"],
+        "gathers_inside": inside["gathers"],
+        "hooks_left_inside": fsdp_hooks_inside,
+        "hook_calls_after": hook_calls["n"],
+        "hooks_restored_in_order": hook_layout(student) == layout,
+    }
+
     # ---- full state dict on rank 0
     sd = full_state_dict(student)
     ref_sd = _llama(seed=1).state_dict()
@@ -409,5 +504,67 @@ def _worker(out_path: str) -> None:
     dist.destroy_process_group()
 
 
+def _static_cuda_worker(out_path: str) -> None:
+    """The static engine on CUDA inside ``generation_weights`` of a ``fully_shard``-ed
+    student: captured graph, then compiled, 12 prompts through 2 slots (refills)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_slot_refill import GREEDY, _prompts, _ragged_stops
+    from test_static_engine import PAD, _model
+
+    from axolotl_gold.models.fsdp2 import generation_weights
+    from axolotl_gold.models.fsdp2.gather import _kept_unsharded
+    from axolotl_gold.models.fsdp2.groups import fsdp_modules
+    from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
+    from axolotl_gold.rollouts.engines.static import StaticCacheEngine
+
+    hook_calls = _count_fsdp_pre_forward_hooks()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the same path, eager (a dry run)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    mesh = init_device_mesh(device, (world,))
+    reference = _model(device)
+    prompts = _prompts()
+    stops = _ragged_stops(reference, prompts)
+    expected = HFGenerateEngine(lambda: reference, GREEDY, PAD, stops).generate(prompts, seed=0)
+    student = _model(device)
+    for layer in student.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(student, mesh=mesh)
+    student.eval()
+    with torch.no_grad():
+        student(input_ids=torch.tensor([prompts[0]], device=device))  # FSDP's lazy init, as training would
+    student.reshard()
+    report = {"world_size": world}
+    for name, kwargs in {"graph": {}, "compiled": {"compile_decode": True}}.items():
+        engine = StaticCacheEngine(lambda: student, GREEDY, PAD, stops, batch_size=2, **kwargs)
+        with generation_weights(student):
+            hook_calls["n"] = 0
+            got = engine.generate(prompts, seed=0)
+            inside = hook_calls["n"]
+        report[name] = {"same_tokens": got == expected, "graphs_captured": engine.graphs_captured,
+                        "refills": engine.refills, "hook_calls_inside": inside}
+    # the same with FSDP's hooks left on (gathered, kept): recorded, not required
+    engine = StaticCacheEngine(lambda: student, GREEDY, PAD, stops, batch_size=2)
+    try:
+        with _kept_unsharded(fsdp_modules(student)):
+            report["hooks_on"] = {"same_tokens": engine.generate(prompts, seed=0) == expected}
+    except Exception as err:  # noqa: BLE001 (what a capture with the hooks raises is the finding)
+        report["hooks_on"] = {"error": repr(err)[:500]}
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(report, indent=2))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    if "--static-cuda" in sys.argv:
+        _static_cuda_worker(sys.argv[1])
+    else:
+        _worker(sys.argv[1])

@@ -103,12 +103,21 @@ def test_full_finetune_on_policy_eval_save_resume(tiny_pair, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
+# the static engine samples from the gathered student (and, for seq_kd, the gathered
+# teacher) with FSDP's forward hooks set aside, 2 rows at once: the others start in
+# refilled slots (eager on the CPU; its CUDA graphs on the GPU: tests/test_fsdp2_gpu.py)
+STATIC = dict(gold_generation_engine="static", gold_generation_rows=2)
+
+
 def test_lora_seq_kd_save_resume(tiny_pair, tmp_path):
     run = tmp_path / "run"
-    cfg = gold_config(tiny_pair, run, **FSDP2, **LORA, lmbda=0.5, seq_kd=True, max_steps=3, save_steps=2)
+    cfg = gold_config(tiny_pair, run, **FSDP2, **LORA, **STATIC, lmbda=0.5, seq_kd=True, max_steps=3, save_steps=2)
     out = run_train(cfg, run, num_processes=2)
     records = windows(out)
     assert [r["engine_calls"] for r in records] == [int(any(r["on_policy"])) for r in records]
+    assert all(r["engine"] == "StaticCacheEngine" and r["engine_fallbacks"] == 0 for r in records)
+    on_policy_prompts = [2 * sum(r["on_policy"]) for r in records]  # 2 prompts a slice on this process
+    assert records[-1]["engine_refills"] == sum(max(0, n - 2) for n in on_policy_prompts)
     # seq_kd: the sharded teacher gathered for its own rollouts, once per window that has an
     # off-policy slice
     assert records[-1]["teacher_engine_calls_total"] == sum(not all(r["on_policy"]) for r in records)
@@ -126,7 +135,7 @@ def test_lora_seq_kd_save_resume(tiny_pair, tmp_path):
     (resumed_dir / "out").mkdir(parents=True)
     shutil.copytree(out / "checkpoint-2", resumed_dir / "out" / "checkpoint-2")
     cfg = gold_config(
-        tiny_pair, resumed_dir, **FSDP2, **LORA, lmbda=0.5, seq_kd=True, max_steps=3, save_steps=2,
+        tiny_pair, resumed_dir, **FSDP2, **LORA, **STATIC, lmbda=0.5, seq_kd=True, max_steps=3, save_steps=2,
         resume_from_checkpoint=str(resumed_dir / "out" / "checkpoint-2"),
     )
     resumed = run_train(cfg, resumed_dir, num_processes=2)

@@ -87,11 +87,6 @@ def validate_fsdp(data: dict) -> None:
             "reads whole parameters; FSDP2 holds shards): set `use_vllm: false` (HF generation "
             "gathers the student once per window)."
         )
-    if data.get("gold_generation_engine") == "static":
-        raise GoldConfigError(
-            "`gold_generation_engine: static` captures CUDA graphs over the weights, which FSDP2 "
-            "gathers anew for every window: set `gold_generation_engine: hf` (or `auto`)."
-        )
     if data.get("processor_type"):
         raise GoldConfigError(
             "vision-language students (`processor_type`) are not supported with FSDP2 yet: "

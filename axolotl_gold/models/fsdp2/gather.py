@@ -7,7 +7,9 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from axolotl_gold.models.fsdp2.groups import _enclosing, _groups, _lazy_init, _output_head, _owners, fsdp_modules
+from axolotl_gold.models.fsdp2.groups import (
+    _enclosing, _groups, _lazy_init, _output_head, _owners, forward_hooks_set_aside, fsdp_modules,
+)
 
 
 @contextlib.contextmanager
@@ -77,10 +79,12 @@ def generation_weights(model: nn.Module):
     """Context: the student's full weights for one generation call (all FSDP groups
     unsharded once, none resharded by the decoding forwards), then resharded.
 
-    Yields the model itself: ``generate`` runs on it as usual, the FSDP hooks find every
-    group gathered and do nothing. No collective runs during decoding (transformers
-    still synchronizes the processes' stopping when it sees an FSDP module, which is
-    harmless). Peak memory is the full student per device, as with ZeRO-3's
+    Yields the model itself: ``generate`` (or the static engine) runs on it as usual,
+    with FSDP's forward hooks set aside for the context (``forward_hooks_set_aside``:
+    every group is gathered, so they would do nothing but cost host time per decoding
+    step, and the root's stream waits cannot sit in a CUDA graph capture). No collective
+    runs during decoding (transformers still synchronizes the processes' stopping when
+    it sees an FSDP module, which is harmless). Peak memory is the full student per device, as with ZeRO-3's
     ``unwrap_model_for_generation``.
     """
     modules = fsdp_modules(model)
@@ -88,7 +92,7 @@ def generation_weights(model: nn.Module):
         yield model
         return
     _lazy_init(modules[0])
-    with _kept_unsharded(modules):
+    with _kept_unsharded(modules), forward_hooks_set_aside(model):
         yield model
 
 

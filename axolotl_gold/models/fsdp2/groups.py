@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -58,6 +61,36 @@ def _lazy_init(root: nn.Module) -> None:
     state = root._get_fsdp_state()
     if getattr(state, "_is_root", None) is None:
         state._lazy_init()
+
+
+def _is_fsdp_hook(hook) -> bool:
+    """A forward (pre-)hook ``fully_shard`` registered: a bound method of FSDP's state or
+    a closure of its module (its group hooks); bound methods report their function's module."""
+    return (getattr(hook, "__module__", None) or "").startswith("torch.distributed.fsdp")
+
+
+@contextlib.contextmanager
+def forward_hooks_set_aside(model: nn.Module) -> Iterator[None]:
+    """FSDP2's forward hooks off every module of ``model`` for the context, back after in
+    their places (other hooks, e.g. peft's or Accelerate's, stay throughout).
+
+    Only for forwards on groups already unsharded and kept so (``generation_weights``):
+    there the hooks have nothing to gather or free, but the root's still makes FSDP's
+    all-gather streams wait on the current one, which a CUDA graph capture of a decode
+    step cannot contain (an unjoined stream), and every hook costs host time per step."""
+    saved = []
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            if any(_is_fsdp_hook(h) for h in hooks.values()):
+                saved.append((hooks, list(hooks.items())))
+                for key in [k for k, h in hooks.items() if _is_fsdp_hook(h)]:
+                    del hooks[key]
+    try:
+        yield
+    finally:
+        for hooks, items in saved:
+            hooks.clear()  # the same dict, refilled in the original order
+            hooks.update(items)
 
 
 def _owners(model: nn.Module, tensor: torch.Tensor) -> list[nn.Module]:

@@ -1,9 +1,9 @@
 """Which engine samples a run's rollouts, built from the settings.
 
 ``static`` (static KV cache, CUDA-graph decode) is the default on CUDA for text
-students; under ``auto``, image prompts (the static engine serves them when asked for:
-not yet measured on a GPU) and ZeRO-3's or FSDP2's gathered weights (they move between
-calls, so no captured graphs) go through HF ``generate``; ``use_vllm`` selects a
+students; under ``auto``, image prompts and FSDP2's gathered weights (the static engine
+serves both when asked for: not yet run on a GPU) and ZeRO-3's (DeepSpeed's hooks stay
+on the modules) go through HF ``generate``; ``use_vllm`` selects a
 colocated engine or the rollout server's client.
 """
 
