@@ -4,7 +4,8 @@
 #   bash scripts/gpu_2gpu.sh tests    tests/test_fsdp2_gpu.py + tests/test_zero3_gpu.py, all
 #                                     tests at once (pytest-xdist), through `axolotl train`
 #   bash scripts/gpu_2gpu.sh bench    benchmarks/bench_multi_gpu.py (memory and tokens/s table)
-#   bash scripts/gpu_2gpu.sh checks   benchmarks/fsdp2_check.py / zero3_check.py under torchrun
+#   bash scripts/gpu_2gpu.sh checks   benchmarks/fsdp2_check.py / zero3_check.py / bench_fsdp2_rollout.py
+#                                     under torchrun
 # Several words run in turn; outputs (logs, tables, JSON) in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_2gpu_out}
@@ -34,6 +35,9 @@ for what in "$@"; do
     checks)
       timeout 150 torchrun --nproc_per_node 2 benchmarks/fsdp2_check.py --device cuda > "$OUT/fsdp2_check.txt" 2>&1
       grep "^|" "$OUT/fsdp2_check.txt" || tail -15 "$OUT/fsdp2_check.txt"
+      timeout 300 torchrun --nproc_per_node 2 benchmarks/bench_fsdp2_rollout.py --compile \
+        --json "$OUT/bench_fsdp2_rollout.json" > "$OUT/bench_fsdp2_rollout.txt" 2>&1
+      grep -E "^\||^device" "$OUT/bench_fsdp2_rollout.txt" || tail -15 "$OUT/bench_fsdp2_rollout.txt"
       for tied in "" --tied; do
         timeout 150 torchrun --nproc_per_node 2 benchmarks/zero3_check.py $tied > "$OUT/zero3_check$tied.txt" 2>&1
         grep "^|" "$OUT/zero3_check$tied.txt" || tail -15 "$OUT/zero3_check$tied.txt"

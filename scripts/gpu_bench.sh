@@ -12,6 +12,8 @@
 #   decode360  benchmarks/profile_decode.py --only-compile at SmolLM2-360M's shape
 #   student-ragged  profile_student_step.py --ragged, default allocator then expandable segments
 #            (why the ragged windows' student and teacher sides ran ~2x slower than forced)
+#   fsdp2    benchmarks/bench_fsdp2_rollout.py --compile (FSDP2 at world size 1: HF generate and the
+#            static engine with FSDP's forward hooks on vs set aside)
 #   refill   benchmarks/bench_refill.py --compile --variants refill,chunked (64 ragged prompts through
 #            16 slots: refilled vs one batch after another; 3 row buckets to compile)
 set -uo pipefail
@@ -61,6 +63,11 @@ fi
 if [[ $want == *,refill,* ]]; then
   timeout "${GOLD_REFILL_S:-420}" python3 benchmarks/bench_refill.py --compile --variants refill,chunked --json "$OUT/bench_refill.json" > "$OUT/bench_refill.txt" 2>&1
   grep -E "^\||^device" "$OUT/bench_refill.txt" || tail -20 "$OUT/bench_refill.txt"
+fi
+if [[ $want == *,fsdp2,* ]]; then  # FSDP2 at world size 1: its hooks' cost per decoding step, and graphs
+  timeout "${GOLD_FSDP2_S:-300}" python3 -m torch.distributed.run --nproc_per_node 1 benchmarks/bench_fsdp2_rollout.py \
+    --compile --json "$OUT/bench_fsdp2_rollout.json" > "$OUT/bench_fsdp2_rollout.txt" 2>&1
+  grep -E "^\||^device" "$OUT/bench_fsdp2_rollout.txt" || tail -20 "$OUT/bench_fsdp2_rollout.txt"
 fi
 if [[ $want == *,student-ragged,* ]]; then
   for alloc in default expandable_segments:True; do

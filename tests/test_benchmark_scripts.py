@@ -107,6 +107,21 @@ def test_bench_refill_counts_what_the_replay_predicts_and_refilling_saves_steps(
     assert len(_table_rows(stdout, "refill")) == 1
 
 
+def test_bench_fsdp2_rollout_samples_the_same_with_the_hooks_set_aside(tmp_path):
+    out = tmp_path / "bench_fsdp2_rollout.json"
+    stdout = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(29600 + os.getpid() % 300), "benchmarks/bench_fsdp2_rollout.py", "--tiny",
+                   "--rounds", "1", "--json", str(out)], tmp_path)
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["processes"] == 2 and set(rows) == {
+        "hf, hooks on", "static, hooks on", "hf, set aside", "static, set aside"}
+    assert all(r["ms_per_call"] > 0 for r in rows.values())
+    assert rows["hf, set aside"]["same_rollouts_as_hooks_on"] is True
+    assert rows["static, set aside"]["same_rollouts_as_hooks_on"] is True
+    assert len(_table_rows(stdout, "static, set aside")) == 1
+
+
 def test_bench_cli_ragged_runs_the_forced_loop_beside_it(tmp_path):
     out = tmp_path / "bench_cli.json"
     stdout = _run(["benchmarks/bench_cli.py", "--tiny", "--device", "cpu", "--ragged", "--steps", "3",
