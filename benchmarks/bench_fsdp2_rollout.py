@@ -11,7 +11,9 @@ Every variant is called inside the groups gathered and kept (``_kept_unsharded``
 all-gather per group, outside the timing); "hooks on" leaves FSDP's pre/post-forward
 hooks on the modules (every decoding forward runs them: host time, and the root's stream
 waits, which a CUDA graph capture cannot contain: its error is the row's result), "set
-aside" is ``forward_hooks_set_aside``. Fixed-length rollouts (``min_new_tokens``), the
+aside" is ``forward_hooks_set_aside``; "no lockstep" is HF generate with ``synced_gpus``
+off, as the engine factory builds it (transformers' default for an FSDP model is an
+all-reduce of the stop flags every token). Fixed-length rollouts (``min_new_tokens``), the
 same prompts and seed for every variant, rounds interleaved after a warm-up call each.
 Prints ms per call and per token step (process 0's; every process decodes its own
 prompts, no collective inside a call) and the ratio to HF generate with the hooks on.
@@ -49,15 +51,29 @@ def parse_args(argv=None):
     return args
 
 
+# the HF engine's generate arguments as the factory passes them (``synced_gpus`` off)
+NO_LOCKSTEP = {"generate_kwargs": {"synced_gpus": False}}
+
+
 def variants(args, device: str) -> dict:
-    """name -> (engine class name, hooks set aside, engine keyword arguments)."""
-    out = {}
-    for hooks in ("hooks on", "set aside"):
-        out[f"hf, {hooks}"] = ("hf", hooks == "set aside", {})
-        out[f"static, {hooks}"] = ("static", hooks == "set aside", {})
+    """name -> (engine class name, hooks set aside, engine keyword arguments). The HF rows
+    without ``synced_gpus`` get transformers' default for an FSDP model: lockstep (an
+    all-reduce of the stop flags every token), as GOLD sampled before."""
+    out = {
+        "hf, hooks on": ("hf", False, {}),
+        "static, hooks on": ("static", False, {}),
+        "hf, set aside": ("hf", True, {}),
+        "hf, set aside, no lockstep": ("hf", True, NO_LOCKSTEP),
+        "static, set aside": ("static", True, {}),
+    }
     if args.compile and device == "cuda":
         out["static compiled, set aside"] = ("static", True, {"compile_decode": True})
     return out
+
+
+def twin(name: str) -> str:
+    """The row a variant's rollouts must equal (its engine with the hooks on)."""
+    return name.split(",")[0].split(" ")[0] + ", hooks on"
 
 
 def run(args) -> dict:
@@ -119,9 +135,8 @@ def run(args) -> dict:
     dist.destroy_process_group()
     result = summarize(args, device, world, records)
     for name, row in result["rows"].items():  # the hooks change the time, never the samples
-        twin = name.replace("set aside", "hooks on")
-        if name != twin and name in first and twin in first:
-            row["same_rollouts_as_hooks_on"] = first[name] == first[twin]
+        if name != twin(name) and name in first and twin(name) in first:
+            row["same_rollouts_as_hooks_on"] = first[name] == first[twin(name)]
     return rank, result
 
 

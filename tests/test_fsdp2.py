@@ -214,6 +214,9 @@ def test_static_engine_under_fsdp2_sets_the_hooks_aside(stage_report):
     assert r["hook_calls_inside"] == 0 and r["hooks_left_inside"] == 0
     assert r["gathers_inside"] == 0
     assert r["hook_calls_after"] > 0 and r["hooks_restored_in_order"]
+    # HF generate without lockstep: no all-reduce of the stop flags per token, same tokens
+    assert r["hf_same_tokens"]
+    assert r["hf_all_reduces"]["synced_off"] == 0 and r["hf_all_reduces"]["transformers_default"] >= 8, r
 
 
 @pytest.mark.e2e
@@ -471,6 +474,22 @@ def _worker(out_path: str) -> None:
         inside = {"hooks": hook_calls["n"], "gathers": gathers["n"] - entry}
         fsdp_hooks_inside = sum(len(pre) + len(post) for pre, post in hook_layout(student))
     dist.all_gather_single = original
+    # HF generate as the factory builds it (synced_gpus off) against transformers' default
+    # for an FSDP model (an all-reduce of the stop flags every token)
+    reduces = {"n": 0}
+    original_reduce = dist.all_reduce
+
+    def counted_reduce(*a, **k):
+        reduces["n"] += 1
+        return original_reduce(*a, **k)
+
+    lockstep = {}
+    for name, kwargs in (("synced_off", {"synced_gpus": False}), ("transformers_default", {})):
+        hf = HFGenerateEngine(lambda: student, sampling, pad_id=0, eos_ids={95}, generate_kwargs=kwargs)
+        with generation_weights(student):
+            dist.all_reduce, reduces["n"] = counted_reduce, 0
+            lockstep[name] = {"tokens": hf.generate(prompts, seed=0), "all_reduces": reduces["n"]}
+            dist.all_reduce = original_reduce
     hook_calls["n"] = 0
     with torch.no_grad():
         student(input_ids=prompt)  # outside: FSDP's hooks run again
@@ -485,6 +504,8 @@ def _worker(out_path: str) -> None:
         "hooks_left_inside": fsdp_hooks_inside,
         "hook_calls_after": hook_calls["n"],
         "hooks_restored_in_order": hook_layout(student) == layout,
+        "hf_same_tokens": all(v["tokens"] == expected for v in lockstep.values()),
+        "hf_all_reduces": {k: v["all_reduces"] for k, v in lockstep.items()},
     }
 
     # ---- full state dict on rank 0

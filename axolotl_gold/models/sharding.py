@@ -23,7 +23,10 @@ class Whole:
     """Every process holds whole models: nothing to gather."""
 
     name = "whole"
-    gathers = False  # weights move between engine calls (no captured CUDA graphs)
+    gathers = False  # weights gathered anew for each engine call
+    # the teacher gathers its shards in its own forwards while it samples (``seq_kd``):
+    # the processes must decode in lockstep (``generate``'s ``synced_gpus``)
+    teacher_samples_in_lockstep = False
 
     def load_teacher(self, settings, accelerator):
         """The teacher as this strategy holds it (``settings``: ``GoldSettings``)."""
@@ -59,6 +62,7 @@ class Zero3(Whole):
 
     name = "zero3"
     gathers = True
+    teacher_samples_in_lockstep = True  # its inference engine is not gathered for sampling
 
     def load_teacher(self, settings, accelerator):
         # loaded whole (not partitioned at load); ``window_ready`` partitions it

@@ -49,6 +49,17 @@ class EngineContext:
     is_main_process: bool = True
     gathered_weights: bool = False  # ZeRO-3 / FSDP2: weights gathered anew per call
     suppress_tokens: list[int] | None = None  # image tokens a VLM must never sample
+    # the teacher's forwards gather its shards module by module while it samples (ZeRO-3's
+    # inference engine), so every process must run as many of them as the others
+    teacher_samples_in_lockstep: bool = False
+
+
+def _no_lockstep(kwargs: dict) -> dict:
+    """``kwargs`` with ``generate``'s ``synced_gpus`` off: transformers turns it on for any
+    ZeRO-3 / FSDP model (an all-reduce and a host sync every token, and a process whose rows
+    stopped decoding on until every process's have), which only a model that gathers its
+    shards in its forward needs; ours sample from weights gathered for the whole call."""
+    return {**kwargs, "generate_kwargs": {**kwargs.get("generate_kwargs", {}), "synced_gpus": False}}
 
 
 def build_engines(
@@ -100,6 +111,9 @@ def build_engines(
     else:
         if settings.rollout_compile and local is StaticCacheEngine:
             kwargs["compile_decode"] = True
-        student = local(ctx.get_student, sampling, pad_id, stop_ids, **kwargs)
-    teacher = local(ctx.get_teacher, sampling, pad_id, stop_ids, **kwargs) if settings.seq_kd else None
+        student = local(ctx.get_student, sampling, pad_id, stop_ids, **_no_lockstep(kwargs))
+    teacher = None
+    if settings.seq_kd:
+        teacher_kwargs = kwargs if ctx.teacher_samples_in_lockstep else _no_lockstep(kwargs)
+        teacher = local(ctx.get_teacher, sampling, pad_id, stop_ids, **teacher_kwargs)
     return student, teacher

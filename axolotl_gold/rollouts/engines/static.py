@@ -125,10 +125,11 @@ class StaticCacheEngine(HFGenerateEngine):
         refill_slots: bool = True,
         generate_kwargs: dict | None = None,
     ):
-        unknown = set(generate_kwargs or {}) - {"suppress_tokens"}
+        # suppress_tokens: honoured on the device; synced_gpus: for the generate fallback only
+        unknown = set(generate_kwargs or {}) - {"suppress_tokens", "synced_gpus"}
         if unknown:
-            raise ValueError(f"StaticCacheEngine takes `suppress_tokens` of generate's keyword arguments, "
-                             f"not {sorted(unknown)}")
+            raise ValueError(f"StaticCacheEngine takes `suppress_tokens` and `synced_gpus` of generate's "
+                             f"keyword arguments, not {sorted(unknown)}")
         super().__init__(get_model, sampling, pad_id, eos_ids, batch_size, min_new_tokens, generate_kwargs)
         self.suppress_tokens = sorted(self.generate_kwargs.get("suppress_tokens") or [])
         self.grouped_attention = grouped_attention

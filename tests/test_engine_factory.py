@@ -1,0 +1,36 @@
+"""Which engines ``build_engines`` makes, and with which ``generate`` arguments: the
+processes never decode in lockstep unless the model sampling gathers shards in its own
+forwards (ZeRO-3's teacher inference engine under ``seq_kd``)."""
+
+import pytest
+import torch
+
+from axolotl_gold.config.settings import GoldSettings
+from axolotl_gold.rollouts.engines.factory import EngineContext, build_engines
+from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
+from axolotl_gold.rollouts.engines.static import StaticCacheEngine
+
+
+def _ctx(**kw):
+    return EngineContext(get_student=lambda: None, get_teacher=lambda: None, get_step=lambda: 0,
+                         device=torch.device("cpu"), **kw)
+
+
+@pytest.mark.parametrize("engine", ["hf", "static"])
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_only_a_teacher_that_gathers_in_its_forwards_samples_in_lockstep(engine, lockstep):
+    settings = GoldSettings.from_cfg({"teacher_model": "t", "seq_kd": True, "gold_generation_engine": engine})
+    student, teacher = build_engines(settings, _ctx(gathered_weights=True, teacher_samples_in_lockstep=lockstep),
+                                     pad_id=0, stop_ids={1})
+    cls = StaticCacheEngine if engine == "static" else HFGenerateEngine
+    assert type(student) is cls and type(teacher) is cls
+    assert student.generate_kwargs == {"synced_gpus": False}
+    # None: transformers decides (on under ZeRO-3: every process runs the teacher's forwards)
+    assert teacher.generate_kwargs == ({} if lockstep else {"synced_gpus": False})
+
+
+def test_suppressed_tokens_stay_beside_synced_gpus():
+    settings = GoldSettings.from_cfg({"teacher_model": "t"})
+    student, teacher = build_engines(settings, _ctx(suppress_tokens=[7]), pad_id=0, stop_ids={1})
+    assert teacher is None
+    assert student.generate_kwargs == {"suppress_tokens": [7], "synced_gpus": False}
