@@ -21,7 +21,8 @@ floors; matmul FLOPs from the weights' shapes and the batch shapes, causal atten
 counted half) and the ratio. "student side, as the plain loop runs it" is bench_cli's
 own micro-step loop (Ours.train) less the teacher, the figure the README quotes (0.38 s).
 
---variants adds one row each: gradient checkpointing toggled, loss chunk sizes, AdamW
+--variants adds one row each: the window's rows as the slices drew them (the micro-batches
+before ``group_by_length``: more padded positions on ragged windows), gradient checkpointing toggled, loss chunk sizes, AdamW
 foreach instead of fused (or fused on CPU), Liger's fused linear JSD (skipped when
 liger_kernel is not importable), the student through ``torch.compile`` alone and with
 loss chunk 4096, and last the student with Liger's RMSNorm / SwiGLU / RoPE kernels (what
@@ -70,7 +71,8 @@ def parse_args(argv):
     p.add_argument("--variants", action="store_true", help="also time each knob (one row each)")
     p.add_argument("--torch-profile", action="store_true", help="top 25 CUDA kernels of one step")
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--only-compile", action="store_true", help="with --variants: only the torch.compile rows")
+    p.add_argument("--only-compile", action="store_true",
+                   help="with --variants: only the torch.compile rows, the Liger row and the rows-as-drawn row")
     p.add_argument("--profile-compiled", action="store_true",
                    help="with --torch-profile: profile the step with the student through torch.compile")
     own, rest = p.parse_known_args(argv)
@@ -234,7 +236,24 @@ def stage_table(ms: dict, floor: dict) -> str:
     return "\n".join(lines)
 
 
-def variants(ours, args):
+def drawn_batches(ours, prepared) -> list:
+    """The window's micro-batches as the slices were drawn, before ``group_by_length``."""
+    import torch
+
+    from axolotl_gold.data.batching import merge_repeats
+    from axolotl_gold.scoring.loss import teacher_scoring_batch
+
+    out = []
+    for rows in prepared.window.slices:
+        rows, counts = merge_repeats(rows)
+        batch = teacher_scoring_batch(rows, ours.pad, ours.objective)
+        if any(c > 1 for c in counts):
+            batch["row_weights"] = torch.tensor(counts, dtype=torch.long)
+        out.append(batch)
+    return out
+
+
+def variants(ours, args, prepared):
     """(name, context manager that applies the knob, or a reason it is skipped)."""
     import torch
 
@@ -259,6 +278,10 @@ def variants(ours, args):
                 toggle_checkpointing(ours.student, not checkpointing)
             ours.optimizer = old
 
+    drawn = drawn_batches(ours, prepared)
+    positions = [sum(b["input_ids"].numel() for b in batches) for batches in (prepared.micro_batches, drawn)]
+    yield (f"{DRAWN_ROW} ({positions[1]:,} padded positions vs {positions[0]:,})",
+           knob([(prepared, "micro_batches", drawn)]))
     gc = not args.gradient_checkpointing
     yield f"gradient checkpointing {'on' if gc else 'off'}", knob(checkpointing=gc)
     for size in (1024, 4096, 8192):
@@ -280,6 +303,7 @@ def variants(ours, args):
 
 
 COMPILE_ROWS = ("student torch.compile", "student torch.compile + loss chunk 4096")
+DRAWN_ROW = "rows as drawn, not grouped by length"
 LIGER_ROW = "student with Liger's RMSNorm, SwiGLU, RoPE kernels (last: not undone)"
 
 
@@ -399,8 +423,8 @@ def main(argv=None) -> None:
               "floor_bound": {k: v[1] for k, v in floor.items()}, "args": vars(args)}
     if own.variants:
         rows = []
-        for name, knob in variants(ours, args):
-            if own.only_compile and name not in (*COMPILE_ROWS, LIGER_ROW):
+        for name, knob in variants(ours, args, prepared):
+            if own.only_compile and name not in (*COMPILE_ROWS, LIGER_ROW) and not name.startswith(DRAWN_ROW):
                 continue  # a knob not entered changes nothing
             if isinstance(knob, str):
                 rows.append((name, knob))

@@ -98,6 +98,7 @@ def correctness(args, rank, world, device):
 
     from axolotl_gold.rollouts.engines.base import SamplingSettings
     from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
+    from axolotl_gold.rollouts.engines.static import StaticCacheEngine
     from axolotl_gold.scoring.forward import bypassable_head
     from axolotl_gold.scoring.objectives import JsdObjective
     from axolotl_gold.models.zero3 import gathered_heads, generation_weights, inference_engine
@@ -116,7 +117,10 @@ def correctness(args, rank, world, device):
     engine, optimizer, _, _ = deepspeed.initialize(
         model=student, optimizer=torch.optim.SGD(student.parameters(), lr=1.0), config=cfg)
     teacher_engine = inference_engine(teacher, cfg, world)
-    rollouts = HFGenerateEngine(lambda: engine.module, sampling, pad, {eos})
+    # as the engine factory builds it: no lockstep (the weights are gathered for the call,
+    # DeepSpeed's hooks off); the static engine's graphs on a GPU, eager on the CPU
+    cls = StaticCacheEngine if args.engine == "static" else HFGenerateEngine
+    rollouts = cls(lambda: engine.module, sampling, pad, {eos}, generate_kwargs={"synced_gpus": False})
     heads = lambda: gathered_heads(bypassable_head(engine), bypassable_head(teacher_engine))  # noqa: E731
 
     def backward(loss):
@@ -151,7 +155,8 @@ def correctness(args, rank, world, device):
     norm = sum(float(d.pow(2).sum()) for d in ref_delta.values()) ** 0.5
     diff = sum(float((z3_delta[n] - ref_delta[n]).pow(2).sum()) for n in ref_delta) ** 0.5
     return {"same_rollouts": same_rollouts, "relative_l2": diff / norm, "grad_norm": norm,
-            "engine_calls": rollouts.calls, "scored_tokens_per_rank": prepared.local_tokens}
+            "engine_calls": rollouts.calls, "scored_tokens_per_rank": prepared.local_tokens,
+            "engine": type(rollouts).__name__, "graphs_captured": getattr(rollouts, "graphs_captured", 0)}
 
 
 def window_prepare(args, rows, engine, pad, objective):
@@ -184,6 +189,7 @@ def memory(args, rank, world, device, zero3: bool):
 
     from axolotl_gold.rollouts.engines.base import SamplingSettings
     from axolotl_gold.rollouts.engines.hf import HFGenerateEngine
+    from axolotl_gold.rollouts.engines.static import StaticCacheEngine
     from axolotl_gold.scoring.forward import bypassable_head
     from axolotl_gold.scoring.objectives import JsdObjective
     from axolotl_gold.models.zero3 import gathered_heads, generation_weights, inference_engine
@@ -246,6 +252,8 @@ def main():
     ap.add_argument("--mem-prompt", type=int, default=256)
     ap.add_argument("--mem-completion", type=int, default=256)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--engine", choices=("hf", "static"), default="hf",
+                    help="part 1's rollout engine on the gathered student (static: CUDA graphs on a GPU)")
     ap.add_argument("--tied", action="store_true",
                     help="part 1 with tied embeddings (the output head is the embedding, which the forward's hooks release)")
     args = ap.parse_args()
@@ -280,6 +288,7 @@ def main():
         print(f"| greedy rollouts equal to one GPU | {c['same_rollouts']} |")
         print(f"| weight change vs one GPU, relative L2 | {c['relative_l2']:.2e} |")
         print(f"| generation calls per window | {c['engine_calls']} |")
+        print(f"| rollout engine (CUDA graphs captured) | {c['engine']} ({c['graphs_captured']}) |")
         if "memory_zero3" in report:
             z, s = report["memory_zero3"], report["memory_single_gpu"]
             print(f"| peak GiB per GPU, ZeRO-3 x{world} vs one GPU | {z['peak_gib']:.1f} vs {s['peak_gib']:.1f} "

@@ -38,9 +38,10 @@ for what in "$@"; do
       timeout 300 torchrun --nproc_per_node 2 benchmarks/bench_fsdp2_rollout.py --compile \
         --json "$OUT/bench_fsdp2_rollout.json" > "$OUT/bench_fsdp2_rollout.txt" 2>&1
       grep -E "^\||^device" "$OUT/bench_fsdp2_rollout.txt" || tail -15 "$OUT/bench_fsdp2_rollout.txt"
-      for tied in "" --tied; do
-        timeout 150 torchrun --nproc_per_node 2 benchmarks/zero3_check.py $tied > "$OUT/zero3_check$tied.txt" 2>&1
-        grep "^|" "$OUT/zero3_check$tied.txt" || tail -15 "$OUT/zero3_check$tied.txt"
+      for flags in "" --tied "--engine static --skip-memory"; do  # the last: CUDA graphs on the gathered student
+        name=zero3_check$(echo $flags | tr -d ' -')
+        timeout 150 torchrun --nproc_per_node 2 benchmarks/zero3_check.py $flags > "$OUT/$name.txt" 2>&1
+        grep "^|" "$OUT/$name.txt" || tail -15 "$OUT/$name.txt"
       done
       ;;
   esac

@@ -11,7 +11,8 @@
 #   decode   benchmarks/profile_decode.py --only-compile (0.5B shape: Triton / tensor attention)
 #   decode360  benchmarks/profile_decode.py --only-compile at SmolLM2-360M's shape
 #   student-ragged  profile_student_step.py --ragged, default allocator then expandable segments
-#            (why the ragged windows' student and teacher sides ran ~2x slower than forced)
+#            (why the ragged windows' student and teacher sides ran ~2x slower than forced; the
+#            first run also times the rows as drawn, before group_by_length, and the compile rows)
 #   fsdp2    benchmarks/bench_fsdp2_rollout.py --compile (FSDP2 at world size 1: HF generate and the
 #            static engine with FSDP's forward hooks on vs set aside)
 #   refill   benchmarks/bench_refill.py --compile --variants refill,chunked (64 ragged prompts through
@@ -70,10 +71,11 @@ if [[ $want == *,fsdp2,* ]]; then  # FSDP2 at world size 1: its hooks' cost per 
   grep -E "^\||^device" "$OUT/bench_fsdp2_rollout.txt" || tail -20 "$OUT/bench_fsdp2_rollout.txt"
 fi
 if [[ $want == *,student-ragged,* ]]; then
-  for alloc in default expandable_segments:True; do
-    PYTORCH_CUDA_ALLOC_CONF=$([ $alloc = default ] || echo $alloc) timeout 200 python3 benchmarks/profile_student_step.py \
-      --ragged --torch-profile --json "$OUT/profile_student_ragged_${alloc%%:*}.json" \
+  for alloc in default expandable_segments:True; do  # the first also times the rows as drawn and compiled
+    PYTORCH_CUDA_ALLOC_CONF=$([ $alloc = default ] || echo $alloc) timeout 400 python3 benchmarks/profile_student_step.py \
+      --ragged --torch-profile $([ $alloc = default ] && echo --variants --only-compile) \
+      --json "$OUT/profile_student_ragged_${alloc%%:*}.json" \
       > "$OUT/profile_student_ragged_${alloc%%:*}.txt" 2>&1
-    echo "allocator: $alloc"; grep -E "^\|" "$OUT/profile_student_ragged_${alloc%%:*}.txt" | head -14
+    echo "allocator: $alloc"; grep -E "^\|" "$OUT/profile_student_ragged_${alloc%%:*}.txt" | head -22
   done
 fi

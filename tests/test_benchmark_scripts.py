@@ -155,6 +155,8 @@ def test_profile_student_step_times_every_stage(tmp_path):
     assert _table_rows(stdout, "student side, as the plain loop runs it")
     variants = result["variants"]
     assert {"gradient checkpointing on", "loss chunk 1024", "Liger fused linear JSD"} <= set(variants)
+    drawn = [v for k, v in variants.items() if k.startswith("rows as drawn, not grouped by length")]
+    assert drawn and drawn[0]["model backward"] > 0  # forced lengths here: as many positions either way
     liger = [v for k, v in variants.items() if k.startswith("student with Liger")]
     assert liger and liger[0].startswith("skipped"), liger  # CUDA only
     assert all(v["model backward"] > 0 for k, v in variants.items() if isinstance(v, dict))

@@ -70,10 +70,6 @@ def test_zero3_config_is_accepted(tiny_pair, tmp_path):
             r"`use_vllm: true` with ZeRO-3",
         ),
         (
-            {"deepspeed": {"zero_optimization": {"stage": 3}}, "gold_generation_engine": "static"},
-            r"`gold_generation_engine: hf`",
-        ),
-        (
             {"deepspeed": {"zero_optimization": {"stage": 3}}, "adapter": "lora", "lora_r": 4,
              "lora_alpha": 8, "lora_target_linear": True, "val_set_size": 0.25},
             r"evaluating a `adapter: lora` student under ZeRO-3.*`eval_strategy: \"no\"`",
@@ -85,7 +81,7 @@ def test_zero3_config_is_accepted(tiny_pair, tmp_path):
         ({"gold_rollout_compile": True, "use_vllm": True}, r"`use_vllm: true`.*remove `gold_rollout_compile`"),
         (
             {"gold_rollout_compile": True, "deepspeed": {"zero_optimization": {"stage": 3}}},
-            r"ZeRO-3.*remove `gold_rollout_compile`",
+            r"ZeRO-3 under `gold_generation_engine: auto`.*remove `gold_rollout_compile`",
         ),
     ],
 )
@@ -207,10 +203,13 @@ def test_fsdp2_refuses_what_it_cannot_run_before_loading(tiny_pair, tmp_path, ov
         _validate(_cfg(tiny_pair, tmp_path, **FSDP2, **overrides))
 
 
-def test_fsdp2_takes_the_static_engine(tiny_pair, tmp_path):
+@pytest.mark.parametrize("sharded", ["fsdp2", "zero3"])
+def test_sharded_runs_take_the_static_engine(tiny_pair, tmp_path, sharded):
     # FSDP2's hooks are set aside while the gathered student samples (`generation_weights`),
-    # so the static engine (and its compiled step) may sample under FSDP2; ZeRO-3 still not
-    cfg = _validate(_cfg(tiny_pair, tmp_path, **FSDP2, gold_generation_engine="static", gold_rollout_compile=True))
+    # DeepSpeed's are taken off by its `unwrap_model_for_generation`: the static engine (and
+    # its compiled step) may sample under both
+    keys = FSDP2 if sharded == "fsdp2" else {"deepspeed": {"zero_optimization": {"stage": 3}}}
+    cfg = _validate(_cfg(tiny_pair, tmp_path, **keys, gold_generation_engine="static", gold_rollout_compile=True))
     assert cfg.gold_generation_engine == "static" and cfg.gold_rollout_compile
 
 

@@ -29,17 +29,20 @@ REPO = Path(__file__).resolve().parents[1]
 ZERO3 = REPO / "deepspeed_configs" / "zero3.json"
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["own_head", "tied_head"])
-def test_zero3_step_matches_one_process(tied):
+@pytest.mark.parametrize("tied,engine", [(False, "hf"), (True, "hf"), (False, "static")],
+                         ids=["own_head", "tied_head", "own_head_static_engine"])
+def test_zero3_step_matches_one_process(tied, engine):
     """A tied head is the input embedding, released by DeepSpeed's hooks after the
-    embedding's forward unless the loss's gather holds it (it crashed so on 2 GPUs)."""
+    embedding's forward unless the loss's gather holds it (it crashed so on 2 GPUs).
+    The static engine samples from the gathered student (DeepSpeed's hooks off for the
+    call) the same greedy rollouts as HF generate on one process."""
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.run(
         [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29300 + os.getpid() % 500),
-         str(REPO / "benchmarks" / "zero3_check.py"), "--vocab", "2000", "--skip-memory",
+         str(REPO / "benchmarks" / "zero3_check.py"), "--vocab", "2000", "--skip-memory", "--engine", engine,
          *(["--tied"] if tied else [])],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
@@ -48,6 +51,8 @@ def test_zero3_step_matches_one_process(tied):
     rel = float(re.search(r"relative L2 \| ([0-9.e+-]+) \|", proc.stdout).group(1))
     assert rel < 1e-3, rel
     assert "| generation calls per window | 1 |" in proc.stdout
+    expected = {"hf": "HFGenerateEngine", "static": "StaticCacheEngine"}[engine]
+    assert f"| rollout engine (CUDA graphs captured) | {expected} (0) |" in proc.stdout  # CPU: eager
 
 
 def test_axolotl_train_under_zero3_runs(tiny_pair, tmp_path):
@@ -81,8 +86,9 @@ def test_axolotl_train_under_zero3_runs(tiny_pair, tmp_path):
 
 
 def test_axolotl_train_lora_under_zero3_without_eval(tiny_pair, tmp_path):
-    """A LoRA student under ZeRO-3 trains on-policy and saves a learned adapter (evaluating
-    it is refused at validation: it failed in DeepSpeed's parameter trace). Axolotl's LoRA
+    """A LoRA student under ZeRO-3 trains on-policy through the static engine and saves a
+    learned adapter (evaluating it is refused at validation: it failed in DeepSpeed's
+    parameter trace). Axolotl's LoRA
     kernels are CUDA-only: off on the CPU. Up to 3 attempts, as above: one CI run saved an
     adapter with lora_B all zeros (cause not established: DeepSpeed's CPU runs are known to
     lose a rank's state now and then; 3 of 3 local runs learned)."""
@@ -93,6 +99,8 @@ def test_axolotl_train_lora_under_zero3_without_eval(tiny_pair, tmp_path):
             tiny_pair, workdir, deepspeed=str(ZERO3), lmbda=1.0, max_steps=2, save_steps=2,
             adapter="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_linear=True,
             lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False,
+            # the static engine on the gathered student (eager here), 2 rows at once: refills
+            gold_generation_engine="static", gold_generation_rows=2,
         )
         try:
             out = run_train(cfg, workdir, num_processes=2)
@@ -101,6 +109,8 @@ def test_axolotl_train_lora_under_zero3_without_eval(tiny_pair, tmp_path):
             continue
         records = windows(out)
         assert [r["engine_calls"] for r in records] == [1, 1]
+        assert all(r["engine"] == "StaticCacheEngine" and r["engine_fallbacks"] == 0 for r in records)
+        assert records[-1]["engine_refills"] > 0
         saved = load_file(str(out / "adapter_model.safetensors"))
         assert saved and all("lora_" in k for k in saved)
         if any(bool(v.abs().sum() > 0) for k, v in saved.items() if "lora_B" in k):  # it learned

@@ -16,11 +16,6 @@ def validate_zero3(data: dict) -> None:
             "parameters): set `use_vllm: false` (HF generation gathers the weights once per "
             "window) or use ZeRO-1/2."
         )
-    if data.get("gold_generation_engine") == "static":
-        raise GoldConfigError(
-            "`gold_generation_engine: static` captures CUDA graphs over the weights, which ZeRO-3 "
-            "gathers anew for every window: set `gold_generation_engine: hf` (or `auto`)."
-        )
     if data.get("processor_type"):
         raise GoldConfigError(
             "vision-language students (`processor_type`) are not supported with ZeRO-3 yet: "

@@ -71,6 +71,49 @@ def merge_repeats(rows: list[Rollout]) -> tuple[list[Rollout], list[int]]:
     return merged, counts
 
 
+Group = tuple[list[Rollout], list[int]]  # a micro-batch's rows and each row's count (``merge_repeats``)
+
+
+def padded_positions(groups: list[Group]) -> tuple[int, int]:
+    """(all micro-batches', the largest one's) positions as ``build_scoring_batch`` pads
+    them: rows x (widest prompt + longest completion), what the forwards compute over."""
+    sizes = [len(rows) * (max(len(r.prompt_ids) for r in rows) + max(len(r.completion_ids) for r in rows))
+             for rows, _ in groups if rows]
+    return sum(sizes, 0), max(sizes, default=0)
+
+
+def group_by_length(groups: list[Group]) -> list[Group]:
+    """The window's rows regrouped so that each micro-batch holds rows of similar length:
+    as many micro-batches, each with as many rows as before, the longest rows in the
+    smallest micro-batches (rows keep their window order within one), sorted by prompt +
+    completion, by completion or by prompt length, whichever pads fewest positions. Kept as
+    they were unless that pads fewer positions in all and no more in the largest
+    micro-batch, so peak memory never grows.
+
+    The window's loss is a sum over its rows divided by its token count, so the grouping
+    changes no loss or gradient (only float rounding); it cuts the padded positions the
+    student's forward and backward and the teacher's forward compute (completions of a
+    ragged window vary several-fold)."""
+    items = [(row, count) for rows, counts in groups for row, count in zip(rows, counts)]
+    total, largest = padded_positions(groups)
+    best, best_total = groups, total
+    # a batch pads to its widest prompt plus its longest completion: rows sorted by either
+    # length or by both, whichever pads least
+    for length in (lambda r: len(r.prompt_ids) + len(r.completion_ids), lambda r: len(r.completion_ids),
+                   lambda r: len(r.prompt_ids)):
+        longest_first = sorted(range(len(items)), key=lambda i: -length(items[i][0]))
+        regrouped: list = [None] * len(groups)
+        taken = 0
+        for k in sorted(range(len(groups)), key=lambda k: len(groups[k][0])):  # smallest first
+            picked = sorted(longest_first[taken : taken + len(groups[k][0])])
+            taken += len(picked)
+            regrouped[k] = ([items[i][0] for i in picked], [items[i][1] for i in picked])
+        new_total, new_largest = padded_positions(regrouped)
+        if new_total < best_total and new_largest <= largest:
+            best, best_total = regrouped, new_total
+    return best
+
+
 def completion_token_count(batch: dict) -> int:
     """Completion tokens a batch scores, each row counted ``row_weights`` times (if set)."""
     per_row = (batch["completion_labels"] != -100).sum(dim=1)

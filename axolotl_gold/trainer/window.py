@@ -12,7 +12,7 @@ from time import perf_counter
 
 import torch
 
-from axolotl_gold.data.batching import Rollout, merge_repeats
+from axolotl_gold.data.batching import Rollout, group_by_length, merge_repeats
 from axolotl_gold.rollouts.engines.base import RolloutEngine
 from axolotl_gold.rollouts.window import Window, fill_window, generation_seed
 from axolotl_gold.scoring.loss import teacher_scoring_batch
@@ -48,7 +48,8 @@ def prepare_window(
     scores (``count(batch)``). Identical consecutive rows of a slice (an off-policy
     prompt's repeats) become one row with ``batch["row_weights"]`` its count; counts
     and objectives weight by it, so the window's sum and token count are the
-    repeated window's. ``vision`` (a ``VisionEncoder``, vision-language students)
+    repeated window's. Micro-batches then hold rows of similar length
+    (``group_by_length``), not necessarily a slice's. ``vision`` (a ``VisionEncoder``, vision-language students)
     turns rows with images into the processor's tensors, for sampling and scoring.
     """
     start = perf_counter()
@@ -63,9 +64,9 @@ def prepare_window(
     )
     seconds = perf_counter() - start
     micro_batches = []
-    for rows in window.slices:
-        # repeats of a (prompt, dataset completion) are scored once, weighted
-        rows, counts = merge_repeats(rows)
+    # repeats of a (prompt, dataset completion) are scored once, weighted; then rows of
+    # similar length share a micro-batch (the same sums, fewer padded positions)
+    for rows, counts in group_by_length([merge_repeats(rows) for rows in window.slices]):
         batch = teacher_scoring_batch(rows, pad_id, objective, vision)
         if any(c > 1 for c in counts):
             batch["row_weights"] = torch.tensor(counts, dtype=torch.long)

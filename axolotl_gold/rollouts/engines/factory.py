@@ -1,9 +1,10 @@
 """Which engine samples a run's rollouts, built from the settings.
 
 ``static`` (static KV cache, CUDA-graph decode) is the default on CUDA for text
-students; under ``auto``, image prompts and FSDP2's gathered weights (the static engine
-serves both when asked for: not yet run on a GPU) and ZeRO-3's (DeepSpeed's hooks stay
-on the modules) go through HF ``generate``; ``use_vllm`` selects a
+students; under ``auto``, image prompts and FSDP2's or ZeRO-3's gathered weights (the
+static engine serves them when asked for: not yet run on a GPU) go through HF
+``generate``, and so does ZeRO-3's ``seq_kd`` teacher (it gathers its shards in its
+forwards while it samples); ``use_vllm`` selects a
 colocated engine or the rollout server's client.
 """
 
@@ -113,7 +114,11 @@ def build_engines(
             kwargs["compile_decode"] = True
         student = local(ctx.get_student, sampling, pad_id, stop_ids, **_no_lockstep(kwargs))
     teacher = None
-    if settings.seq_kd:
-        teacher_kwargs = kwargs if ctx.teacher_samples_in_lockstep else _no_lockstep(kwargs)
-        teacher = local(ctx.get_teacher, sampling, pad_id, stop_ids, **teacher_kwargs)
+    if settings.seq_kd and ctx.teacher_samples_in_lockstep:
+        # ZeRO-3's teacher gathers its shards in its forwards while it samples (collectives
+        # that no CUDA graph may capture): HF generate, every process in step
+        kwargs.pop("compile_decode", None)
+        teacher = HFGenerateEngine(ctx.get_teacher, sampling, pad_id, stop_ids, **kwargs)
+    elif settings.seq_kd:
+        teacher = local(ctx.get_teacher, sampling, pad_id, stop_ids, **_no_lockstep(kwargs))
     return student, teacher
