@@ -84,7 +84,7 @@ def static_cache(config, max_cache_len: int):
 
 def compact_cache(cache, keep: torch.Tensor) -> None:
     """Keep only the batch rows ``keep`` of every layer (rows that stopped sampling are
-    dropped; the write position is shared by all rows and stays)."""
+    dropped; each kept row's write column goes with it: ``DecodeStep.compact``)."""
     for layer in cache.layers:
         if not getattr(layer, "is_initialized", False):
             continue
@@ -105,6 +105,8 @@ def copy_cache_rows(source, target, keep: torch.Tensor) -> None:
             dst.lazy_initialization(keys, values)
         dst.keys.copy_(keys)
         dst.values.copy_(values)
+        # HF's shared write position: unused by the per-row writes (``write_at``), copied so
+        # the layer reads as its source would (HF's ``get_seq_length``)
         dst.cumulative_length.copy_(src.cumulative_length)
 
 
