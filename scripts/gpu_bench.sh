@@ -15,6 +15,8 @@
 #            first run also times the rows as drawn, before group_by_length, and the compile rows)
 #   fsdp2    benchmarks/bench_fsdp2_rollout.py --compile (FSDP2 at world size 1: HF generate and the
 #            static engine with FSDP's forward hooks on vs set aside)
+#   zero3-static  benchmarks/zero3_check.py --engine static at world size 1 (CUDA graphs of the
+#            static engine on DeepSpeed's gathered student, rollouts against one GPU without DeepSpeed)
 #   refill   benchmarks/bench_refill.py --compile --variants refill,chunked (64 ragged prompts through
 #            16 slots: refilled vs one batch after another; 3 row buckets to compile)
 set -uo pipefail
@@ -69,6 +71,11 @@ if [[ $want == *,fsdp2,* ]]; then  # FSDP2 at world size 1: its hooks' cost per 
   timeout "${GOLD_FSDP2_S:-300}" python3 -m torch.distributed.run --nproc_per_node 1 benchmarks/bench_fsdp2_rollout.py \
     --compile --json "$OUT/bench_fsdp2_rollout.json" > "$OUT/bench_fsdp2_rollout.txt" 2>&1
   grep -E "^\||^device" "$OUT/bench_fsdp2_rollout.txt" || tail -20 "$OUT/bench_fsdp2_rollout.txt"
+fi
+if [[ $want == *,zero3-static,* ]]; then  # ZeRO-3 at world size 1: the static engine's graphs on the gathered student
+  timeout 200 python3 -m torch.distributed.run --nproc_per_node 1 benchmarks/zero3_check.py --engine static \
+    --skip-memory > "$OUT/zero3_check_static.txt" 2>&1
+  grep "^|" "$OUT/zero3_check_static.txt" || tail -20 "$OUT/zero3_check_static.txt"
 fi
 if [[ $want == *,student-ragged,* ]]; then
   for alloc in default expandable_segments:True; do  # the first also times the rows as drawn and compiled
