@@ -56,18 +56,23 @@ def test_fsdp2_gradient_matches_one_gpu(real_shape_pairs, tmp_path, loss):
         assert rel < 1e-4, rel
 
 
-@pytest.mark.parametrize("adapter", ["full", "lora"])
+@pytest.mark.parametrize("adapter", ["full", "lora", "full_static"])
 def test_fsdp2_on_policy_eval_save_resume(real_shape_pairs, tmp_path, adapter):
+    """``full_static``: the static engine's CUDA graphs (compiled) on the gathered student,
+    each process capturing beside NCCL's threads (what ``auto`` waits for before it picks it)."""
     pair = real_shape_pairs["same"]
+    engine = dict(gold_generation_engine="static", gold_rollout_compile=True) if adapter == "full_static" else {}
     keys = dict(FSDP2, **OVERRIDES, lmbda=1.0, max_steps=3, save_steps=2, val_set_size=0.25,
-                eval_strategy="steps", eval_steps=2, **(LORA if adapter == "lora" else {}))
+                eval_strategy="steps", eval_steps=2, **(LORA if adapter == "lora" else {}), **engine)
     out = run_train(gold_config(pair, tmp_path / "run", **keys), tmp_path / "run", num_processes=2)
     records = windows(out)
     assert [r["engine_calls"] for r in records] == [1, 1, 1]
+    if engine:
+        assert all(r["engine"] == "StaticCacheEngine" and r["engine_fallbacks"] == 0 for r in records)
     assert all(r["scored_tokens"] > 0 for r in records)
     assert any("eval_loss" in h for h in log_history(out, 2))
     saved = weights(out)
-    if adapter == "full":
+    if adapter != "lora":
         # FSDP2's full state dict names a tied head twice: the copy must be the embedding
         extra = set(saved) - set(weights(pair["student"]))
         assert set(saved) >= set(weights(pair["student"])) and extra <= {"lm_head.weight"}, extra
