@@ -26,6 +26,7 @@ under FSDP2 is the tests' job: ``tests/test_fsdp2.py``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -36,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import profile_decode  # noqa: E402
+from bench_refill import sync  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -116,7 +118,7 @@ def run(args) -> dict:
     def call(name, seed):
         engine, aside = engines[name]
         with _kept_unsharded(fsdp_modules(model)):
-            with forward_hooks_set_aside(model) if aside else _nothing():
+            with forward_hooks_set_aside(model) if aside else contextlib.nullcontext():
                 sync(device)
                 start = time.perf_counter()
                 out = engine.generate(prompts, seed=seed)
@@ -143,19 +145,6 @@ def run(args) -> dict:
         if name != twin(name) and name in first and twin(name) in first:
             row["same_rollouts_as_hooks_on"] = first[name] == first[twin(name)]
     return rank, result
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def summarize(args, device: str, world: int, records: dict) -> dict:
@@ -191,7 +180,7 @@ def table(result: dict) -> str:
 def main(argv=None):
     args = parse_args(argv)
     rank, result = run(args)
-    if rank == 0:
+    if rank == 0:  # every process decoded its own prompts; process 0's figures
         print(table(result), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
