@@ -59,7 +59,6 @@ def assemble(cfg, trainer) -> GoldParts:
         device=trainer.accelerator.device,
         num_processes=trainer.accelerator.num_processes,
         is_main_process=trainer.accelerator.is_main_process,
-        gathered_weights=sharding.gathers,
         teacher_samples_in_lockstep=sharding.teacher_samples_in_lockstep,
         # a sampled image token would make the model look for image features
         suppress_tokens=vision.vision_token_ids if vision is not None else None,

@@ -58,8 +58,9 @@ def test_fsdp2_gradient_matches_one_gpu(real_shape_pairs, tmp_path, loss):
 
 @pytest.mark.parametrize("adapter", ["full", "lora", "full_static"])
 def test_fsdp2_on_policy_eval_save_resume(real_shape_pairs, tmp_path, adapter):
-    """``full_static``: the static engine's CUDA graphs (compiled) on the gathered student,
-    each process capturing beside NCCL's threads (what ``auto`` waits for before it picks it)."""
+    """``full_static``: the static engine's CUDA graphs, compiled, on the gathered student,
+    each process capturing beside NCCL's watchdog thread (``auto``, in the other cases, picks
+    the static engine too, uncompiled)."""
     pair = real_shape_pairs["same"]
     engine = dict(gold_generation_engine="static", gold_rollout_compile=True) if adapter == "full_static" else {}
     keys = dict(FSDP2, **OVERRIDES, lmbda=1.0, max_steps=3, save_steps=2, val_set_size=0.25,

@@ -221,11 +221,6 @@ def _validate_rollout_compile(data: dict) -> None:
     elif data.get("processor_type") and data.get("gold_generation_engine") != "static":
         blocker = ("a vision-language student (`processor_type`) under `gold_generation_engine: auto` "
                    "(HF generate samples with the images; set `gold_generation_engine: static`)")
-    elif ((data.get("fsdp_config") or data.get("fsdp_version") or zero_stage(data.get("deepspeed")) == 3)
-          and data.get("gold_generation_engine") != "static"):
-        sharded = "ZeRO-3" if zero_stage(data.get("deepspeed")) == 3 else "FSDP2"
-        blocker = (f"{sharded} under `gold_generation_engine: auto` (HF generate samples; set "
-                   "`gold_generation_engine: static`)")
     else:
         return
     raise GoldConfigError(

@@ -23,7 +23,6 @@ class Whole:
     """Every process holds whole models: nothing to gather."""
 
     name = "whole"
-    gathers = False  # weights gathered anew for each engine call
     # the teacher gathers its shards in its own forwards while it samples (``seq_kd``):
     # the processes must decode in lockstep (``generate``'s ``synced_gpus``)
     teacher_samples_in_lockstep = False
@@ -61,7 +60,6 @@ class Zero3(Whole):
     an inference engine (made once the student's engine exists)."""
 
     name = "zero3"
-    gathers = True
     teacher_samples_in_lockstep = True  # its inference engine is not gathered for sampling
 
     def load_teacher(self, settings, accelerator):
@@ -99,7 +97,6 @@ class Fsdp2(Whole):
     replicated); every process enters each gather (they are collectives)."""
 
     name = "fsdp2"
-    gathers = True
 
     def __init__(self):
         self._described = False

@@ -337,8 +337,11 @@ class StaticCacheEngine(HFGenerateEngine):
         cache_casts = torch.is_autocast_cache_enabled()
         torch.set_autocast_cache_enabled(False)
         try:
-            # capture records kernels without running them: the cache and step are untouched
-            with torch.cuda.graph(graph, stream=stream):
+            # capture records kernels without running them: the cache and step are untouched.
+            # thread_local: CUDA calls of other threads (NCCL's watchdog polling the events of
+            # earlier collectives under FSDP2 / ZeRO-3 / DDP, a teacher server's prefetch
+            # thread) cannot invalidate the capture; this thread's stay checked
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                 graph_logits = step()
         finally:
             torch.set_autocast_cache_enabled(cache_casts)
