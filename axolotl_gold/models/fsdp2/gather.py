@@ -83,8 +83,9 @@ def generation_weights(model: nn.Module):
     with FSDP's forward hooks set aside for the context (``forward_hooks_set_aside``:
     every group is gathered, so they would do nothing but cost host time per decoding
     step, and the root's stream waits cannot sit in a CUDA graph capture). No collective
-    runs during decoding (transformers still synchronizes the processes' stopping when
-    it sees an FSDP module, which is harmless). Peak memory is the full student per device, as with ZeRO-3's
+    runs during decoding (the engines pass ``generate`` ``synced_gpus=False``: transformers
+    would all-reduce the stop flags every token for an FSDP module). Peak memory is the
+    full student per device, as with ZeRO-3's
     ``unwrap_model_for_generation``.
     """
     modules = fsdp_modules(model)
