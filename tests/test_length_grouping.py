@@ -69,6 +69,10 @@ def test_kept_as_drawn_when_regrouping_would_grow_the_largest_batch():
     out = group_by_length(groups)
     assert [len(r) for r, _ in out] == [1, 3] and out[0][0] == [long]
     assert padded_positions(out)[1] <= padded_positions(groups)[1]
+    # the same with the small micro-batch last: the longest row still goes to it
+    flipped = [groups[1], groups[0]]
+    out = group_by_length(flipped)
+    assert [len(r) for r, _ in out] == [3, 1] and out[1][0] == [long]
     # a grouping that pads no fewer positions is left alone
     same = [([_row(10, 10, 1)], [1]), ([_row(10, 10, 2)], [1])]
     assert group_by_length(same) is same
