@@ -95,6 +95,42 @@ def test_ragged_helpers_size_the_stop_set_for_the_mean():
     assert ragged.engine_schedule([3, 5, 2], 8, "static-chunked", slots=2, every=4) == (8, 12)
 
 
+def test_peak_allocations_replays_the_allocator_trace():
+    """bench_cli --memory-at-peak: the peak of a trace, what is alive at it, by site; a
+    free of something allocated before the recording lowers what is still held."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_cli
+
+    def frame(path, line, name):
+        return {"filename": path, "line": line, "name": name}
+
+    torch_frame = frame("/x/site-packages/torch/nn/functional.py", 10, "linear")
+    model = [torch_frame, frame("/x/transformers/models/qwen2/modeling_qwen2.py", 72, "forward")]
+    loss = [frame("/w/axolotl_gold/losses/chunked.py", 270, "forward")]
+    adam = [frame("/x/site-packages/torch/optim/adamw.py", 5, "step")]
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": model},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": model},
+        {"action": "free_requested", "addr": 99, "size": 30, "frames": []},  # held before the recording
+        {"action": "free_completed", "addr": 99, "size": 30, "frames": []},
+        {"action": "alloc", "addr": 3, "size": 400, "frames": loss},
+        {"action": "alloc", "addr": 4, "size": 7, "frames": []},  # made by autograd's engine
+        {"action": "free_requested", "addr": 3, "size": 400, "frames": loss},
+        {"action": "free_requested", "addr": 2, "size": 50, "frames": model},
+        {"action": "alloc", "addr": 5, "size": 450, "frames": adam},  # 1000 + 100 + 7 + 450 - 30 < the peak
+    ]
+    result = bench_cli.live_at_peak(trace, 1000)
+    assert result["peak"] == 1000 - 30 + 100 + 50 + 400 + 7
+    assert result["held_at_peak"] == 970
+    assert result["sites"] == [["chunked.py:270 forward", 400], ["modeling_qwen2.py:72 forward", 150],
+                               ["autograd backward (no Python frame)", 7]]
+    assert bench_cli.site_of(adam) == "adamw.py:5 step" and bench_cli.site_of([torch_frame]) == "functional.py (torch)"
+    held = {"allocated": 2**30, "student weights": 2**29, "student grads": 0, "optimizer state": 2**28,
+            "teacher weights": 2**27}
+    table = bench_cli.peak_table(dict(result, held_at_start=held))
+    assert "| other, held at the step's start | 0.12 |" in table and "| chunked.py:270 forward | 0.000 |" in table
+
+
 def test_bench_refill_counts_what_the_replay_predicts_and_refilling_saves_steps(tmp_path):
     out = tmp_path / "bench_refill.json"
     stdout = _run(["benchmarks/bench_refill.py", "--tiny", "--device", "cpu", "--json", str(out)], tmp_path)

@@ -77,7 +77,7 @@ def test_fused_loss_equals_the_model_computing_its_own_head_in_autocast(monkeypa
     seen = []
     real = objectives.fused_jsd_loss_sum
     monkeypatch.setattr(objectives, "fused_jsd_loss_sum",
-                        lambda s, w, *a, **k: seen.append(w.dtype) or real(s, w, *a, **k))
+                        lambda s, w, *a, **k: seen.append((w.dtype, k["compute_dtype"])) or real(s, w, *a, **k))
     with torch.no_grad():
         teacher_states = completion_states(teacher, batch, use_head_bypass=True)
 
@@ -95,7 +95,7 @@ def test_fused_loss_equals_the_model_computing_its_own_head_in_autocast(monkeypa
         return loss.detach(), student.lm_head.weight.grad.clone()
 
     fused_loss, fused_grad = run(True)
-    assert seen == [torch.bfloat16]
+    assert seen == [(torch.float32, torch.bfloat16)]  # the master head, computed in bf16
     reference_loss, reference_grad = run(False)
     assert fused_grad.dtype == torch.float32
     torch.testing.assert_close(fused_loss, reference_loss, rtol=2e-3, atol=1e-3)
@@ -117,3 +117,94 @@ def test_logits_path_casts_weight_and_bias(bias):
     expected = torch.nn.functional.linear(rows.bfloat16(), model.weight.bfloat16(),
                                           None if not bias else model.bias.bfloat16())
     torch.testing.assert_close(out, expected)
+
+
+# The fused JSD takes the float32 master head and computes in bf16 itself (``compute_dtype``),
+# where a differentiable ``weight.to(bf16)`` before it (what autocast does for the model's own
+# head) would round the head's gradient to bf16 on its way into the float32 parameter and
+# allocate a bf16 and a float32 [V, H] copy of it in backward.
+_N, _H, _V = 256, 32, 384
+
+
+def _head_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(_N, _H, generator=g), torch.randn(_V, _H, generator=g) * 0.6,
+            torch.randn(_N, _H, generator=g), torch.randn(_V, _H, generator=g) * 0.6)
+
+
+def _head_grad(weight_arg, compute_dtype, hidden, weight, t_hidden, t_weight, chunk=64):
+    from axolotl_gold.losses import chunked_jsd_loss_sum
+
+    master = weight.clone().requires_grad_(True)
+    w = weight_arg(master)
+    loss = chunked_jsd_loss_sum(hidden.bfloat16(), w, t_hidden.bfloat16(), t_weight.bfloat16(), beta=0.5,
+                                temperature=1.0, chunk_size=chunk, compute_dtype=compute_dtype)
+    loss.backward()
+    return master.grad
+
+
+def _exact_head_grad(hidden, weight, t_hidden, t_weight):
+    """float64 gradient of the JSD of the bf16-rounded operands' logits (the math the bf16
+    path approximates), with respect to the float32 head."""
+    from axolotl_gold.losses import generalized_jsd_token_loss
+
+    rounded = [x.bfloat16().double() for x in (hidden, weight, t_hidden, t_weight)]
+    w = rounded[1].requires_grad_(True)
+    loss = generalized_jsd_token_loss(rounded[0] @ w.t(), rounded[2] @ rounded[3].t(), beta=0.5, temperature=1.0)
+    loss.sum().backward()
+    return w.grad
+
+
+def test_float32_head_gradient_as_precise_as_the_cast_path():
+    inputs = _head_inputs()
+    exact = _exact_head_grad(*inputs)
+    ours = _head_grad(lambda m: m, torch.bfloat16, *inputs)
+    via_cast = _head_grad(lambda m: m.to(torch.bfloat16), None, *inputs)  # the bf16 round trip
+    assert ours.dtype == via_cast.dtype == torch.float32
+    ours_error = (ours.double() - exact).norm() / exact.norm()
+    cast_error = (via_cast.double() - exact).norm() / exact.norm()
+    # both round the logit gradient to bf16 for the matmul (what bounds the error here,
+    # about 1%); the cast path rounds the summed gradient once more, ours does not
+    assert ours_error <= cast_error and ours_error < 0.02, (float(ours_error), float(cast_error))
+    torch.testing.assert_close(ours, via_cast, rtol=0.02, atol=2e-3)
+
+
+def _fresh_bytes_in(fn) -> int:
+    """Bytes of the tensors ops return in new storage (not a view or an in-place result of
+    one of their inputs) while ``fn`` runs: what it allocates."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    total = [0]
+
+    class Fresh(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                    total[0] += t.untyped_storage().nbytes()
+            return out
+
+    with Fresh():
+        fn()
+    return total[0]
+
+
+@pytest.mark.parametrize("chunk", [64, _N])  # a float32 accumulator of several products; one product
+def test_backward_of_a_float32_head_allocates_no_copy_of_it(chunk):
+    from axolotl_gold.losses import chunked_jsd_loss_sum
+
+    hidden, weight, t_hidden, t_weight = _head_inputs()
+    head_bytes = _V * _H * 4
+
+    def backward_bytes(cast_first: bool) -> int:
+        master = weight.clone().requires_grad_(True)
+        h = hidden.clone().requires_grad_(True)
+        w = master.to(torch.bfloat16) if cast_first else master
+        loss = chunked_jsd_loss_sum(h, w, t_hidden, t_weight.bfloat16(), chunk_size=chunk,
+                                    compute_dtype=None if cast_first else torch.bfloat16)
+        return _fresh_bytes_in(loss.backward)
+
+    assert backward_bytes(cast_first=False) < head_bytes / 4  # scalars only: both gradients scaled in place
+    assert backward_bytes(cast_first=True) >= head_bytes  # at least the float32 cast of a bf16 gradient

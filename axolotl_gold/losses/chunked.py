@@ -201,6 +201,8 @@ def _accumulate_weight_grad(
             return
         except (TypeError, RuntimeError):
             _mixed_addmm_works = False
+    if not grad_weight.is_cuda:  # as cuBLAS does it: products of bf16 operands summed in float32
+        grad_logits, hidden = grad_logits.to(grad_weight.dtype), hidden.to(grad_weight.dtype)
     product = grad_logits.t() @ hidden
     if first:
         grad_weight.copy_(product)
@@ -222,6 +224,7 @@ class _ChunkedJSDFunction(torch.autograd.Function):
         temperature,
         chunk_size,
         grad_enabled,
+        compute_dtype,
     ):
         # needs_input_grad ignores no_grad mode, so the caller says whether grads can be used.
         need_hidden, need_weight, need_bias = (
@@ -230,6 +233,13 @@ class _ChunkedJSDFunction(torch.autograd.Function):
         need_grad = need_hidden or need_weight or need_bias
         num_tokens = student_hidden.shape[0]
         device = student_hidden.device
+        # the gradients go back in the inputs' own dtypes (a float32 master head under bf16
+        # autocast gets its float32 accumulator, never rounded to bf16 on the way)
+        ctx.grad_dtypes = tuple(
+            None if p is None else p.dtype for p in (student_hidden, student_weight, student_bias)
+        )
+        master_dtype = student_weight.dtype
+        student_weight, student_bias = (head_in_dtype(p, compute_dtype) for p in (student_weight, student_bias))
 
         acc_dtype = _compute_dtype(student_weight.dtype)
         loss = torch.zeros((), dtype=acc_dtype, device=device)
@@ -242,9 +252,7 @@ class _ChunkedJSDFunction(torch.autograd.Function):
         # (cuBLAS accumulates in float32 inside the product).
         one_product = num_tokens <= group * chunk_size
         grad_weight = (
-            torch.empty(
-                student_weight.shape, dtype=student_weight.dtype if one_product else acc_dtype, device=device
-            )
+            torch.empty(student_weight.shape, dtype=master_dtype if one_product else acc_dtype, device=device)
             if need_weight
             else None
         )
@@ -258,10 +266,9 @@ class _ChunkedJSDFunction(torch.autograd.Function):
             end = min(start + chunk_size, num_tokens)
             hidden_chunk = student_hidden[start:end].to(student_weight.dtype)
             if kernel:
-                if group > 1 and held is None:
-                    held = torch.empty(
-                        group * chunk_size, student_weight.shape[0], dtype=student_weight.dtype, device=device
-                    )
+                if group > 1 and held is None:  # as many rows as the group will hold, not more
+                    rows = min(group * chunk_size, num_tokens)
+                    held = torch.empty(rows, student_weight.shape[0], dtype=student_weight.dtype, device=device)
                 out = None if held is None else held[start - group_start : end - group_start]
                 chunk_loss, grad_logits, chunk_bias_grad = _triton_step(
                     hidden_chunk, student_weight, teacher_hidden[start:end], teacher_weight, beta, temperature,
@@ -294,22 +301,44 @@ class _ChunkedJSDFunction(torch.autograd.Function):
         # by a cast here and a scaling there (a second pass over the largest gradient). Until
         # backward this holds 4 bytes per lm_head entry instead of 2; the peak is unchanged,
         # as a cast here would hold the accumulator and its copy together for a moment too.
-        ctx.grad_dtypes = tuple(
-            None if p is None else p.dtype for p in (student_hidden, student_weight, student_bias)
-        )
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        grads = []
-        for grad, dtype in zip(ctx.saved_tensors, ctx.grad_dtypes):
-            if grad is None:
-                grads.append(None)
-                continue
-            out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
-            grads.append(torch.mul(grad, grad_output.to(grad.dtype), out=out))
-        return (*grads, None, None, None, None, None, None, None)
+        try:
+            saved = ctx.saved_tensors
+        except RuntimeError as error:  # the version check of a buffer the first backward scaled
+            raise RuntimeError(
+                "the fused JSD's backward runs once per forward (it scales the gradients its forward "
+                "formed in place): compute the loss again instead of a second backward(retain_graph=True)"
+            ) from error
+        return (*_scaled(saved, ctx.grad_dtypes, grad_output), *([None] * 8))
+
+
+def head_in_dtype(param: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """``param`` as the head's matmuls use it: cast to ``dtype`` (None: as it is). No autograd
+    edge: the loss returns the parameter's gradient itself, in the parameter's dtype."""
+    if param is None or dtype is None or param.dtype == dtype:
+        return param
+    return param.detach().to(dtype)
+
+
+def _scaled(grads, dtypes, grad_output: torch.Tensor) -> list[torch.Tensor | None]:
+    """Each gradient the forward formed, times ``grad_output``, in its parameter's dtype: in
+    place where the dtypes agree (the buffer is the forward's, used once: no second [V, H]
+    buffer, and a float32 accumulator reaches a float32 parameter unrounded), else by one
+    pass that scales and casts."""
+    out = []
+    for grad, dtype in zip(grads, dtypes):
+        if grad is None:
+            out.append(None)
+        elif grad.dtype == dtype:
+            out.append(grad.mul_(grad_output.to(grad.dtype)))
+        else:
+            out.append(torch.mul(grad, grad_output.to(grad.dtype), out=torch.empty_like(grad, dtype=dtype)))
+    return out
 
 
 def _flatten_and_check(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias):
@@ -347,6 +376,7 @@ def chunked_jsd_loss_sum(
     chunk_size: int = 1024,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Sum over tokens of the generalized JSD, computed ``chunk_size`` tokens at a time.
 
@@ -360,6 +390,10 @@ def chunked_jsd_loss_sum(
         beta, temperature: as in ``generalized_jsd_token_loss``.
         chunk_size: rows per chunk; peak extra memory is about 4 x chunk_size x V float32.
         student_bias, teacher_bias: optional ``[V]``.
+        compute_dtype: the dtype the student head's matmuls run in (autocast's for a float32
+            head under bf16 autocast: ``scoring.forward.head_compute_dtype``); None: the
+            weight's own. The weight and bias gradients come back in their own dtypes, the
+            weight's accumulated in float32 throughout.
 
     Returns:
         Float32 scalar (float64 for a float64 lm_head): the SUM of per-token divergences in
@@ -383,4 +417,5 @@ def chunked_jsd_loss_sum(
         float(temperature),
         int(chunk_size),
         torch.is_grad_enabled(),
+        compute_dtype,
     )

@@ -80,6 +80,7 @@ def fused_jsd_loss_sum(
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     backend: Backend = "auto",
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``chunked_jsd_loss_sum`` with a choice of implementation; same arguments and result.
 
@@ -90,6 +91,8 @@ def fused_jsd_loss_sum(
             student and teacher weights (liger computes the JSD in the logits' dtype, so in
             bf16 it is less precise than ours), and a trainable student lm_head (liger always
             computes the weight gradient, a wasted matmul per chunk under LoRA); else torch.
+        compute_dtype: the dtype the student head computes in (``chunked_jsd_loss_sum``'s);
+            a lower one than the weight's rules liger out under ``"auto"``.
 
     Returns:
         Float32 scalar, the sum over the N tokens in nats.
@@ -104,6 +107,7 @@ def fused_jsd_loss_sum(
         use_liger = (
             student_hidden.is_cuda
             and student_hidden.shape[0] > 0
+            and compute_dtype in (None, torch.float32)
             and student_weight.dtype == torch.float32
             and teacher_weight.dtype == torch.float32
             and student_weight.requires_grad
@@ -113,11 +117,15 @@ def fused_jsd_loss_sum(
     if backend == "liger":
         if not student_hidden.is_cuda:
             raise RuntimeError("backend='liger' runs on CUDA tensors only; use backend='torch' on CPU.")
+        if compute_dtype is not None:  # liger takes the head as it computes: cast (autograd casts back)
+            student_weight, student_bias = (
+                None if p is None else p.to(compute_dtype) for p in (student_weight, student_bias)
+            )
         return _liger_jsd_loss_sum(
             student_hidden, student_weight, teacher_hidden, teacher_weight, beta, temperature, chunk_size,
             student_bias, teacher_bias,
         ).float()
     return chunked_jsd_loss_sum(
         student_hidden, student_weight, teacher_hidden, teacher_weight, beta=beta, temperature=temperature,
-        chunk_size=chunk_size, student_bias=student_bias, teacher_bias=teacher_bias,
+        chunk_size=chunk_size, student_bias=student_bias, teacher_bias=teacher_bias, compute_dtype=compute_dtype,
     )

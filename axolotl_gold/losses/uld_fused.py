@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from axolotl_gold.losses.chunked import head_in_dtype
 from axolotl_gold.losses.uld import (
     GroupIndex,
     ULDConfig,
@@ -89,8 +90,12 @@ class _ChunkedULD(torch.autograd.Function):
     only scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, chunks, config, mapping, unmatched):
+    def forward(ctx, s_hidden, s_weight, t_hidden, t_weight, chunks, config, mapping, unmatched, compute_dtype):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # a float32 master head under bf16 autocast computes from a bf16 copy and gets its
+        # float32 accumulator back (as the chunked JSD: ``chunked.head_in_dtype``)
+        master_dtype = s_weight.dtype
+        s_weight = head_in_dtype(s_weight, compute_dtype)
         grad_h = torch.zeros_like(s_hidden) if need_h else None
         acc_dtype = torch.promote_types(s_weight.dtype, torch.float32)
         grad_w = torch.zeros(s_weight.shape, dtype=acc_dtype, device=s_weight.device) if need_w else None
@@ -116,7 +121,7 @@ class _ChunkedULD(torch.autograd.Function):
                 elif need_w:
                     grad_w.add_(g_logits.T @ h)
         if need_w:
-            grad_w = grad_w.to(s_weight.dtype)  # drop the float32 accumulator before backward
+            grad_w = grad_w.to(master_dtype)  # a bf16 master: drop the float32 accumulator before backward
         ctx.save_for_backward(grad_h, grad_w)
         return total
 
@@ -128,7 +133,7 @@ class _ChunkedULD(torch.autograd.Function):
         if not bool(grad_out == 1):
             grad_h = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
             grad_w = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def _flatten_rows(hidden, name: str) -> tuple[torch.Tensor, list[int], list[int]]:
@@ -172,6 +177,7 @@ def uld_loss_sum(
     teacher_groups,
     config: ULDConfig = ULDConfig(),
     mapping: VocabMapping | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, int]:
     """ULD (or hybrid ULD) loss SUM from last hidden states and lm_head weights, chunked.
 
@@ -193,6 +199,8 @@ def uld_loss_sum(
             ``axolotl_gold.crosstok.alignment.align_completion`` (no empty groups).
         config: temperatures, merge, weights, hybrid settings, chunk size.
         mapping: a ``VocabMapping`` switches on hybrid ULD.
+        compute_dtype: the dtype the student head's matmul runs in (a float32 head under bf16
+            autocast: bf16); None: the weight's own. Its gradient comes back in its own dtype.
 
     Returns:
         ``(loss_sum, num_positions)``: ``sum_p distillation_weight * D_p + crossentropy_weight *
@@ -228,7 +236,8 @@ def uld_loss_sum(
             _unmatched_ids(mapping.teacher_ids, teacher_weight.size(0)),
         )
     loss = _ChunkedULD.apply(
-        s_flat, student_weight, t_flat.detach(), teacher_weight.detach(), chunks, config, mapping, unmatched
+        s_flat, student_weight, t_flat.detach(), teacher_weight.detach(), chunks, config, mapping, unmatched,
+        compute_dtype,
     )
     return loss, s_index.num_positions
 

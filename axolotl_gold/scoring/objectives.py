@@ -66,17 +66,21 @@ class JsdObjective:
     def _sum(self, student, teacher, s_rows, t_rows) -> torch.Tensor:
         v = self.vocab_size
         if student.head is not None and teacher.head is not None:
+            # the student's head as it is (a float32 master under bf16 autocast: the loss
+            # computes in ``compute_dtype`` and hands back a float32 gradient)
+            bias = student.head.bias
             return fused_jsd_loss_sum(
                 s_rows,
-                student.head_weight()[:v],
+                student.head.weight[:v],
                 t_rows,
                 teacher.head_weight()[:v].detach(),
                 beta=self.beta,
                 temperature=self.temperature,
                 chunk_size=self.chunk_size,
-                student_bias=_bias(student, v),
+                student_bias=None if bias is None else bias[:v],
                 teacher_bias=_bias(teacher, v),
                 backend=self.backend,
+                compute_dtype=student.compute_dtype,
             )
         s_logits = _logits(student, s_rows)[..., :v]
         t_logits = _logits(teacher, t_rows)[..., :v].detach()
@@ -147,7 +151,7 @@ class UldObjective:
 
         total, _ = uld_loss_sum(
             take(student.values),
-            student.head_weight(),
+            student.head.weight,  # the master, computed in ``compute_dtype`` (see JsdObjective)
             take(teacher.values.detach()),
             teacher.head_weight().detach(),
             take(batch["uld_student_ids"]),
@@ -156,6 +160,7 @@ class UldObjective:
             take(batch["uld_teacher_groups"]),
             config=self.config,
             mapping=self.mapping,
+            compute_dtype=student.compute_dtype,
         )
         return total
 

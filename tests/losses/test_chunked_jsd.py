@@ -122,15 +122,19 @@ def test_teacher_never_gets_gradients():
     assert got["student_hidden"].abs().sum() > 0
 
 
-def test_upstream_gradient_scales_and_backward_can_repeat():
+def test_upstream_gradient_scales_and_a_second_backward_is_refused():
+    """backward scales the forward's gradient buffers in place (no second [V, H] buffer):
+    the upstream gradient reaches every input, and a second backward through the same graph
+    says what to do instead of returning twice-scaled gradients."""
     inputs = make_inputs(torch.float32)
     _, once = loss_and_grads(chunked(0.3, 2.0, 8), inputs)
     leaves = {k: v.clone().requires_grad_(k in STUDENT_KEYS) for k, v in inputs.items()}
     loss = chunked(0.3, 2.0, 8)(leaves)
-    (3.0 * loss).backward(retain_graph=True)
-    (-0.5 * loss).backward()
+    (-2.5 * loss).backward(retain_graph=True)
     for key in STUDENT_KEYS:
-        torch.testing.assert_close(leaves[key].grad, 2.5 * once[key], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(leaves[key].grad, -2.5 * once[key], rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match="compute the loss again"):
+        (3.0 * loss).backward()
 
 
 def test_no_grad_and_no_bias():
@@ -250,6 +254,34 @@ def test_triton_kernel_matches_compiled_in_bf16_at_vocab_scale(monkeypatch, beta
     torch.testing.assert_close(l1, l2, rtol=2e-3, atol=1e-2)
     for a, b in ((gh1, gh2), (gw1, gw2)):
         assert float((a - b).norm() / b.norm()) < 1e-2
+
+
+@requires_cuda
+@pytest.mark.parametrize("n", [300, 200])
+def test_triton_kernel_float32_master_head_computed_in_bf16(monkeypatch, n):
+    """A float32 head with ``compute_dtype`` bf16 (Axolotl's full fine-tune under bf16
+    autocast): the bf16 computation of a bf16 copy, its gradient handed back in float32."""
+    import axolotl_gold.losses.chunked as chunked_module
+    from axolotl_gold.losses.chunked import chunked_jsd_loss_sum
+
+    monkeypatch.setattr(chunked_module, "USE_TRITON", True)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    v, h = 50_003, 64
+    hidden = torch.randn(n, h, device="cuda", generator=g).bfloat16()
+    master = torch.randn(v, h, device="cuda", generator=g) * 0.3
+    teacher = (torch.randn(n, h, device="cuda", generator=g).bfloat16(),
+               (torch.randn(v, h, device="cuda", generator=g) * 0.3).bfloat16())
+    grads = []
+    for compute_dtype in (torch.bfloat16, None):
+        w = master.clone().requires_grad_()
+        arg = w if compute_dtype is not None else w.to(torch.bfloat16)  # the cast before: the old path
+        loss = chunked_jsd_loss_sum(hidden, arg, *teacher, beta=0.5, chunk_size=128, compute_dtype=compute_dtype)
+        loss.backward()
+        grads.append((loss, w.grad))
+    (ours_loss, ours), (cast_loss, via_cast) = grads
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours_loss, cast_loss)
+    assert float((ours - via_cast).norm() / via_cast.norm()) < 5e-3
 
 
 def _liger_importable():

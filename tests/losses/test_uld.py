@@ -554,3 +554,24 @@ def test_hidden_states_in_another_dtype_than_the_head():
     same.backward()
     torch.testing.assert_close(mixed.detach(), same.detach().to(mixed.dtype))
     torch.testing.assert_close(s_hidden.grad, same_hidden.grad.float())
+
+
+def test_float32_master_head_computed_in_bf16():
+    """A float32 head under bf16 autocast (Axolotl's full fine-tune): ``compute_dtype`` bf16
+    computes what a bf16 copy of the head computes, and the gradient comes back in float32
+    from the float32 accumulator (not through a bf16 copy and a float32 cast of it)."""
+    d = _batch(4, batch=2, dtype=torch.float32)
+    cfg = ULDConfig(chunk_size=3)
+    args = (d["s_ids"], d["t_ids"], d["s_groups"], d["t_groups"], cfg)
+    t_hidden, t_weight = d["t_hidden"].bfloat16(), d["t_weight"].detach().bfloat16()
+    results = []
+    for compute_dtype in (torch.bfloat16, None):
+        master = d["s_weight"].detach().clone().requires_grad_(True)
+        weight = master if compute_dtype is not None else master.to(torch.bfloat16)
+        total, _ = uld_loss_sum(d["s_hidden"].detach(), weight, t_hidden, t_weight, *args, compute_dtype=compute_dtype)
+        total.backward()
+        results.append((total.detach(), master.grad))
+    (ours, ours_grad), (cast, cast_grad) = results
+    assert ours_grad.dtype == torch.float32
+    torch.testing.assert_close(ours, cast)
+    assert float((ours_grad - cast_grad).norm() / cast_grad.norm()) < 5e-3
