@@ -284,7 +284,7 @@ def variants(ours, args, prepared):
            knob([(prepared, "micro_batches", drawn)]))
     gc = not args.gradient_checkpointing
     yield f"gradient checkpointing {'on' if gc else 'off'}", knob(checkpointing=gc)
-    for size in (1024, 4096, 8192):
+    for size in (1024, 2048, 4096, 8192):
         if size != args.chunk_size:
             chunked = dataclasses.replace(ours.objective, chunk_size=size)
             yield f"loss chunk {size}", knob([(ours, "objective", chunked)])

@@ -6,6 +6,8 @@
 #   student  benchmarks/profile_student_step.py --variants --torch-profile
 #   ragged   benchmarks/bench_vs_reference.py --ragged --skip-reference --variants ours-fast
 #   cli      benchmarks/bench_cli.py --compile --warmup 1 --steps 2 (plain loop and `axolotl train`)
+#   cli-memory  bench_cli.py --compile --memory-at-peak, at loss chunk 2048 (the default) then 1024:
+#            what `axolotl train`'s step peak holds, by site, and the peak a smaller loss chunk gives
 #   kernels  the rollout engine's CUDA unit tests (decode attention kernel, static engine, refills,
 #            image prompts, sampling; the static engine's graphs under FSDP2 at world size 1)
 #   decode   benchmarks/profile_decode.py --only-compile (0.5B shape: Triton / tensor attention)
@@ -30,6 +32,13 @@ if [[ $want == *,cli,* ]]; then
   timeout "${GOLD_CLI_S:-420}" python3 benchmarks/bench_cli.py --compile --warmup 1 --steps 2 \
     --json "$OUT/bench_cli.json" > "$OUT/bench_cli.txt" 2>&1
   grep -E "^\||^device|failed" "$OUT/bench_cli.txt" || tail -30 "$OUT/bench_cli.txt"
+fi
+if [[ $want == *,cli-memory,* ]]; then
+  for chunk in 2048 1024; do
+    timeout "${GOLD_CLI_S:-420}" python3 benchmarks/bench_cli.py --compile --warmup 2 --steps 1 --memory-at-peak \
+      --chunk-size $chunk --json "$OUT/bench_cli_memory_$chunk.json" > "$OUT/bench_cli_memory_$chunk.txt" 2>&1
+    grep -E "^\||^device|^step peak|failed" "$OUT/bench_cli_memory_$chunk.txt" || tail -30 "$OUT/bench_cli_memory_$chunk.txt"
+  done
 fi
 if [[ $want == *,kernels,* ]]; then
   timeout 360 python3 -m pytest -q -rs -p no:cacheprovider tests/test_decode_kernel.py tests/test_static_engine.py \

@@ -23,10 +23,12 @@ LEGACY_DATASET_TYPES = {
     "axolotl_gold.vision_chat": VISION_DATASET_TYPE,
 }
 
-# Tokens per chunk of the fused JSD. 2048 rather than 1024: on an H100 (0.5B/1.5B Qwen2.5
-# heads, 4096 tokens) 11.4 vs 12.0 ms per loss step for 2.0 vs 1.4 GiB extra memory
-# (benchmarks/bench_jsd_loss.py); a plain loss takes 24.4 GiB there.
-LOSS_CHUNK_SIZE = 2048
+# Tokens per chunk of the fused JSD. 1024: its buffers sit on top of the student's saved
+# activations at a step's peak, and a 151,936-token head's chunk of 2048 holds 0.6 GiB more
+# (H100, 0.5B/1.5B Qwen2.5 heads, 4096 tokens: 1.4 vs 2.0 GiB for 12.0 vs 11.4 ms per loss
+# step, benchmarks/bench_jsd_loss.py; H200, profile_student_step.py: the loss stage of an
+# optimizer step 34.0 vs 32.5 ms, ~0.1% of the step). A plain loss takes 24.4 GiB there.
+LOSS_CHUNK_SIZE = 1024
 
 # Axolotl keys GOLD reads, where a raw (not yet validated) YAML may lack them
 AXOLOTL_FALLBACKS = {
