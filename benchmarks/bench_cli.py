@@ -213,6 +213,8 @@ def parse_args(argv):
     p.add_argument("--with-reference", action="store_true", help="also run TRL's GOLDTrainer (slow)")
     p.add_argument("--num-generations", type=int, default=4)
     p.add_argument("--free-length", action="store_true", help="do not force fixed-length rollouts in `axolotl train`")
+    p.add_argument("--student-compile", choices=("default", "reduce-overhead", "max-autotune"), default=None,
+                   help="`axolotl train` with `torch_compile: true` and this `torch_compile_mode` (the plain loop stays eager)")
     p.add_argument("--memory-at-peak", action="store_true",
                    help="CUDA: record the allocator during `axolotl train`'s first measured step; print what is alive at its peak")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "gold_bench_models"))
@@ -336,6 +338,10 @@ def write_config(own, args, bvr, models: Path, work: Path) -> Path:
         cfg["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if args.compile:
         cfg["gold_rollout_compile"] = True
+    if own.student_compile:
+        cfg["torch_compile"] = True
+        if own.student_compile != "default":
+            cfg["torch_compile_mode"] = own.student_compile
     if args.generation_rows:
         cfg["gold_generation_rows"] = args.generation_rows
     path = work / "cfg.yaml"

@@ -25,7 +25,9 @@ own micro-step loop (Ours.train) less the teacher, the figure the README quotes 
 before ``group_by_length``: more padded positions on ragged windows), gradient checkpointing toggled, loss chunk sizes, AdamW
 foreach instead of fused (or fused on CPU), Liger's fused linear JSD (skipped when
 liger_kernel is not importable), the student through ``torch.compile`` alone and with
-loss chunk 4096, and last the student with Liger's RMSNorm / SwiGLU / RoPE kernels (what
+loss chunk 4096, through ``torch.compile(mode="reduce-overhead")`` (Axolotl's
+``torch_compile_mode: reduce-overhead``: CUDA graphs of the forward and backward, one per
+micro-batch shape), and last the student with Liger's RMSNorm / SwiGLU / RoPE kernels (what
 Axolotl's Liger plugin applies; CUDA only; ``--only-compile`` keeps it beside the compile rows). The compile rows mirror Axolotl's ``torch_compile: true``: HF's Trainer
 hands ``torch_compile_backend`` (inductor, no mode) to Accelerate, whose ``prepare`` wraps
 the whole model in ``torch.compile(model, backend="inductor")``; the trainer's forward and
@@ -302,7 +304,8 @@ def variants(ours, args, prepared):
     yield from liger_model_variant(ours)
 
 
-COMPILE_ROWS = ("student torch.compile", "student torch.compile + loss chunk 4096")
+COMPILE_ROWS = ("student torch.compile", "student torch.compile + loss chunk 4096",
+                "student torch.compile, mode reduce-overhead (CUDA graphs)")
 DRAWN_ROW = "rows as drawn, not grouped by length"
 LIGER_ROW = "student with Liger's RMSNorm, SwiGLU, RoPE kernels (last: not undone)"
 
@@ -346,6 +349,10 @@ def compile_variants(ours, args, knob):
     if args.chunk_size != 4096:
         chunked = dataclasses.replace(ours.objective, chunk_size=4096)
         yield COMPILE_ROWS[1], knob([(ours, "student", compiled), (ours, "objective", chunked)])
+    # `torch_compile_mode: reduce-overhead`: inductor's CUDA graphs (cudagraph trees) around
+    # the forward and the backward, one recorded per input shape; on CPU it compiles without them
+    graphed = torch.compile(plain_model(ours.student), backend="inductor", mode="reduce-overhead")
+    yield COMPILE_ROWS[2], knob([(ours, "student", graphed)])
 
 
 def dynamo_graphs() -> int:
