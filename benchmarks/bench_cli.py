@@ -215,6 +215,7 @@ def parse_args(argv):
     p.add_argument("--free-length", action="store_true", help="do not force fixed-length rollouts in `axolotl train`")
     p.add_argument("--student-compile", choices=("default", "reduce-overhead", "max-autotune"), default=None,
                    help="`axolotl train` with `torch_compile: true` and this `torch_compile_mode` (the plain loop stays eager)")
+    p.add_argument("--skip-plain", action="store_true", help="`axolotl train` (and --with-reference) only")
     p.add_argument("--memory-at-peak", action="store_true",
                    help="CUDA: record the allocator during `axolotl train`'s first measured step; print what is alive at its peak")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "gold_bench_models"))
@@ -522,8 +523,8 @@ def main(argv=None) -> None:
         built = run_child("build", argv, own.timeout)
         if "error" in built:
             raise SystemExit(f"building the models failed: {built['error']}")
-    rows = [("plain loop", run_child("plain", argv, own.timeout))]
-    if args.ragged:
+    rows = [] if own.skip_plain else [("plain loop", run_child("plain", argv, own.timeout))]
+    if args.ragged and not own.skip_plain:
         rows.append(("plain loop (forced)", run_child("plain-forced", argv, own.timeout)))
     rows.append(("axolotl train", run_cli(own, args, bvr, models)))
     if own.with_reference:
@@ -531,7 +532,7 @@ def main(argv=None) -> None:
     for name, r in rows:
         print(f"[{name}] {json.dumps(r)}", flush=True)
     print("\n" + table(rows, own, args), flush=True)
-    if args.ragged:
+    if args.ragged and not own.skip_plain:
         import ragged
 
         forced = dict(rows)["plain loop (forced)"]

@@ -6,8 +6,8 @@
 #   student  benchmarks/profile_student_step.py --variants --torch-profile
 #   ragged   benchmarks/bench_vs_reference.py --ragged --skip-reference --variants ours-fast
 #   cli      benchmarks/bench_cli.py --compile --warmup 1 --steps 2 (plain loop and `axolotl train`)
-#   cli-memory  bench_cli.py --compile --memory-at-peak, at loss chunk 2048 (the default) then 1024:
-#            what `axolotl train`'s step peak holds, by site, and the peak a smaller loss chunk gives
+#   cli-memory  bench_cli.py --compile --memory-at-peak --skip-plain at loss chunk 2048, 1024 (the
+#            default) and 512: what `axolotl train`'s step peak holds, by site, at each chunk
 #   kernels  the rollout engine's CUDA unit tests (decode attention kernel, static engine, refills,
 #            image prompts, sampling; the static engine's graphs under FSDP2 at world size 1)
 #   decode   benchmarks/profile_decode.py --only-compile (0.5B shape: Triton / tensor attention)
@@ -34,8 +34,8 @@ if [[ $want == *,cli,* ]]; then
   grep -E "^\||^device|failed" "$OUT/bench_cli.txt" || tail -30 "$OUT/bench_cli.txt"
 fi
 if [[ $want == *,cli-memory,* ]]; then
-  for chunk in 2048 1024; do
-    timeout "${GOLD_CLI_S:-420}" python3 benchmarks/bench_cli.py --compile --warmup 2 --steps 1 --memory-at-peak \
+  for chunk in 2048 1024 512; do
+    timeout "${GOLD_CLI_S:-420}" python3 benchmarks/bench_cli.py --compile --warmup 2 --steps 1 --memory-at-peak --skip-plain \
       --chunk-size $chunk --json "$OUT/bench_cli_memory_$chunk.json" > "$OUT/bench_cli_memory_$chunk.txt" 2>&1
     grep -E "^\||^device|^step peak|failed" "$OUT/bench_cli_memory_$chunk.txt" || tail -30 "$OUT/bench_cli_memory_$chunk.txt"
   done
