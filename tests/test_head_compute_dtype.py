@@ -7,6 +7,9 @@ in bf16, so the fused loss must too (on an H200 the float32 head cost a 0.5B stu
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -208,3 +211,29 @@ def test_backward_of_a_float32_head_allocates_no_copy_of_it(chunk):
 
     assert backward_bytes(cast_first=False) < head_bytes / 4  # scalars only: both gradients scaled in place
     assert backward_bytes(cast_first=True) >= head_bytes  # at least the float32 cast of a bf16 gradient
+
+
+@pytest.mark.e2e
+def test_bf16_full_finetune_head_gradient_through_the_cli(tiny_pair, tmp_path, monkeypatch):
+    """`axolotl train` with `bf16: true` on the CPU (a full fine-tune: Axolotl upcasts the
+    embeddings and head to float32, Accelerate runs the forward in bf16 autocast): one SGD step
+    (lr 1) moves the float32 head by minus its gradient. The fused loss (head bypassed, applied
+    in bf16 by the loss, its float32 gradient handed back) against `gold_fused_loss: false`
+    (the model applies its own head in autocast, the loss reads its logits): the same step
+    up to the loss's rounding. (Against a float32 run the step differs by ~25% on these tiny
+    random models, by either path: the bf16 body, not the loss. ULD has no unfused path:
+    its float32-master path is tested in tests/losses/test_uld.py.)"""
+    from axolotl_run import sgd_delta
+
+    tests = str(Path(__file__).resolve().parent)  # for the `cpu_bf16_plugin.UseCpu` plugin
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
+    extra = dict(bf16=True, plugins=["axolotl_gold.GoldPlugin", "cpu_bf16_plugin.UseCpu"])
+    fused, _ = sgd_delta(tiny_pair, tmp_path, "fused", 4, 1, 1, **extra)
+    own_head, _ = sgd_delta(tiny_pair, tmp_path, "own_head", 4, 1, 1, gold_fused_loss=False, **extra)
+    head = [k for k in fused if k.endswith("lm_head.weight") or k.endswith("embed_tokens.weight")]
+    assert head
+    for key in head:
+        assert fused[key].dtype == torch.float32 and float(own_head[key].norm()) > 0, key
+        rel = float((fused[key] - own_head[key]).norm() / own_head[key].norm())
+        print(f"{key}: fused vs the model's own autocast head, relative L2 {rel:.2e}")
+        assert rel < 2e-2, (key, rel)

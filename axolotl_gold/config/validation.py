@@ -145,6 +145,12 @@ def validate_gold_settings(data: dict) -> None:
             "which compares two distributions over one vocabulary and cannot compute the "
             "cross-tokenizer ULD loss: remove `gold_jsd_backend` or set `use_uld_loss: false`."
         )
+    if data.get("use_uld_loss") and data.get("gold_fused_loss") is False:
+        raise GoldConfigError(
+            "`gold_fused_loss: false` with `use_uld_loss: true`: the ULD loss applies both output "
+            "heads itself, chunk by chunk (it has no path from full logits): remove "
+            "`gold_fused_loss` or set `use_uld_loss: false`."
+        )
     if data.get("use_uld_loss") and data.get("seq_kd"):
         raise GoldConfigError(
             "`seq_kd: true` with `use_uld_loss: true` is not supported yet (the teacher would "
