@@ -402,8 +402,12 @@ def kernel_table(ours, prepared, prompts, top: int = 25) -> str:
         time_of = lambda e: e.self_cpu_time_total  # noqa: E731
     events = sorted(events, key=time_of, reverse=True)
     total = sum(time_of(e) for e in events) or 1
+    wall = 1e3 * sum(clock.seconds.values())  # the same stages, device-synced, under the profiler
+    busy = (f"; kernels {total / 1e3:.1f} ms of device time in {wall:.1f} ms of wall time for these stages "
+            f"(device busy {100 * total / 1e3 / wall:.0f}%)") if cuda else ""
     lines = [f"top {top} {'CUDA kernels' if cuda else 'CPU ops (self time)'} of one step (prefill + student "
-             "side + teacher), by total time", "", "| kernel | calls | total ms | share |", "| --- | ---: | ---: | ---: |"]
+             f"side + teacher), by total time{busy}", "", "| kernel | calls | total ms | share |",
+             "| --- | ---: | ---: | ---: |"]
     for e in events[:top]:
         name = e.key.replace("|", "/")[:110]
         lines.append(f"| {name} | {e.count} | {time_of(e) / 1e3:.2f} | {100 * time_of(e) / total:.1f}% |")
