@@ -301,6 +301,7 @@ class _ChunkedJSDFunction(torch.autograd.Function):
         # by a cast here and a scaling there (a second pass over the largest gradient). Until
         # backward this holds 4 bytes per lm_head entry instead of 2; the peak is unchanged,
         # as a cast here would hold the accumulator and its copy together for a moment too.
+        # A float32 parameter gets its accumulator itself, scaled in place (``_scaled``).
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         return loss
 
