@@ -42,7 +42,9 @@ TF32 is not a knob here: the matmuls are bf16.
 GPU (device machine; no axolotl needed):
   python3 benchmarks/profile_student_step.py --variants --torch-profile --json OUT.json
   python3 benchmarks/profile_student_step.py --variants --only-compile --torch-profile --profile-compiled \
-      --json OUT.json    # the baseline and the two compile rows only, kernels of the compiled step
+      --json OUT.json    # the baseline and the compile rows only, kernels of the compiled step
+  python3 benchmarks/profile_student_step.py --variants --rows reduce-overhead --torch-profile
+                         # the baseline and the CUDA-graph row only
 CPU smoke test:
   source scripts/env.sh && .venv/bin/python benchmarks/profile_student_step.py --tiny --device cpu
 Shape flags are bench_vs_reference's (--prompt, --completion, --micro-batch, --grad-accum,
@@ -75,6 +77,8 @@ def parse_args(argv):
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--only-compile", action="store_true",
                    help="with --variants: only the torch.compile rows, the Liger row and the rows-as-drawn row")
+    p.add_argument("--rows", default=None,
+                   help="with --variants: only the rows whose name contains one of these comma-separated words")
     p.add_argument("--profile-compiled", action="store_true",
                    help="with --torch-profile: profile the step with the student through torch.compile")
     own, rest = p.parse_known_args(argv)
@@ -437,6 +441,8 @@ def main(argv=None) -> None:
         for name, knob in variants(ours, args, prepared):
             if own.only_compile and name not in (*COMPILE_ROWS, LIGER_ROW) and not name.startswith(DRAWN_ROW):
                 continue  # a knob not entered changes nothing
+            if own.rows and not any(word in name for word in own.rows.split(",")):
+                continue
             if isinstance(knob, str):
                 rows.append((name, knob))
                 continue

@@ -19,6 +19,8 @@
 #            static engine with FSDP's forward hooks on vs set aside)
 #   zero3-static  benchmarks/zero3_check.py --engine static at world size 1 (CUDA graphs of the
 #            static engine on DeepSpeed's gathered student, rollouts against one GPU without DeepSpeed)
+#   student-graphs  profile_student_step.py --variants --rows reduce-overhead --torch-profile (forced
+#            window: the student eager vs `torch_compile_mode: reduce-overhead`, and the device's busy share)
 #   refill   benchmarks/bench_refill.py --compile --variants refill,chunked (64 ragged prompts through
 #            16 slots: refilled vs one batch after another; 3 row buckets to compile)
 set -uo pipefail
@@ -85,6 +87,11 @@ if [[ $want == *,zero3-static,* ]]; then  # ZeRO-3 at world size 1: the static e
   timeout 200 python3 -m torch.distributed.run --nproc_per_node 1 benchmarks/zero3_check.py --engine static \
     --skip-memory > "$OUT/zero3_check_static.txt" 2>&1
   grep "^|" "$OUT/zero3_check_static.txt" || tail -20 "$OUT/zero3_check_static.txt"
+fi
+if [[ $want == *,student-graphs,* ]]; then  # the forced window: eager vs inductor's CUDA graphs, device busy share
+  timeout 560 python3 benchmarks/profile_student_step.py --variants --rows reduce-overhead --torch-profile \
+    --json "$OUT/profile_student_graphs.json" > "$OUT/profile_student_graphs.txt" 2>&1
+  grep -E "^\||^top|^\[variant" "$OUT/profile_student_graphs.txt" | head -40 || tail -20 "$OUT/profile_student_graphs.txt"
 fi
 if [[ $want == *,student-ragged,* ]]; then
   for alloc in default expandable_segments:True; do  # the first also times the rows as drawn and compiled
