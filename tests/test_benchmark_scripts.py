@@ -99,7 +99,7 @@ def test_peak_allocations_replays_the_allocator_trace():
     """bench_cli --memory-at-peak: the peak of a trace, what is alive at it, by site; a
     free of something allocated before the recording lowers what is still held."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    import bench_cli
+    import peak_allocations
 
     def frame(path, line, name):
         return {"filename": path, "line": line, "name": name}
@@ -119,15 +119,16 @@ def test_peak_allocations_replays_the_allocator_trace():
         {"action": "free_requested", "addr": 2, "size": 50, "frames": model},
         {"action": "alloc", "addr": 5, "size": 450, "frames": adam},  # 1000 + 100 + 7 + 450 - 30 < the peak
     ]
-    result = bench_cli.live_at_peak(trace, 1000)
+    result = peak_allocations.live_at_peak(trace, 1000)
     assert result["peak"] == 1000 - 30 + 100 + 50 + 400 + 7
     assert result["held_at_peak"] == 970
     assert result["sites"] == [["chunked.py:270 forward", 400], ["modeling_qwen2.py:72 forward", 150],
                                ["autograd backward (no Python frame)", 7]]
-    assert bench_cli.site_of(adam) == "adamw.py:5 step" and bench_cli.site_of([torch_frame]) == "functional.py (torch)"
+    assert peak_allocations.site_of(adam) == "adamw.py:5 step"
+    assert peak_allocations.site_of([torch_frame]) == "functional.py (torch)"
     held = {"allocated": 2**30, "student weights": 2**29, "student grads": 0, "optimizer state": 2**28,
             "teacher weights": 2**27}
-    table = bench_cli.peak_table(dict(result, held_at_start=held))
+    table = peak_allocations.peak_table(dict(result, held_at_start=held))
     assert "| other, held at the step's start | 0.12 |" in table and "| chunked.py:270 forward | 0.000 |" in table
 
 
