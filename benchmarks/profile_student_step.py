@@ -22,12 +22,15 @@ counted half) and the ratio. "student side, as the plain loop runs it" is bench_
 own micro-step loop (Ours.train) less the teacher, the figure the README quotes (0.38 s).
 
 --variants adds one row each: the window's rows as the slices drew them (the micro-batches
-before ``group_by_length``: more padded positions on ragged windows), gradient checkpointing toggled, loss chunk sizes, AdamW
+before ``group_by_length``: more padded positions on ragged windows), the scoring widths rounded
+up to multiples of 64 (``gold_scoring_width_multiple``'s default under reduce-overhead: the cost
+of the padding), gradient checkpointing toggled, loss chunk sizes, AdamW
 foreach instead of fused (or fused on CPU), Liger's fused linear JSD (skipped when
 liger_kernel is not importable), the student through ``torch.compile`` alone and with
 loss chunk 4096, through ``torch.compile(mode="reduce-overhead")`` (Axolotl's
 ``torch_compile_mode: reduce-overhead``: CUDA graphs of the forward and backward, one per
-micro-batch shape), and last the student with Liger's RMSNorm / SwiGLU / RoPE kernels (what
+micro-batch shape; then again with the widths rounded to 64, as the trainer runs it), and last
+the student with Liger's RMSNorm / SwiGLU / RoPE kernels (what
 Axolotl's Liger plugin applies; CUDA only; ``--only-compile`` keeps it beside the compile rows). The compile rows mirror Axolotl's ``torch_compile: true``: HF's Trainer
 hands ``torch_compile_backend`` (inductor, no mode) to Accelerate, whose ``prepare`` wraps
 the whole model in ``torch.compile(model, backend="inductor")``; the trainer's forward and
@@ -242,17 +245,18 @@ def stage_table(ms: dict, floor: dict) -> str:
     return "\n".join(lines)
 
 
-def drawn_batches(ours, prepared) -> list:
-    """The window's micro-batches as the slices were drawn, before ``group_by_length``."""
+def window_batches(ours, prepared, grouped: bool = False, multiple: int = 1) -> list:
+    """The window's micro-batches as the slices were drawn (before ``group_by_length``) or
+    grouped as ``prepare_window`` groups them, with widths rounded up to ``multiple``."""
     import torch
 
-    from axolotl_gold.data.batching import merge_repeats
+    from axolotl_gold.data.batching import group_by_length, merge_repeats
     from axolotl_gold.scoring.loss import teacher_scoring_batch
 
+    merged = [merge_repeats(rows) for rows in prepared.window.slices]
     out = []
-    for rows in prepared.window.slices:
-        rows, counts = merge_repeats(rows)
-        batch = teacher_scoring_batch(rows, ours.pad, ours.objective)
+    for rows, counts in group_by_length(merged) if grouped else merged:
+        batch = teacher_scoring_batch(rows, ours.pad, ours.objective, multiple=multiple)
         if any(c > 1 for c in counts):
             batch["row_weights"] = torch.tensor(counts, dtype=torch.long)
         out.append(batch)
@@ -284,10 +288,13 @@ def variants(ours, args, prepared):
                 toggle_checkpointing(ours.student, not checkpointing)
             ours.optimizer = old
 
-    drawn = drawn_batches(ours, prepared)
-    positions = [sum(b["input_ids"].numel() for b in batches) for batches in (prepared.micro_batches, drawn)]
+    drawn = window_batches(ours, prepared)
+    rounded = window_batches(ours, prepared, grouped=True, multiple=ROUNDED_TO)
+    positions = [sum(b["input_ids"].numel() for b in batches) for batches in (prepared.micro_batches, drawn, rounded)]
     yield (f"{DRAWN_ROW} ({positions[1]:,} padded positions vs {positions[0]:,})",
            knob([(prepared, "micro_batches", drawn)]))
+    yield (f"{ROUNDED_ROW} ({positions[2]:,} padded positions vs {positions[0]:,})",
+           knob([(prepared, "micro_batches", rounded)]))
     gc = not args.gradient_checkpointing
     yield f"gradient checkpointing {'on' if gc else 'off'}", knob(checkpointing=gc)
     for size in (1024, 2048, 4096, 8192):
@@ -304,12 +311,15 @@ def variants(ours, args, prepared):
     else:
         liger = dataclasses.replace(ours.objective, backend="liger")
         yield "Liger fused linear JSD", knob([(ours, "objective", liger)])
-    yield from compile_variants(ours, args, knob)
+    yield from compile_variants(ours, args, knob, prepared)
     yield from liger_model_variant(ours)
 
 
+ROUNDED_TO = 64  # gold_scoring_width_multiple's default under reduce-overhead
+ROUNDED_ROW = f"scoring widths rounded up to multiples of {ROUNDED_TO}"
 COMPILE_ROWS = ("student torch.compile", "student torch.compile + loss chunk 4096",
-                "student torch.compile, mode reduce-overhead (CUDA graphs)")
+                "student torch.compile, mode reduce-overhead (CUDA graphs)",
+                f"student torch.compile, mode reduce-overhead, widths rounded to {ROUNDED_TO}")
 DRAWN_ROW = "rows as drawn, not grouped by length"
 LIGER_ROW = "student with Liger's RMSNorm, SwiGLU, RoPE kernels (last: not undone)"
 
@@ -340,7 +350,7 @@ def liger_model_variant(ours):
     yield name, applied()
 
 
-def compile_variants(ours, args, knob):
+def compile_variants(ours, args, knob, prepared):
     """The student as Axolotl's ``torch_compile: true`` leaves it for the trainer's forward
     and backward: Accelerate's ``prepare`` returns ``torch.compile(model, backend="inductor")``
     (HF's Trainer passes ``torch_compile_backend``, inductor by default, and
@@ -357,6 +367,9 @@ def compile_variants(ours, args, knob):
     # the forward and the backward, one recorded per input shape; on CPU it compiles without them
     graphed = torch.compile(plain_model(ours.student), backend="inductor", mode="reduce-overhead")
     yield COMPILE_ROWS[2], knob([(ours, "student", graphed)])
+    # as the trainer runs it by default under reduce-overhead: fewer shapes to record
+    rounded = window_batches(ours, prepared, grouped=True, multiple=ROUNDED_TO)
+    yield COMPILE_ROWS[3], knob([(ours, "student", graphed), (prepared, "micro_batches", rounded)])
 
 
 def dynamo_graphs() -> int:
@@ -439,7 +452,8 @@ def main(argv=None) -> None:
     if own.variants:
         rows = []
         for name, knob in variants(ours, args, prepared):
-            if own.only_compile and name not in (*COMPILE_ROWS, LIGER_ROW) and not name.startswith(DRAWN_ROW):
+            kept = name in (*COMPILE_ROWS, LIGER_ROW) or name.startswith((DRAWN_ROW, ROUNDED_ROW))
+            if own.only_compile and not kept:
                 continue  # a knob not entered changes nothing
             if own.rows and not any(word in name for word in own.rows.split(",")):
                 continue

@@ -42,3 +42,60 @@ def test_trim_completion_keeps_first_eos_drops_what_follows():
     assert trim_completion([4, 5, 2, 0, 0], {2}) == [4, 5, 2]
     assert trim_completion([4, 0, 5], {2}) == [4, 0, 5]  # a sampled pad id is a token
     assert trim_completion([4, 5], {2}) == [4, 5]
+
+
+def test_scoring_batch_widths_rounded_to_a_multiple():
+    batch = build_scoring_batch([[5, 6, 7], [8]], [[1], [2, 3, 4]], pad_id=0, multiple=4)
+    # prompt width 3 -> 4 (one more pad on the left), completion width 3 -> 4 (on the right)
+    assert batch["input_ids"].tolist() == [[0, 5, 6, 7, 1, 0, 0, 0], [0, 0, 0, 8, 2, 3, 4, 0]]
+    assert batch["attention_mask"].tolist() == [[0, 1, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1, 0]]
+    assert batch["position_ids"][0].tolist()[1:5] == [0, 1, 2, 3]
+    assert batch["completion_labels"].tolist() == [[1, -100, -100, -100], [2, 3, 4, -100]]
+    same = build_scoring_batch([[5, 6, 7, 9]], [[1, 2, 3, 4]], pad_id=0, multiple=4)  # already multiples
+    assert same["input_ids"].shape == (1, 8) and int(same["attention_mask"].sum()) == 8
+
+
+def test_rounded_widths_score_the_same_loss_and_gradient():
+    """The loss of a micro-batch and the student's gradient are the same with widths rounded up
+    (the extra positions are masked and unscored): float64, a real model, the fused JSD."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from axolotl_gold.scoring.loss import loss_sum
+    from axolotl_gold.scoring.objectives import JsdObjective
+
+    def model(seed):
+        torch.manual_seed(seed)
+        cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+        return Qwen2ForCausalLM(cfg).double()
+
+    student, teacher = model(0), model(1)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (5, 9, 7)]
+    completions = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (6, 2, 11)]
+    objective = JsdObjective(beta=0.5, temperature=1.0, chunk_size=8, vocab_size=64)
+    results = []
+    for multiple in (1, 16):
+        batch = build_scoring_batch(prompts, completions, pad_id=0, multiple=multiple)
+        student.zero_grad(set_to_none=True)
+        total, count, _ = loss_sum(student, teacher, batch, objective, fused=True)
+        (total / count).backward()
+        results.append((batch["input_ids"].shape, float(total), int(count),
+                        {n: p.grad.clone() for n, p in student.named_parameters()}))
+    (shape1, loss1, count1, grads1), (shape16, loss16, count16, grads16) = results
+    assert shape1 == (3, 9 + 11) and shape16 == (3, 16 + 16)
+    assert count1 == count16 == 19
+    assert abs(loss1 - loss16) < 1e-10 * abs(loss1)
+    for name, grad in grads1.items():
+        torch.testing.assert_close(grads16[name], grad, rtol=1e-9, atol=1e-12)
+
+
+def test_width_multiple_defaults_to_64_for_a_graphed_student():
+    from axolotl_gold.config.settings import scoring_width_multiple
+
+    assert scoring_width_multiple({}) == 1
+    assert scoring_width_multiple({"torch_compile": True}) == 1
+    assert scoring_width_multiple({"torch_compile": True, "torch_compile_mode": "reduce-overhead"}) == 64
+    assert scoring_width_multiple({"torch_compile": True, "torch_compile_mode": "reduce-overhead",
+                                   "gold_scoring_width_multiple": 8}) == 8

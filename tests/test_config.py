@@ -65,6 +65,7 @@ def test_zero3_config_is_accepted(tiny_pair, tmp_path):
         ({"use_uld_loss": True, "gold_jsd_backend": "liger"}, r"`gold_jsd_backend: liger` selects Liger's fused JSD"),
         ({"use_uld_loss": True, "seq_kd": True}, r"set `seq_kd: false`"),
         ({"use_uld_loss": True, "gold_fused_loss": False}, r"remove `gold_fused_loss` or set `use_uld_loss: false`"),
+        ({"gold_scoring_width_multiple": 0}, r"`gold_scoring_width_multiple` must be >= 1"),
         ({"uld_hybrid_matched_weight": 0.5}, r"set both `uld_hybrid_matched_weight`"),
         (
             {"deepspeed": {"zero_optimization": {"stage": 3}}, "use_vllm": True},

@@ -109,6 +109,11 @@ class GoldArgs(BaseModel):
     gold_fused_loss: bool = True
     gold_jsd_backend: Literal["torch", "liger", "auto"] = "torch"
     gold_loss_chunk_size: int = LOSS_CHUNK_SIZE
+    # scoring batches' prompt and completion widths rounded up to a multiple of this (masked,
+    # unscored padding: the same loss from fewer shapes). A student compiled with
+    # `torch_compile_mode: reduce-overhead` records a CUDA graph per shape; default 64 there,
+    # else 1 (no rounding)
+    gold_scoring_width_multiple: int | None = None
 
     # --- rollout engine ----------------------------------------------------
     gold_generation_engine: Literal["auto", "hf", "static"] = "auto"

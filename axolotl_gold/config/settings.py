@@ -98,6 +98,7 @@ class GoldSettings:
     chat_template_kwargs: dict
     fused_loss: bool
     loss_chunk_size: int
+    scoring_width_multiple: int  # scoring batches' widths rounded up to multiples of it
     jsd_backend: str
     use_uld_loss: bool
     uld: UldSettings
@@ -167,6 +168,7 @@ class GoldSettings:
             chat_template_kwargs=template_kwargs,
             fused_loss=bool(get("gold_fused_loss")),
             loss_chunk_size=int(get("gold_loss_chunk_size")),
+            scoring_width_multiple=scoring_width_multiple(cfg),
             jsd_backend=str(get("gold_jsd_backend")),
             use_uld_loss=bool(get("use_uld_loss")),
             uld=UldSettings(
@@ -234,3 +236,18 @@ def teacher_dtype(cfg) -> str:
         if torch.cuda.is_available():
             return "bfloat16"
     return "float16" if cfg.get("fp16") else "float32"
+
+
+# the width multiple a student compiled with CUDA graphs gets by default (one graph per shape)
+GRAPHED_WIDTH_MULTIPLE = 64
+
+
+def scoring_width_multiple(cfg) -> int:
+    """``gold_scoring_width_multiple`` when set, else 64 for a student compiled with
+    ``torch_compile_mode: reduce-overhead`` (inductor's CUDA graphs, recorded per input
+    shape), else 1."""
+    value = cfg.get("gold_scoring_width_multiple")
+    if value is not None:
+        return int(value)
+    graphed = cfg.get("torch_compile") and cfg.get("torch_compile_mode") == "reduce-overhead"
+    return GRAPHED_WIDTH_MULTIPLE if graphed else 1

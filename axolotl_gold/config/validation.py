@@ -145,6 +145,9 @@ def validate_gold_settings(data: dict) -> None:
             "which compares two distributions over one vocabulary and cannot compute the "
             "cross-tokenizer ULD loss: remove `gold_jsd_backend` or set `use_uld_loss: false`."
         )
+    multiple = data.get("gold_scoring_width_multiple")
+    if multiple is not None and int(multiple) < 1:
+        raise GoldConfigError(f"`gold_scoring_width_multiple` must be >= 1 (1: no rounding), got {multiple}.")
     if data.get("use_uld_loss") and data.get("gold_fused_loss") is False:
         raise GoldConfigError(
             "`gold_fused_loss: false` with `use_uld_loss: true`: the ULD loss applies both output "

@@ -123,9 +123,14 @@ def completion_token_count(batch: dict) -> int:
     return int(per_row.sum())
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, max_len]`` ids and attention mask, padding on the left."""
-    width = max((len(s) for s in sequences), default=0)
+def round_up(width: int, multiple: int) -> int:
+    return -(-width // multiple) * multiple
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, max_len]`` ids and attention mask, padding on the left (the width rounded up to
+    a multiple of ``multiple``)."""
+    width = round_up(max((len(s) for s in sequences), default=0), multiple)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
@@ -136,15 +141,17 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 
 
 def build_scoring_batch(
-    prompts: list[list[int]], completions: list[list[int]], pad_id: int
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int, multiple: int = 1
 ) -> dict[str, torch.Tensor]:
     """Tensors for one forward pass of student and teacher.
 
     Returns ``input_ids``, ``attention_mask``, ``position_ids`` of shape ``[B, P + C]``
-    and ``completion_labels`` ``[B, C]`` (completion token ids, -100 on padding).
+    and ``completion_labels`` ``[B, C]`` (completion token ids, -100 on padding). ``multiple``
+    rounds P and C up to multiples of it (padding masked and unscored: the same loss from
+    fewer distinct shapes, for a compiled student that records a CUDA graph per shape).
     """
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    width = max((len(c) for c in completions), default=0)
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, multiple)
+    width = round_up(max((len(c) for c in completions), default=0), multiple)
     comp_ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
     labels = torch.full((len(completions), width), -100, dtype=torch.long)
     comp_mask = torch.zeros((len(completions), width), dtype=torch.long)

@@ -16,22 +16,22 @@ from axolotl_gold.scoring.forward import completion_states
 from axolotl_gold.scoring.routing import objective_sum
 
 
-def scoring_batch(rows: list[Rollout], pad_id: int, vision=None) -> dict:
+def scoring_batch(rows: list[Rollout], pad_id: int, vision=None, multiple: int = 1) -> dict:
     """The student's scoring batch of one slice (with the processor's tensors when
-    a row has images)."""
+    a row has images; ``multiple``: text widths rounded up, ``build_scoring_batch``)."""
     prompts = [r.prompt_ids for r in rows]
     completions = [r.completion_ids for r in rows]
     if vision is not None and any(r.images for r in rows):
         texts = [r.prompt_text for r in rows]
         return vision.scoring_batch(prompts, completions, texts, [r.images for r in rows])
-    return build_scoring_batch(prompts, completions, pad_id)
+    return build_scoring_batch(prompts, completions, pad_id, multiple)
 
 
-def teacher_scoring_batch(rows: list[Rollout], pad_id: int, objective, vision=None) -> dict:
+def teacher_scoring_batch(rows: list[Rollout], pad_id: int, objective, vision=None, multiple: int = 1) -> dict:
     """``scoring_batch`` with what the objective's teacher reads (``teacher_inputs``: its own
     tokens and the alignment for another tokenizer) and, when rows name their teacher
     (``teacher_servers``), those names beside the tensors the teacher reads."""
-    batch = scoring_batch(rows, pad_id, vision)
+    batch = scoring_batch(rows, pad_id, vision, multiple)
     batch.update(objective.teacher_inputs(rows) or {})
     names = [r.teacher for r in rows]
     if any(name is not None for name in names):

@@ -154,6 +154,7 @@ class GoldTrainer(AxolotlTrainer):
                 objective=self.objective,
                 teacher_engine=self.teacher_engine,
                 vision=self.vision,
+                width_multiple=self.gold.scoring_width_multiple,
             )
         window = prepared.window
         if at_window is not None:  # where a step's peak sits: before the student's step or in it
@@ -175,7 +176,8 @@ class GoldTrainer(AxolotlTrainer):
         self._gold_sums["gold/completion_tokens"] += sum(lengths)
         self._gold_windows += 1
         calls = self.student_engine.calls - calls_before
-        self._record_window(step, draws, window, int(total), calls)
+        widths = [int(b["input_ids"].shape[1]) for b in prepared.micro_batches]
+        self._record_window(step, draws, window, int(total), calls, widths)
         every = self.gold.log_completions_steps
         if every and (self.state.global_step + 1) % every == 0:
             self._log_completions(window)
@@ -200,7 +202,7 @@ class GoldTrainer(AxolotlTrainer):
             return contextlib.nullcontext()
         return self.sharding.head_weights(self.model_wrapped, self.teacher)
 
-    def _record_window(self, step, draws, window, tokens, calls) -> None:
+    def _record_window(self, step, draws, window, tokens, calls, widths) -> None:
         """Append the window's draws and prompts to ``gold_windows.jsonl`` (main process)."""
         if not self.accelerator.is_main_process:
             return
@@ -215,6 +217,7 @@ class GoldTrainer(AxolotlTrainer):
             "scored_tokens": tokens,
             "engine_calls": calls,
             "engine_calls_total": self.student_engine.calls,
+            "scoring_widths": widths,  # each micro-batch's prompt + completion width (padded)
             "teacher_engine_calls_total": self.teacher_engine.calls if self.teacher_engine else 0,
             "engine": type(self.student_engine).__name__,
             # calls the static engine handed to HF generate (a model it cannot serve)
@@ -308,7 +311,8 @@ class GoldTrainer(AxolotlTrainer):
         return (total / units.clamp(min=1)).detach(), None, None
 
     def _eval_loss_sum(self, model, rows):
-        batch = teacher_scoring_batch(rows, self.pad_id, self.objective, self.vision)
+        batch = teacher_scoring_batch(rows, self.pad_id, self.objective, self.vision,
+                                      self.gold.scoring_width_multiple)
         batch = self._prepare_inputs(batch)
         with torch.no_grad(), self._head_weights():
             total, units, _ = loss_sum(model, self.teacher, batch, self.objective, self.gold.fused_loss)

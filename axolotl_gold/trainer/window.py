@@ -39,6 +39,7 @@ def prepare_window(
     objective,
     teacher_engine: RolloutEngine | None = None,
     vision=None,
+    width_multiple: int = 1,
 ) -> PreparedWindow:
     """Sample once for the window (slices drawn on-policy by ``draws``, from
     ``policy_draws``), then build the batches.
@@ -51,6 +52,8 @@ def prepare_window(
     repeated window's. Micro-batches then hold rows of similar length
     (``group_by_length``), not necessarily a slice's. ``vision`` (a ``VisionEncoder``, vision-language students)
     turns rows with images into the processor's tensors, for sampling and scoring.
+    ``width_multiple`` rounds the scoring batches' prompt and completion widths up to
+    multiples of it (``gold_scoring_width_multiple``).
     """
     start = perf_counter()
     window = fill_window(
@@ -67,7 +70,7 @@ def prepare_window(
     # repeats of a (prompt, dataset completion) are scored once, weighted; then rows of
     # similar length share a micro-batch (the same sums, fewer padded positions)
     for rows, counts in group_by_length([merge_repeats(rows) for rows in window.slices]):
-        batch = teacher_scoring_batch(rows, pad_id, objective, vision)
+        batch = teacher_scoring_batch(rows, pad_id, objective, vision, width_multiple)
         if any(c > 1 for c in counts):
             batch["row_weights"] = torch.tensor(counts, dtype=torch.long)
         micro_batches.append(batch)
