@@ -237,3 +237,28 @@ def test_bf16_full_finetune_head_gradient_through_the_cli(tiny_pair, tmp_path, m
         rel = float((fused[key] - own_head[key]).norm() / own_head[key].norm())
         print(f"{key}: fused vs the model's own autocast head, relative L2 {rel:.2e}")
         assert rel < 2e-2, (key, rel)
+
+
+@pytest.mark.parametrize("vocab_size", [None, _V])
+def test_objective_hands_the_whole_head_to_the_loss(vocab_size):
+    """Through ``JsdObjective`` (the trainer's path): no slice of the head when the compared
+    vocabulary is all of it (a slice's backward allocates a zero ``[V, H]`` to copy into), so
+    backward allocates nothing head-sized; a real sub-vocabulary still slices (the contrast)."""
+    hidden, weight, t_hidden, t_weight = _head_inputs()
+    head, t_head = torch.nn.Linear(_H, _V, bias=False), torch.nn.Linear(_H, _V, bias=False)
+    head.weight.data.copy_(weight)
+    t_head.weight.data.copy_(t_weight)
+    values = hidden[:16].reshape(2, 8, _H).clone().requires_grad_(True)  # small beside the head
+    batch = {"completion_labels": torch.ones(2, 8, dtype=torch.long)}
+    student = CompletionStates(values=values, head=head, compute_dtype=torch.bfloat16)
+    teacher = CompletionStates(values=t_hidden[:16].reshape(2, 8, _H).bfloat16(), head=t_head.bfloat16())
+    head_bytes = _V * _H * 4
+
+    def backward_bytes(vocab):
+        head.zero_grad(set_to_none=True)
+        loss = JsdObjective(beta=0.5, temperature=1.0, chunk_size=64, vocab_size=vocab)(student, teacher, batch)
+        return _fresh_bytes_in(loss.backward)
+
+    assert backward_bytes(vocab_size) < head_bytes / 2
+    assert head.weight.grad.dtype == torch.float32 and float(head.weight.grad.norm()) > 0
+    assert backward_bytes(_V - 1) >= head_bytes  # a real slice: its backward's zero [V, H]

@@ -193,3 +193,12 @@ def head_compute_dtype(stand_in: HeadStandIn | None, head: nn.Linear | None) -> 
     if dtype not in FOLLOWED_AUTOCAST or head.weight.dtype != torch.float32:
         return None
     return dtype
+
+
+def first_rows(tensor: torch.Tensor | None, count: int | None, dim: int = 0) -> torch.Tensor | None:
+    """The first ``count`` entries of ``tensor`` along ``dim`` (None: all). ``tensor`` itself
+    when that is all of them: a slice, even of the whole, has a backward that allocates a
+    zero tensor of the whole's size (a float32 ``[V, H]`` head gradient) to copy into."""
+    if tensor is None or count is None or count >= tensor.shape[dim]:
+        return tensor
+    return tensor.narrow(dim, 0, count)

@@ -18,7 +18,7 @@ import torch
 from axolotl_gold.config.schema import LOSS_CHUNK_SIZE
 from axolotl_gold.data.batching import completion_token_count
 from axolotl_gold.losses import fused_jsd_loss_sum, generalized_jsd_token_loss
-from axolotl_gold.scoring.forward import CompletionStates
+from axolotl_gold.scoring.forward import CompletionStates, first_rows
 
 
 @dataclass
@@ -71,27 +71,27 @@ class JsdObjective:
             bias = student.head.bias
             return fused_jsd_loss_sum(
                 s_rows,
-                student.head.weight[:v],
+                first_rows(student.head.weight, v),
                 t_rows,
-                teacher.head_weight()[:v].detach(),
+                first_rows(teacher.head_weight(), v).detach(),
                 beta=self.beta,
                 temperature=self.temperature,
                 chunk_size=self.chunk_size,
-                student_bias=None if bias is None else bias[:v],
+                student_bias=first_rows(bias, v),
                 teacher_bias=_bias(teacher, v),
                 backend=self.backend,
                 compute_dtype=student.compute_dtype,
             )
-        s_logits = _logits(student, s_rows)[..., :v]
-        t_logits = _logits(teacher, t_rows)[..., :v].detach()
+        s_logits = first_rows(_logits(student, s_rows), v, dim=-1)
+        t_logits = first_rows(_logits(teacher, t_rows), v, dim=-1).detach()
         return generalized_jsd_token_loss(
             s_logits, t_logits, beta=self.beta, temperature=self.temperature
         ).sum()
 
 
 def _bias(states: CompletionStates, v):
-    bias = states.head_bias()
-    return None if bias is None else bias[:v]
+    return first_rows(states.head_bias(), v)
+
 
 
 def _logits(states: CompletionStates, rows: torch.Tensor) -> torch.Tensor:

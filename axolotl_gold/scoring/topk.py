@@ -11,7 +11,7 @@ import torch
 from axolotl_gold.config.schema import LOSS_CHUNK_SIZE
 from axolotl_gold.data.batching import completion_token_count
 from axolotl_gold.losses.topk_tail import topk_tail_loss_sum
-from axolotl_gold.scoring.forward import CompletionStates
+from axolotl_gold.scoring.forward import CompletionStates, first_rows
 
 
 @dataclass
@@ -51,11 +51,10 @@ class TopKTailObjective:
         rows = student.values[mask]
         weight = bias = None
         if student.head is not None:
-            weight = student.head_weight()[:v]
-            bias = student.head_bias()
-            bias = None if bias is None else bias[:v]
+            weight = first_rows(student.head_weight(), v)
+            bias = first_rows(student.head_bias(), v)
         else:
-            rows = rows[..., :v]
+            rows = first_rows(rows, v, dim=-1)
         return topk_tail_loss_sum(
             rows, weight, teacher.ids[mask], teacher.logprobs[mask], beta=self.beta,
             temperature=self.temperature, chunk_size=self.chunk_size, student_bias=bias,
