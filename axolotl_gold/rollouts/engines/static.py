@@ -55,7 +55,7 @@ from typing import Callable
 
 import torch
 
-from axolotl_gold.data.batching import left_pad
+from axolotl_gold.data.batching import left_pad, round_up
 from axolotl_gold.rollouts.engines.base import SamplingSettings, trim_completion
 from axolotl_gold.rollouts.engines.hf import HFGenerateEngine, _to_model
 from axolotl_gold.rollouts.engines.noise import row_seeds, row_uniforms
@@ -204,7 +204,7 @@ class StaticCacheEngine(HFGenerateEngine):
         width = model_inputs["input_ids"].shape[1] if model_inputs is not None else max(map(len, prompts))
         total = width + max_new  # any prompt fits any slot
         if compiling:
-            total = -(-total // COMPILE_COLUMNS) * COMPILE_COLUMNS
+            total = round_up(total, COMPILE_COLUMNS)
         batch = min(slots, len(prompts))
         decode = self._decode_step(model, batch, total, device)
         decode.reset(max_new)
