@@ -283,7 +283,7 @@ def test_compiled_step_with_the_cast_head_is_not_recompiled_per_call(monkeypatch
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_compiled_decode_step_is_shared_by_same_shape_steps_and_compiles_past_dynamos_limit(monkeypatch):
+def test_compiled_decode_step_is_shared_by_same_shape_steps_and_compiles_past_dynamos_limit():
     """Two caches of one shape share a compiled step (the cache's layer class is made once:
     a class per cache recompiled every new one), and a new shape compiles even past
     dynamo's recompile limit (past it dynamo would run the shape eagerly), here set to 1."""
@@ -292,26 +292,28 @@ def test_compiled_decode_step_is_shared_by_same_shape_steps_and_compiles_past_dy
 
     from axolotl_gold.rollouts.engines.decode_step import CompiledStep, DecodeStep
 
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 1)
-    model = _model()
-    torch._dynamo.reset()
+    # dynamo's own config patch: monkeypatch.setattr's undo left the key unreadable to the
+    # compiled tests that ran after this one in the same process
+    with dynamo_config.patch(recompile_limit=1):
+        model = _model()
+        torch._dynamo.reset()
 
-    def step(rows: int, total: int) -> torch.Tensor:
-        ids = torch.randint(3, VOCAB, (rows, 5), generator=torch.Generator().manual_seed(rows))
-        mask = torch.ones_like(ids)
-        decode = DecodeStep(model, rows, total, "cpu")
-        decode.reset()
-        with torch.no_grad():
-            decode.prefill(ids, mask)
-            compiled = CompiledStep(decode)()
-            decode.steps.zero_()
-            eager = decode()
-        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
-        return counters["stats"]["unique_graphs"]
+        def step(rows: int, total: int) -> torch.Tensor:
+            ids = torch.randint(3, VOCAB, (rows, 5), generator=torch.Generator().manual_seed(rows))
+            mask = torch.ones_like(ids)
+            decode = DecodeStep(model, rows, total, "cpu")
+            decode.reset()
+            with torch.no_grad():
+                decode.prefill(ids, mask)
+                compiled = CompiledStep(decode)()
+                decode.steps.zero_()
+                eager = decode()
+            torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+            return counters["stats"]["unique_graphs"]
 
-    first = step(4, 64)
-    assert step(4, 64) == first  # the same shape: no recompile
-    assert step(2, 128) == first + 1  # a new shape past the limit of 1: compiled, not eager
+        first = step(4, 64)
+        assert step(4, 64) == first  # the same shape: no recompile
+        assert step(2, 128) == first + 1  # a new shape past the limit of 1: compiled, not eager
 
 
 def _agrees_in_low_precision(engine, prompts, expected, prefix=8):
