@@ -7,9 +7,11 @@
 #   ragged   benchmarks/bench_vs_reference.py --ragged --skip-reference --variants ours-fast
 #   cli      benchmarks/bench_cli.py --compile --warmup 1 --steps 2 (plain loop and `axolotl train`)
 #   cli-memory  bench_cli.py --compile --memory-at-peak --skip-plain at loss chunk 2048, 1024 (the
-#            default) and 512: what `axolotl train`'s step peak holds, by site, at each chunk
-#   kernels  the rollout engine's CUDA unit tests (decode attention kernel, static engine, refills,
-#            image prompts, sampling; the static engine's graphs under FSDP2 at world size 1)
+#            default) and 512 (GOLD_CLI_CHUNKS): what `axolotl train`'s step peak holds, by site
+#   kernels  the CUDA unit tests (decode attention kernel, static engine, refills, image prompts,
+#            sampling, the fused JSD's Triton path, the head's compute dtype; the static engine's
+#            graphs under FSDP2 at world size 1); GOLD_KERNEL_TESTS overrides the files,
+#            GOLD_KERNEL_TESTS_K the -k expression
 #   decode   benchmarks/profile_decode.py --only-compile (0.5B shape: Triton / tensor attention)
 #   decode360  benchmarks/profile_decode.py --only-compile at SmolLM2-360M's shape
 #   student-ragged  profile_student_step.py --ragged, default allocator then expandable segments
@@ -29,6 +31,10 @@ mkdir -p "$OUT" /tmp/clean
 tar -xf .clean/head.tar -C /tmp/clean && cp -r .assets .axsite /tmp/clean/ && cd /tmp/clean
 bash scripts/device_bin.sh > /dev/null 2>&1
 export PYTHONPATH=/tmp/axsite:$PWD
+if ! python3 -c "import pytest" 2>/dev/null; then  # the carried pure-Python wheels (gpu_suite.sh --prepare)
+  for w in .assets/wheels/*.whl; do python3 -m zipfile -e "$w" /tmp/gpu_pytest; done
+  export PYTHONPATH="$PYTHONPATH:/tmp/gpu_pytest"
+fi
 want=",${GOLD_BENCH:-nucleus,student,ragged,decode360},"
 if [[ $want == *,cli,* ]]; then
   timeout "${GOLD_CLI_S:-420}" python3 benchmarks/bench_cli.py --compile --warmup 1 --steps 2 \
@@ -36,16 +42,17 @@ if [[ $want == *,cli,* ]]; then
   grep -E "^\||^device|failed" "$OUT/bench_cli.txt" || tail -30 "$OUT/bench_cli.txt"
 fi
 if [[ $want == *,cli-memory,* ]]; then
-  for chunk in 2048 1024 512; do
+  for chunk in ${GOLD_CLI_CHUNKS:-2048 1024 512}; do
     timeout "${GOLD_CLI_S:-420}" python3 benchmarks/bench_cli.py --compile --warmup 2 --steps 1 --memory-at-peak --skip-plain \
       --chunk-size $chunk --json "$OUT/bench_cli_memory_$chunk.json" > "$OUT/bench_cli_memory_$chunk.txt" 2>&1
     grep -E "^\||^device|^step peak|failed" "$OUT/bench_cli_memory_$chunk.txt" || tail -30 "$OUT/bench_cli_memory_$chunk.txt"
   done
 fi
 if [[ $want == *,kernels,* ]]; then
-  timeout 360 python3 -m pytest -q -rs -p no:cacheprovider tests/test_decode_kernel.py tests/test_static_engine.py \
-    tests/test_slot_refill.py tests/test_static_vision.py tests/test_decode_attention.py tests/test_nucleus_sampling.py \
-    tests/test_fsdp2.py::test_static_engine_graphs_under_fsdp2_on_cuda -s \
+  timeout "${GOLD_KERNELS_S:-360}" python3 -m pytest -q -rs -p no:cacheprovider ${GOLD_KERNEL_TESTS:-tests/test_decode_kernel.py \
+    tests/test_static_engine.py tests/test_slot_refill.py tests/test_static_vision.py tests/test_decode_attention.py \
+    tests/test_nucleus_sampling.py tests/losses/test_chunked_jsd.py tests/test_head_compute_dtype.py \
+    tests/test_fsdp2.py::test_static_engine_graphs_under_fsdp2_on_cuda} -s \
     -k "${GOLD_KERNEL_TESTS_K:-not interpreter}" > "$OUT/cuda_tests.txt" 2>&1
   tail -8 "$OUT/cuda_tests.txt"
 fi
