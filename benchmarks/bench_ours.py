@@ -56,7 +56,7 @@ class Ours:
         total = max(prepared.local_tokens, 1)
         for micro in prepared.micro_batches:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in micro.items()}
-            summed, tokens, _ = loss_sum(self.student, self.teacher, batch, self.objective, fused=True)
+            summed, tokens = loss_sum(self.student, self.teacher, batch, self.objective, fused=True)
             (summed / total).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

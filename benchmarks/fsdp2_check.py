@@ -253,7 +253,7 @@ def run_window(prepared, student, teacher, world, objective, device, backward, h
         batch = to_device(micro, device)
         sync = no_sync(student) if no_sync is not None and i < last else contextlib.nullcontext()
         with sync, heads():  # across forward, loss and backward
-            summed, _, _ = loss_sum(student, teacher, batch, objective, fused=True)
+            summed, _ = loss_sum(student, teacher, batch, objective, fused=True)
             backward(summed / total * world)  # FSDP averages gradients over processes
 
 
@@ -319,7 +319,7 @@ def equality(case: str, args, rank: int, world: int, device, counter: GatherCoun
         probe = make_objective(case, args, chunk=chunk)
         with counter.counting():
             with heads():
-                summed, _, _ = loss_sum(student, teacher, batch, probe, fused=True)
+                summed, _ = loss_sum(student, teacher, batch, probe, fused=True)
                 summed.backward()
         gathers[chunk] = counter.last
     optimizer.zero_grad(set_to_none=True)

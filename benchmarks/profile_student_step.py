@@ -95,7 +95,7 @@ class Clock:
     """Seconds per stage, device-synced, summed over one optimizer step."""
 
     def __init__(self, device):
-        from axolotl_gold.scoring.loss import synchronize
+        from axolotl_gold.scoring.timing import synchronize
 
         self.sync = lambda: synchronize(device)  # noqa: E731
         self.seconds = defaultdict(float)
@@ -160,7 +160,7 @@ def split_step(ours, prepared, clock) -> None:
 def measure(ours, prepared, prompts, args, plain: bool = False) -> dict:
     """Median ms per optimizer step of each stage over args.steps after args.warmup, and
     ("first step") the student side of the first warm-up step (a compile's warm-up)."""
-    from axolotl_gold.scoring.loss import synchronize
+    from axolotl_gold.scoring.timing import synchronize
 
     runs, first = [], None
     for index in range(args.warmup + args.steps):

@@ -179,7 +179,7 @@ def run_window(prepared, student_call, teacher, world, objective, device, backwa
     for micro in prepared.micro_batches:
         batch = {k: v.to(device) for k, v in micro.items()}
         with heads():
-            summed, _, _ = loss_sum(student_call, teacher, batch, objective, fused=True)
+            summed, _ = loss_sum(student_call, teacher, batch, objective, fused=True)
             backward(summed / total * world)  # DeepSpeed averages gradients over processes
 
 

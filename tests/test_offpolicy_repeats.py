@@ -41,7 +41,7 @@ def _rows(pair, tok, n_prompts, repeats):
 def _grad(student, teacher, objective, batches, total, fused):
     student.zero_grad()
     for batch in batches:
-        loss, _, _ = loss_sum(student, teacher, batch, objective, fused)
+        loss, _ = loss_sum(student, teacher, batch, objective, fused)
         (loss / total).backward()
     return torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
 

@@ -134,7 +134,7 @@ def _mixed_batch_equals_local(tiny_pair, path_b, url_a, url_b, fused, hidden=Non
     def served(teacher):
         sums = []
         for batch in batches:
-            value, _, _ = loss_sum(student, teacher, batch, objective, fused)
+            value, _ = loss_sum(student, teacher, batch, objective, fused)
             (value / total).backward()
             sums.append(float(value))
         return sums
@@ -144,7 +144,7 @@ def _mixed_batch_equals_local(tiny_pair, path_b, url_a, url_b, fused, hidden=Non
         for i, row in enumerate(rows):
             batch = teacher_scoring_batch([row], tok.pad_token_id, objective)
             batch.pop("teacher_names")
-            value, _, _ = loss_sum(student, teachers[row.teacher], batch, objective, fused)
+            value, _ = loss_sum(student, teachers[row.teacher], batch, objective, fused)
             (value / total).backward()
             sums[i // 3] += float(value)
         return sums

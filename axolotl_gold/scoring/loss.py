@@ -7,13 +7,14 @@ loop, so both measure the same code.
 
 from __future__ import annotations
 
-from time import perf_counter
-
 import torch
 
 from axolotl_gold.data.batching import Rollout, build_scoring_batch
 from axolotl_gold.scoring.forward import completion_states
 from axolotl_gold.scoring.routing import objective_sum
+from axolotl_gold.scoring.timing import Stopwatch, mark
+
+TEACHER_SECONDS = "gold/time_teacher_s"
 
 
 def scoring_batch(rows: list[Rollout], pad_id: int, vision=None, multiple: int = 1) -> dict:
@@ -39,27 +40,23 @@ def teacher_scoring_batch(rows: list[Rollout], pad_id: int, objective, vision=No
     return batch
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so host timers measure it (CUDA only)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def loss_sum(student, teacher, batch: dict, objective, fused: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(objective summed over the batch's scored units, their count, teacher seconds).
+def loss_sum(
+    student, teacher, batch: dict, objective, fused: bool, stopwatch: Stopwatch | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(objective summed over the batch's scored units, their count).
 
     The teacher reads ``batch["teacher"]`` when the objective put its own tokens
-    there (another tokenizer), else the student's tensors.
+    there (another tokenizer), else the student's tensors. With a ``stopwatch``, the
+    teacher's forward is its span ``TEACHER_SECONDS`` (the device's time on CUDA).
     """
     student_states = completion_states(student, batch, use_head_bypass=fused)
     device = batch["input_ids"].device
-    synchronize(device)  # the student's queued forward is not the teacher's time
-    start = perf_counter()
+    start = mark(device)
     with torch.no_grad():
         teacher_states = completion_states(
             teacher, batch.get("teacher", batch), use_head_bypass=fused
         )
-    synchronize(device)
-    teacher_seconds = perf_counter() - start
+    if stopwatch is not None:
+        stopwatch.add(TEACHER_SECONDS, start, mark(device))
     total = objective_sum(objective, student_states, teacher_states, batch)
-    return total, torch.as_tensor(objective.count(batch), device=total.device), teacher_seconds
+    return total, torch.as_tensor(objective.count(batch), device=total.device)

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 from collections import defaultdict
-from time import perf_counter
 
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
@@ -34,7 +33,8 @@ from axolotl_gold.data.sampler import WindowSampler
 from axolotl_gold.data.turns import text_tokenizer
 from axolotl_gold.rollouts.window import policy_draws
 from axolotl_gold.scoring.forward import bypassable_head
-from axolotl_gold.scoring.loss import loss_sum, synchronize, teacher_scoring_batch
+from axolotl_gold.scoring.loss import TEACHER_SECONDS, loss_sum, teacher_scoring_batch
+from axolotl_gold.scoring.timing import Stopwatch, mark, synchronize
 from axolotl_gold.trainer.completions_log import (
     COMPLETIONS_LOG,
     append_jsonl,
@@ -48,6 +48,7 @@ from axolotl_gold.trainer.window import prepare_window
 from axolotl_gold.vision.batch import rollout_inputs
 
 WINDOW_LOG = "gold_windows.jsonl"
+STEP_SECONDS = "micro_steps"  # the training micro-steps' spans: the student's and the teacher's time
 
 
 def _allocated_gib() -> float | None:
@@ -69,6 +70,7 @@ class GoldTrainer(AxolotlTrainer):
         self.teacher_engine = None
         self.vision = None
         self._gold_sums: dict[str, float] = defaultdict(float)
+        self._gold_clock = Stopwatch()  # the teacher's and the micro-steps' device time
         self._gold_windows = 0
         self._gold_tokenizer = None
         self._eval_totals: EvalTotals | None = None
@@ -142,6 +144,7 @@ class GoldTrainer(AxolotlTrainer):
         calls_before = self.student_engine.calls
         step = self.state.global_step
         draws = policy_draws(self.gold.seed, step, len(batches), self.gold.lmbda)  # once per window
+        synchronize(device)  # the last step's queued work is not the generation's time (once a window)
         with self._generation_weights(draws):
             prepared = prepare_window(
                 [b["gold_rollouts"] for b in batches],
@@ -231,11 +234,9 @@ class GoldTrainer(AxolotlTrainer):
 
     # ------------------------------------------------------------------ loss
     def _gold_loss_sum(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        total, tokens, teacher_seconds = loss_sum(
-            model, self.teacher, batch, self.objective, self.gold.fused_loss
+        return loss_sum(
+            model, self.teacher, batch, self.objective, self.gold.fused_loss, self._gold_clock
         )
-        self._gold_sums["gold/time_teacher_s"] += teacher_seconds
-        return total, tokens
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.gold is None:
@@ -251,13 +252,12 @@ class GoldTrainer(AxolotlTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.gold is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        teacher_before = self._gold_sums["gold/time_teacher_s"]
-        start = perf_counter()
+        # the micro-step's time on the device (no wait for it), less the teacher's share
+        device = self.accelerator.device
+        start = mark(device)
         with self._head_weights():  # across forward and backward
             loss = super().training_step(model, inputs, num_items_in_batch)
-        synchronize(self.accelerator.device)  # the backward's device time is the student's
-        teacher_time = self._gold_sums["gold/time_teacher_s"] - teacher_before
-        self._gold_sums["gold/time_student_s"] += perf_counter() - start - teacher_time
+        self._gold_clock.add(STEP_SECONDS, start, mark(device))
         return loss
 
     # ------------------------------------------------------------------ evaluation
@@ -315,7 +315,7 @@ class GoldTrainer(AxolotlTrainer):
                                       self.gold.scoring_width_multiple)
         batch = self._prepare_inputs(batch)
         with torch.no_grad(), self._head_weights():
-            total, units, _ = loss_sum(model, self.teacher, batch, self.objective, self.gold.fused_loss)
+            total, units = loss_sum(model, self.teacher, batch, self.objective, self.gold.fused_loss)
         return total.detach(), units
 
     def _generation_weights_for_eval(self):
@@ -349,6 +349,10 @@ class GoldTrainer(AxolotlTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.gold is not None and self._gold_windows and "loss" in logs:
             n = self._gold_windows
+            spans = self._gold_clock.totals()  # waits for the device once, at logging
+            teacher = spans.get(TEACHER_SECONDS, 0.0)
+            self._gold_sums[TEACHER_SECONDS] += teacher
+            self._gold_sums["gold/time_student_s"] += spans.get(STEP_SECONDS, 0.0) - teacher
             for key, value in self._gold_sums.items():
                 logs[key] = round(value / n, 6)
             logs["gold/engine_calls_total"] = self.student_engine.calls
