@@ -114,10 +114,39 @@ def group_by_length(groups: list[Group]) -> list[Group]:
     return best
 
 
+SCORED_POSITIONS = "scored_positions"
+
+
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into ``[B, C]`` of the scored completion positions (labels != -100), made
+    where the batch is built (the host): a boolean index on the device must wait for the device
+    to learn how many positions it selects."""
+    return (labels != -100).flatten().nonzero().squeeze(1)
+
+
+def scored_rows(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """``values`` ``[B, C, ...]`` at the batch's scored positions, ``[N, ...]`` in row-major
+    order: by its ``scored_positions`` when the batch has them (no wait on the device), else
+    by the labels' mask."""
+    positions = batch.get(SCORED_POSITIONS)
+    if positions is None:
+        return values[batch["completion_labels"] != -100]
+    return values.flatten(0, 1).index_select(0, positions.to(values.device))
+
+
+def scored_row_weights(weights: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Each scored position's ``row_weights`` entry, ``[N]`` in ``scored_rows``' order."""
+    labels = batch["completion_labels"]
+    return scored_rows(weights.to(labels.device)[:, None].expand_as(labels), batch)
+
+
 def completion_token_count(batch: dict) -> int:
     """Completion tokens a batch scores, each row counted ``row_weights`` times (if set)."""
-    per_row = (batch["completion_labels"] != -100).sum(dim=1)
     weights = batch.get("row_weights")
+    positions = batch.get(SCORED_POSITIONS)
+    if weights is None and positions is not None:
+        return int(positions.shape[0])  # the shape is the host's: no wait on the device
+    per_row = (batch["completion_labels"] != -100).sum(dim=1)
     if weights is not None:
         per_row = per_row * weights.to(per_row.device)
     return int(per_row.sum())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from axolotl_gold.data.batching import Rollout, build_scoring_batch
+from axolotl_gold.data.batching import SCORED_POSITIONS, Rollout, build_scoring_batch, scored_positions
 from axolotl_gold.scoring.forward import completion_states
 from axolotl_gold.scoring.routing import objective_sum
 from axolotl_gold.scoring.timing import Stopwatch, mark
@@ -24,8 +24,13 @@ def scoring_batch(rows: list[Rollout], pad_id: int, vision=None, multiple: int =
     completions = [r.completion_ids for r in rows]
     if vision is not None and any(r.images for r in rows):
         texts = [r.prompt_text for r in rows]
-        return vision.scoring_batch(prompts, completions, texts, [r.images for r in rows])
-    return build_scoring_batch(prompts, completions, pad_id, multiple)
+        batch = vision.scoring_batch(prompts, completions, texts, [r.images for r in rows])
+    else:
+        batch = build_scoring_batch(prompts, completions, pad_id, multiple)
+    # the scored positions, found here on the host: the loss selects them on the device
+    # without waiting for it (``scored_rows``)
+    batch[SCORED_POSITIONS] = scored_positions(batch["completion_labels"])
+    return batch
 
 
 def teacher_scoring_batch(rows: list[Rollout], pad_id: int, objective, vision=None, multiple: int = 1) -> dict:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from axolotl_gold.config.schema import LOSS_CHUNK_SIZE
-from axolotl_gold.data.batching import completion_token_count
+from axolotl_gold.data.batching import completion_token_count, scored_row_weights, scored_rows
 from axolotl_gold.losses import fused_jsd_loss_sum, generalized_jsd_token_loss
 from axolotl_gold.scoring.forward import CompletionStates, first_rows
 
@@ -46,13 +46,12 @@ class JsdObjective:
     ) -> torch.Tensor:
         """Loss summed over the batch's completion tokens (labels != -100), each
         row's tokens times its ``row_weights`` entry when the batch has one."""
-        mask = batch["completion_labels"] != -100
-        s_rows = student.values[mask]
-        t_rows = teacher.values[mask].detach()
+        s_rows = scored_rows(student.values, batch)
+        t_rows = scored_rows(teacher.values, batch).detach()
         weights = batch.get("row_weights")
         if weights is None:
             return self._sum(student, teacher, s_rows, t_rows)
-        token_weights = weights.to(mask.device)[:, None].expand_as(mask)[mask]
+        token_weights = scored_row_weights(weights, batch)
         distinct = token_weights.unique().tolist()
         if len(distinct) <= 1:
             scale = distinct[0] if distinct else 1

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from axolotl_gold.config.schema import LOSS_CHUNK_SIZE
-from axolotl_gold.data.batching import completion_token_count
+from axolotl_gold.data.batching import completion_token_count, scored_row_weights, scored_rows
 from axolotl_gold.losses.topk_tail import topk_tail_loss_sum
 from axolotl_gold.scoring.forward import CompletionStates, first_rows
 
@@ -42,13 +42,10 @@ class TopKTailObjective:
     def __call__(self, student: CompletionStates, teacher: TopKStates, batch: dict) -> torch.Tensor:
         if not isinstance(teacher, TopKStates):
             raise TypeError("TopKTailObjective scores a top-k teacher (`teacher_server_mode: prompt_logprobs`)")
-        mask = batch["completion_labels"] != -100
         weights = batch.get("row_weights")
-        token_weights = None
-        if weights is not None:
-            token_weights = weights.to(mask.device)[:, None].expand_as(mask)[mask]
+        token_weights = None if weights is None else scored_row_weights(weights, batch)
         v = self.vocab_size
-        rows = student.values[mask]
+        rows = scored_rows(student.values, batch)
         weight = bias = None
         if student.head is not None:
             weight = first_rows(student.head_weight(), v)
@@ -56,7 +53,7 @@ class TopKTailObjective:
         else:
             rows = first_rows(rows, v, dim=-1)
         return topk_tail_loss_sum(
-            rows, weight, teacher.ids[mask], teacher.logprobs[mask], beta=self.beta,
+            rows, weight, scored_rows(teacher.ids, batch), scored_rows(teacher.logprobs, batch), beta=self.beta,
             temperature=self.temperature, chunk_size=self.chunk_size, student_bias=bias,
             weights=token_weights,
         )
