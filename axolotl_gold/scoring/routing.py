@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from axolotl_gold.data.batching import SCORED_POSITIONS
 from axolotl_gold.scoring.forward import CompletionStates
 
 
@@ -30,10 +31,13 @@ def batch_rows(batch: dict) -> int:
 
 def take_rows(batch: dict, rows: list[int]) -> dict:
     """The scoring batch of ``rows`` alone (same columns and padding): every per-row tensor,
-    list and nested batch (the teacher's own tokens) indexed by ``rows``."""
+    list and nested batch (the teacher's own tokens) indexed by ``rows``; not the whole
+    batch's ``scored_positions`` (the sub-batch's scored rows are its labels' mask)."""
     n = batch_rows(batch)
     out = {}
     for key, value in batch.items():
+        if key == SCORED_POSITIONS:  # flat positions of the whole batch: the sub-batch
+            continue  # selects its scored rows by its labels' mask
         if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n:
             out[key] = value[torch.as_tensor(rows, dtype=torch.long, device=value.device)]
         elif isinstance(value, list) and len(value) == n:
