@@ -38,6 +38,14 @@ if ! python3 -c "import pytest" 2>/dev/null; then  # the carried pure-Python whe
   export PYTHONPATH="$PYTHONPATH:/tmp/gpu_pytest"
 fi
 want=",${GOLD_BENCH:-nucleus,student,ragged,decode360},"
+if [[ $want == *,kernels,* ]]; then
+  timeout "${GOLD_KERNELS_S:-360}" python3 -m pytest -q -rs -p no:cacheprovider ${GOLD_KERNEL_TESTS:-tests/test_decode_kernel.py \
+    tests/test_static_engine.py tests/test_slot_refill.py tests/test_static_vision.py tests/test_decode_attention.py \
+    tests/test_nucleus_sampling.py tests/losses/test_chunked_jsd.py tests/test_head_compute_dtype.py \
+    tests/test_fsdp2.py::test_static_engine_graphs_under_fsdp2_on_cuda} -s \
+    -k "${GOLD_KERNEL_TESTS_K:-not interpreter}" > "$OUT/cuda_tests.txt" 2>&1
+  tail -8 "$OUT/cuda_tests.txt"
+fi
 if [[ $want == *,cli,* ]]; then
   timeout "${GOLD_CLI_S:-420}" python3 benchmarks/bench_cli.py --compile --warmup 1 --steps 2 \
     --json "$OUT/bench_cli.json" > "$OUT/bench_cli.txt" 2>&1
@@ -51,17 +59,9 @@ if [[ $want == *,cli-memory,* ]]; then
   done
 fi
 if [[ $want == *,cli-graphs,* ]]; then
-  timeout "${GOLD_CLI_S:-420}" python3 benchmarks/bench_cli.py --compile --student-compile reduce-overhead --skip-plain \
+  timeout "${GOLD_CLI_GRAPHS_S:-420}" python3 benchmarks/bench_cli.py --compile --student-compile reduce-overhead --skip-plain \
     --warmup 2 --steps 2 --json "$OUT/bench_cli_graphs.json" > "$OUT/bench_cli_graphs.txt" 2>&1
   grep -E "^\||^device|failed" "$OUT/bench_cli_graphs.txt" || tail -30 "$OUT/bench_cli_graphs.txt"
-fi
-if [[ $want == *,kernels,* ]]; then
-  timeout "${GOLD_KERNELS_S:-360}" python3 -m pytest -q -rs -p no:cacheprovider ${GOLD_KERNEL_TESTS:-tests/test_decode_kernel.py \
-    tests/test_static_engine.py tests/test_slot_refill.py tests/test_static_vision.py tests/test_decode_attention.py \
-    tests/test_nucleus_sampling.py tests/losses/test_chunked_jsd.py tests/test_head_compute_dtype.py \
-    tests/test_fsdp2.py::test_static_engine_graphs_under_fsdp2_on_cuda} -s \
-    -k "${GOLD_KERNEL_TESTS_K:-not interpreter}" > "$OUT/cuda_tests.txt" 2>&1
-  tail -8 "$OUT/cuda_tests.txt"
 fi
 if [[ $want == *,decode,* ]]; then
   timeout 240 python3 benchmarks/profile_decode.py --only-compile --json "$OUT/profile_decode.json" \
