@@ -91,7 +91,10 @@ def parse_args(argv=None):
     p.add_argument("--generation-rows", type=int, default=None,
                    help="rows our engine decodes at once (`gold_generation_rows`; default: as many as fit); "
                         "fewer than a window's rollouts: stopped rows' slots are refilled")
-    p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of our fused loss (the plugin's default)")
+    from axolotl_gold.config.schema import LOSS_CHUNK_SIZE
+
+    p.add_argument("--chunk-size", type=int, default=LOSS_CHUNK_SIZE,
+                   help="tokens per chunk of our fused loss (the plugin's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check", action="store_true",
                    help="first check StaticCacheEngine greedy == model.generate on a tiny fp32 model")

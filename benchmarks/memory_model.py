@@ -102,7 +102,7 @@ class Workload:
     accumulation: int = 4
     prompt: int = 256
     completion: int = 768
-    chunk: int = 1024  # gold_loss_chunk_size (the plugin's default)
+    chunk: int = 512  # gold_loss_chunk_size (the plugin's default, config.schema.LOSS_CHUNK_SIZE)
 
     @property
     def tokens(self) -> int:

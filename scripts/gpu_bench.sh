@@ -8,8 +8,6 @@
 #   cli      benchmarks/bench_cli.py --compile --warmup 1 --steps 2 (plain loop and `axolotl train`)
 #   cli-memory  bench_cli.py --compile --memory-at-peak --skip-plain at loss chunk 2048, 1024 (the
 #            default) and 512 (GOLD_CLI_CHUNKS): what `axolotl train`'s step peak holds, by site
-#   cli-graphs  bench_cli.py --compile --student-compile reduce-overhead --skip-plain: `axolotl train`
-#            with the student's forward and backward as inductor's CUDA graphs (widths rounded to 64)
 #   kernels  the CUDA unit tests (decode attention kernel, static engine, refills, image prompts,
 #            sampling, the fused JSD's Triton path, the head's compute dtype; the static engine's
 #            graphs under FSDP2 at world size 1); GOLD_KERNEL_TESTS overrides the files,
@@ -57,11 +55,6 @@ if [[ $want == *,cli-memory,* ]]; then
       --chunk-size $chunk --json "$OUT/bench_cli_memory_$chunk.json" > "$OUT/bench_cli_memory_$chunk.txt" 2>&1
     grep -E "^\||^device|^step peak|failed" "$OUT/bench_cli_memory_$chunk.txt" || tail -30 "$OUT/bench_cli_memory_$chunk.txt"
   done
-fi
-if [[ $want == *,cli-graphs,* ]]; then
-  timeout "${GOLD_CLI_GRAPHS_S:-420}" python3 benchmarks/bench_cli.py --compile --student-compile reduce-overhead --skip-plain \
-    --warmup 2 --steps 2 --json "$OUT/bench_cli_graphs.json" > "$OUT/bench_cli_graphs.txt" 2>&1
-  grep -E "^\||^device|failed" "$OUT/bench_cli_graphs.txt" || tail -30 "$OUT/bench_cli_graphs.txt"
 fi
 if [[ $want == *,decode,* ]]; then
   timeout 240 python3 benchmarks/profile_decode.py --only-compile --json "$OUT/profile_decode.json" \

@@ -91,11 +91,9 @@ def test_rounded_widths_score_the_same_loss_and_gradient():
         torch.testing.assert_close(grads16[name], grad, rtol=1e-9, atol=1e-12)
 
 
-def test_width_multiple_defaults_to_64_for_a_graphed_student():
+def test_width_multiple_is_one_unless_set():
     from axolotl_gold.config.settings import scoring_width_multiple
 
     assert scoring_width_multiple({}) == 1
     assert scoring_width_multiple({"torch_compile": True}) == 1
-    assert scoring_width_multiple({"torch_compile": True, "torch_compile_mode": "reduce-overhead"}) == 64
-    assert scoring_width_multiple({"torch_compile": True, "torch_compile_mode": "reduce-overhead",
-                                   "gold_scoring_width_multiple": 8}) == 8
+    assert scoring_width_multiple({"torch_compile": True, "gold_scoring_width_multiple": 8}) == 8

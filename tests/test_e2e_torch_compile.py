@@ -24,10 +24,9 @@ pytestmark = pytest.mark.e2e
 def test_torch_compile_trains_evaluates_and_saves_the_student(tiny_pair, tmp_path, monkeypatch):
     cache = tmp_path / "inductor_cache"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))  # run_train passes the environment on
-    # `reduce-overhead` as users set it for CUDA graphs: on the CPU inductor compiles without
-    # them, and the scoring batches' widths are rounded up to multiples of 64 (its default)
+    # the scoring batches' widths rounded up to multiples of 64 (fewer shapes to compile)
     cfg = gold_config(
-        tiny_pair, tmp_path, torch_compile=True, torch_compile_mode="reduce-overhead", lmbda=0.5,
+        tiny_pair, tmp_path, torch_compile=True, gold_scoring_width_multiple=64, lmbda=0.5,
         val_set_size=0.25, eval_strategy="steps", eval_steps=3, gold_log_completions_steps=3,
     )
     out = run_train(cfg, tmp_path, timeout=900)

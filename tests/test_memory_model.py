@@ -62,3 +62,9 @@ def test_nf4_teacher_bytes_match_a_bitsandbytes_model(tmp_path):
     _, wide_linear = _nf4_state(wide, tmp_path / "b")
     per_weight = (wide_linear - small_linear) / (_linear_params(wide) - _linear_params(SHAPE))
     assert per_weight == pytest.approx(mm.NF4_BYTES, rel=0.002), per_weight
+
+
+def test_the_workload_uses_the_plugins_loss_chunk():
+    from axolotl_gold.config.schema import LOSS_CHUNK_SIZE
+
+    assert mm.Workload().chunk == LOSS_CHUNK_SIZE

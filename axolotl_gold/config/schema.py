@@ -23,12 +23,14 @@ LEGACY_DATASET_TYPES = {
     "axolotl_gold.vision_chat": VISION_DATASET_TYPE,
 }
 
-# Tokens per chunk of the fused JSD. 1024: its buffers sit on top of the student's saved
-# activations at a step's peak, and a 151,936-token head's chunk of 2048 holds 0.6 GiB more
-# (H100, 0.5B/1.5B Qwen2.5 heads, 4096 tokens: 1.4 vs 2.0 GiB for 12.0 vs 11.4 ms per loss
-# step, benchmarks/bench_jsd_loss.py; H200, profile_student_step.py: the loss stage of an
-# optimizer step 34.0 vs 32.5 ms, ~0.1% of the step). A plain loss takes 24.4 GiB there.
-LOSS_CHUNK_SIZE = 1024
+# Tokens per chunk of the fused JSD. 512: its buffers sit on top of the student's saved
+# activations at a step's peak. `axolotl train` on an H100 at 1024 (bench_cli.py
+# --memory-at-peak, fourteenth session): step peak 15.71 GiB, of which the loss's grouped logit
+# gradients ([2 x chunk, V] bf16) 0.58 and the teacher's chunk of logits ([chunk, V] bf16) 0.29
+# for a 151,936-token head; both halve at 512 (-0.44 GiB, predicted from that split). Speed:
+# H100 bench_jsd_loss.py 12.0 vs 11.4 ms per loss step at 1024 vs 2048; H200
+# profile_student_step.py the loss stage of an optimizer step 34.0 vs 32.5 ms, ~0.1% of it.
+LOSS_CHUNK_SIZE = 512
 
 # Axolotl keys GOLD reads, where a raw (not yet validated) YAML may lack them
 AXOLOTL_FALLBACKS = {
@@ -110,9 +112,8 @@ class GoldArgs(BaseModel):
     gold_jsd_backend: Literal["torch", "liger", "auto"] = "torch"
     gold_loss_chunk_size: int = LOSS_CHUNK_SIZE
     # scoring batches' prompt and completion widths rounded up to a multiple of this (masked,
-    # unscored padding: the same loss from fewer shapes). A student compiled with
-    # `torch_compile_mode: reduce-overhead` records a CUDA graph per shape; default 64 there,
-    # else 1 (no rounding)
+    # unscored padding: the same loss from fewer distinct shapes for a compiled student);
+    # default 1 (no rounding)
     gold_scoring_width_multiple: int | None = None
 
     # --- rollout engine ----------------------------------------------------

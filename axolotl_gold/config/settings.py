@@ -238,16 +238,7 @@ def teacher_dtype(cfg) -> str:
     return "float16" if cfg.get("fp16") else "float32"
 
 
-# the width multiple a student compiled with CUDA graphs gets by default (one graph per shape)
-GRAPHED_WIDTH_MULTIPLE = 64
-
-
 def scoring_width_multiple(cfg) -> int:
-    """``gold_scoring_width_multiple`` when set, else 64 for a student compiled with
-    ``torch_compile_mode: reduce-overhead`` (inductor's CUDA graphs, recorded per input
-    shape), else 1."""
+    """``gold_scoring_width_multiple`` when set, else 1 (no rounding)."""
     value = cfg.get("gold_scoring_width_multiple")
-    if value is not None:
-        return int(value)
-    graphed = cfg.get("torch_compile") and cfg.get("torch_compile_mode") == "reduce-overhead"
-    return GRAPHED_WIDTH_MULTIPLE if graphed else 1
+    return 1 if value is None else int(value)

@@ -46,6 +46,11 @@ def gold_keys_without_teacher(data: dict) -> list[str]:
     return [k for k in _TEACHER_ONLY_KEYS if data.get(k) is not None]
 
 
+# Axolotl's `torch_compile_mode` values whose inductor settings record CUDA graphs (cudagraph
+# trees) of the compiled student
+GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
 def validate_gold_settings(data: dict) -> None:
     """Raise `GoldConfigError` for a GOLD setting that cannot train.
 
@@ -144,6 +149,15 @@ def validate_gold_settings(data: dict) -> None:
             f"`gold_jsd_backend: {data['gold_jsd_backend']}` selects Liger's fused JSD kernel, "
             "which compares two distributions over one vocabulary and cannot compute the "
             "cross-tokenizer ULD loss: remove `gold_jsd_backend` or set `use_uld_loss: false`."
+        )
+    mode = data.get("torch_compile_mode")
+    if data.get("torch_compile") and mode in GRAPHED_COMPILE_MODES:
+        raise GoldConfigError(
+            f"`torch_compile_mode: {mode}` captures the student's forward and backward as CUDA "
+            "graphs, and GOLD's first step through `axolotl train` failed under it on an H100 "
+            "(\"accessing tensor output of CUDAGraphs that has been overwritten by a subsequent "
+            "run\", in the student's backward): set `torch_compile_mode: default` or remove it "
+            "(`torch_compile: true` alone compiles the student without graphs)."
         )
     multiple = data.get("gold_scoring_width_multiple")
     if multiple is not None and int(multiple) < 1:
