@@ -110,7 +110,8 @@ def parse_args(argv):
     p.add_argument("--num-generations", type=int, default=4)
     p.add_argument("--free-length", action="store_true", help="do not force fixed-length rollouts in `axolotl train`")
     p.add_argument("--student-compile", choices=("default", "reduce-overhead", "max-autotune"), default=None,
-                   help="`axolotl train` with `torch_compile: true` and this `torch_compile_mode` (the plain loop stays eager)")
+                   help="`axolotl train` with `torch_compile: true` and this `torch_compile_mode` (the plain loop stays eager; "
+                        "the plugin refuses the CUDA-graph modes, config/validation.py: the row shows the refusal)")
     p.add_argument("--skip-plain", action="store_true", help="`axolotl train` (and --with-reference) only")
     p.add_argument("--memory-at-peak", action="store_true",
                    help="CUDA: record the allocator during `axolotl train`'s first measured step; print what is alive at its peak")
