@@ -23,13 +23,14 @@ own micro-step loop (Ours.train) less the teacher, the figure the README quotes 
 
 --variants adds one row each: the window's rows as the slices drew them (the micro-batches
 before ``group_by_length``: more padded positions on ragged windows), the scoring widths rounded
-up to multiples of 64 (``gold_scoring_width_multiple``'s default under reduce-overhead: the cost
-of the padding), gradient checkpointing toggled, loss chunk sizes, AdamW
+up to multiples of 64 (``gold_scoring_width_multiple: 64``: the cost of the padding), gradient checkpointing toggled, loss chunk sizes, AdamW
 foreach instead of fused (or fused on CPU), Liger's fused linear JSD (skipped when
 liger_kernel is not importable), the student through ``torch.compile`` alone and with
 loss chunk 4096, through ``torch.compile(mode="reduce-overhead")`` (Axolotl's
 ``torch_compile_mode: reduce-overhead``: CUDA graphs of the forward and backward, one per
-micro-batch shape; then again with the widths rounded to 64, as the trainer runs it), and last
+micro-batch shape; then again with the widths rounded to 64; the plugin refuses the mode
+through ``axolotl train`` since it failed there on an H100, and these rows tell whether
+graphs pay and whether the plain loop fails the same way), and last
 the student with Liger's RMSNorm / SwiGLU / RoPE kernels (what
 Axolotl's Liger plugin applies; CUDA only; ``--only-compile`` keeps it beside the compile rows). The compile rows mirror Axolotl's ``torch_compile: true``: HF's Trainer
 hands ``torch_compile_backend`` (inductor, no mode) to Accelerate, whose ``prepare`` wraps
@@ -297,7 +298,7 @@ def variants(ours, args, prepared):
            knob([(prepared, "micro_batches", rounded)]))
     gc = not args.gradient_checkpointing
     yield f"gradient checkpointing {'on' if gc else 'off'}", knob(checkpointing=gc)
-    for size in (1024, 2048, 4096, 8192):
+    for size in (512, 1024, 2048, 4096, 8192):
         if size != args.chunk_size:
             chunked = dataclasses.replace(ours.objective, chunk_size=size)
             yield f"loss chunk {size}", knob([(ours, "objective", chunked)])
