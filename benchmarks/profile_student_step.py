@@ -64,6 +64,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -475,6 +476,7 @@ def main(argv=None) -> None:
                             else " (the graphs above reused: nothing compiled)")
             except Exception as error:  # noqa: BLE001 - one knob failing leaves the others
                 rows.append((name, f"failed: {type(error).__name__}: {error}"[:200]))
+                traceback.print_exc()  # the table keeps 200 characters; where it failed is here
             print(f"[variant] {name}: done{note}", flush=True)
         print("\nknobs (ms per optimizer step)\n\n" + variant_table(rows, ms), flush=True)
         result["variants"] = dict(rows)

@@ -4,7 +4,8 @@ GPU time comes in commands of at most ~10 minutes, so all cases run at once on t
 GPU (GOLD_GPU_WORKERS at a time, default 10) and every case gets a result, a failure
 included: a crash in one case must not hide the others. Cases not started before the
 time budget (GOLD_GPU_BUDGET_S, default 480 s) are reported as not run, and running
-ones are stopped at it, so the table is always written inside one command.
+ones are stopped at it ("stopped": not passed, and not a failure of the case either), so
+the table is always written inside one command.
 """
 
 from __future__ import annotations
@@ -66,6 +67,20 @@ def last_error(log: str) -> str:
         if re.search(r"\b\w*(Error|Exception)\b.*:", line):
             return line.strip()[:300]
     return (log.strip().splitlines() or [""])[-1][:300]
+
+
+def exit_verdict(case: Case, rc: int | str, log: str) -> tuple[str, str]:
+    """Status and reason of a run that did not exit 0: "stopped" when the suite's deadline
+    killed it (``launch``'s rc is then a string; not a verdict on the case, its log says how
+    far it got), "clear-error" when a flash-attention case without flash-attn stops at
+    Axolotl's own check naming `attn_implementation` (below pydantic's first line), else
+    "failed"."""
+    error = last_error(log)
+    if isinstance(rc, str):
+        return "stopped", f"exit {rc} (GOLD_GPU_BUDGET_S): {error}"
+    named = re.search(r"set `?(attn_implementation|flash_attention)", log) is not None
+    clear = case.flash and missing_module("flash_attn") is not None and named
+    return ("clear-error" if clear else "failed"), f"exit {rc}: {error}"
 
 
 def metrics(out: Path, log: str) -> tuple[list[dict], dict]:
@@ -168,12 +183,8 @@ def run_case(case: Case, assets, root: Path, deadline: float) -> dict:
         history, found = metrics(out, log)
         result.update(found)
         if rc != 0:
-            error = last_error(log)
-            # Axolotl's own validation refuses it, naming `attn_implementation` (the
-            # message sits below pydantic's first line)
-            named = re.search(r"set `?(attn_implementation|flash_attention)", log) is not None
-            clear = case.flash and missing_module("flash_attn") and named
-            result.update(status="clear-error" if clear else "failed", reason=f"exit {rc}: {error}", tail=log[-6000:])
+            status, reason = exit_verdict(case, rc, log)
+            result.update(status=status, reason=reason, tail=log[-6000:])
         else:
             problems = check(case, pair, out, history)
             result.update(status="failed" if problems else "passed", reason="; ".join(problems))
