@@ -68,6 +68,8 @@ import traceback
 from collections import defaultdict
 from pathlib import Path
 
+from stage_clock import Clock, generations
+
 HERE = Path(__file__).resolve().parent
 H200_FLOPS, H200_BYTES = 989e12, 4.8e12
 STAGES = ("prefill", "student forward", "teacher forward", "loss", "loss backward", "model backward",
@@ -91,24 +93,6 @@ def parse_args(argv):
     import bench_vs_reference as bvr
 
     return own, bvr.parse_args(["--warmup", "2", "--steps", "5", *rest]), bvr
-
-
-class Clock:
-    """Seconds per stage, device-synced, summed over one optimizer step."""
-
-    def __init__(self, device):
-        from axolotl_gold.scoring.timing import synchronize
-
-        self.sync = lambda: synchronize(device)  # noqa: E731
-        self.seconds = defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        self.sync()
-        start = time.perf_counter()
-        yield
-        self.sync()
-        self.seconds[stage] += time.perf_counter() - start
 
 
 def prefill(ours, prompts, clock) -> None:
@@ -144,13 +128,17 @@ def split_step(ours, prepared, clock) -> None:
         batch = {k: v.to(ours.device, non_blocking=True) for k, v in micro.items()}
         with clock("student forward"):
             student = completion_states(ours.student, batch, use_head_bypass=True)
+        trace = generations()
         with clock("teacher forward"), torch.no_grad():
             teacher = completion_states(ours.teacher, batch, use_head_bypass=True)
+        trace("teacher forward")
         hidden = student.values.detach().requires_grad_()
         with clock("loss"):
             loss = objective_sum(ours.objective, CompletionStates(hidden, student.head), teacher, batch) / total
+        trace("loss")
         with clock("loss backward"):
             loss.backward()
+        trace("loss backward")
         with clock("model backward"):
             student.values.backward(hidden.grad)
     with clock("optimizer step"):

@@ -22,7 +22,9 @@
 #   zero3-static  benchmarks/zero3_check.py --engine static at world size 1 (CUDA graphs of the
 #            static engine on DeepSpeed's gathered student, rollouts against one GPU without DeepSpeed)
 #   student-graphs  profile_student_step.py --variants --rows reduce-overhead --torch-profile (forced
-#            window: the student eager vs `torch_compile_mode: reduce-overhead`, and the device's busy share)
+#            window: the student eager vs `torch_compile_mode: reduce-overhead`, and the device's busy share;
+#            GOLD_TRACE_GENERATIONS=1 prints each stage between the forward and its backward that
+#            entered torch.compile, and a failed row's whole traceback follows)
 #   refill   benchmarks/bench_refill.py --compile --variants refill,chunked (64 ragged prompts through
 #            16 slots: refilled vs one batch after another; 3 row buckets to compile)
 set -uo pipefail
@@ -96,9 +98,10 @@ if [[ $want == *,zero3-static,* ]]; then  # ZeRO-3 at world size 1: the static e
   grep "^|" "$OUT/zero3_check_static.txt" || tail -20 "$OUT/zero3_check_static.txt"
 fi
 if [[ $want == *,student-graphs,* ]]; then  # the forced window: eager vs inductor's CUDA graphs, device busy share
-  timeout 560 python3 benchmarks/profile_student_step.py --variants --rows reduce-overhead --torch-profile \
-    --json "$OUT/profile_student_graphs.json" > "$OUT/profile_student_graphs.txt" 2>&1
-  grep -E "^\||^top|^\[variant" "$OUT/profile_student_graphs.txt" | head -40 || tail -20 "$OUT/profile_student_graphs.txt"
+  GOLD_TRACE_GENERATIONS=1 timeout 560 python3 benchmarks/profile_student_step.py --variants --rows reduce-overhead \
+    --torch-profile --json "$OUT/profile_student_graphs.json" > "$OUT/profile_student_graphs.txt" 2>&1
+  grep -E "^\||^top|^\[variant|^\[generations" "$OUT/profile_student_graphs.txt" | head -60 \
+    || tail -20 "$OUT/profile_student_graphs.txt"
 fi
 if [[ $want == *,student-ragged,* ]]; then
   for alloc in default expandable_segments:True; do  # the first also times the rows as drawn and compiled

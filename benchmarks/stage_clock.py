@@ -1,0 +1,48 @@
+"""Stage clocks for the step profilers: device-synced seconds per stage, and a trace of which
+stages enter a ``torch.compile`` context (what decides inductor's cudagraph-tree generations)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+
+
+class Clock:
+    """Seconds per stage, device-synced, summed over one optimizer step."""
+
+    def __init__(self, device):
+        from axolotl_gold.scoring.timing import synchronize
+
+        self.sync = lambda: synchronize(device)  # noqa: E731
+        self.seconds = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        self.sync()
+        start = time.perf_counter()
+        yield
+        self.sync()
+        self.seconds[stage] += time.perf_counter() - start
+
+
+def generations():
+    """GOLD_TRACE_GENERATIONS=1: a callable that prints each stage, between the student's
+    forward and its backward, that entered a ``torch.compile`` context (dynamo's generation
+    counter moved). Under ``mode="reduce-overhead"`` such an entry lets inductor's cudagraph
+    trees start a new generation at the backward, freeing the forward's saved tensors."""
+    import os
+
+    if os.environ.get("GOLD_TRACE_GENERATIONS") != "1":
+        return lambda stage: None
+    from torch._dynamo.mutation_guard import GenerationTracker
+
+    seen = [GenerationTracker.generation]
+
+    def trace(stage: str) -> None:
+        if GenerationTracker.generation != seen[0]:
+            print(f"[generations] {stage} entered torch.compile: {seen[0]} -> {GenerationTracker.generation}",
+                  flush=True)
+            seen[0] = GenerationTracker.generation
+
+    return trace
