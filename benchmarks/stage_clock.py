@@ -4,6 +4,7 @@ stages enter a ``torch.compile`` context (what decides inductor's cudagraph-tree
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections import defaultdict
 
@@ -31,18 +32,16 @@ def generations():
     forward and its backward, that entered a ``torch.compile`` context (dynamo's generation
     counter moved). Under ``mode="reduce-overhead"`` such an entry lets inductor's cudagraph
     trees start a new generation at the backward, freeing the forward's saved tensors."""
-    import os
-
     if os.environ.get("GOLD_TRACE_GENERATIONS") != "1":
         return lambda stage: None
     from torch._dynamo.mutation_guard import GenerationTracker
 
-    seen = [GenerationTracker.generation]
+    seen = GenerationTracker.generation
 
     def trace(stage: str) -> None:
-        if GenerationTracker.generation != seen[0]:
-            print(f"[generations] {stage} entered torch.compile: {seen[0]} -> {GenerationTracker.generation}",
-                  flush=True)
-            seen[0] = GenerationTracker.generation
+        nonlocal seen
+        if GenerationTracker.generation != seen:
+            print(f"[generations] {stage} entered torch.compile: {seen} -> {GenerationTracker.generation}", flush=True)
+            seen = GenerationTracker.generation
 
     return trace
