@@ -47,6 +47,14 @@ class Ours:
         self.objective = JsdObjective(beta=0.5, temperature=0.9, chunk_size=args.chunk_size, vocab_size=args.vocab)
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6, fused=cuda)
         self.args = args
+        self.graphed = False  # a student through torch.compile's CUDA graphs: own .grad buffers
+
+    def own_grads(self) -> None:
+        """Under CUDA graphs, the trainer's ``own_grad_buffers`` before the window's first backward."""
+        if self.graphed:
+            from axolotl_gold.trainer.grad_buffers import own_grad_buffers
+
+            own_grad_buffers(self.student.parameters())
 
     def train(self, prepared):
         """The student side of one optimizer step (teacher forward inside): per micro-batch
@@ -54,6 +62,7 @@ class Ours:
         from axolotl_gold.scoring.loss import loss_sum
 
         total = max(prepared.local_tokens, 1)
+        self.own_grads()
         for micro in prepared.micro_batches:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in micro.items()}
             summed, tokens = loss_sum(self.student, self.teacher, batch, self.objective, fused=True)

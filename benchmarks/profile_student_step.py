@@ -124,6 +124,7 @@ def split_step(ours, prepared, clock) -> None:
     from axolotl_gold.scoring.routing import objective_sum
 
     total = max(prepared.local_tokens, 1)
+    ours.own_grads()
     for micro in prepared.micro_batches:
         batch = {k: v.to(ours.device, non_blocking=True) for k, v in micro.items()}
         with clock("student forward"):
@@ -356,10 +357,11 @@ def compile_variants(ours, args, knob, prepared):
     # `torch_compile_mode: reduce-overhead`: inductor's CUDA graphs (cudagraph trees) around
     # the forward and the backward, one recorded per input shape; on CPU it compiles without them
     graphed = torch.compile(plain_model(ours.student), backend="inductor", mode="reduce-overhead")
-    yield COMPILE_ROWS[2], knob([(ours, "student", graphed)])
+    yield COMPILE_ROWS[2], knob([(ours, "student", graphed), (ours, "graphed", True)])
     # as the trainer runs it by default under reduce-overhead: fewer shapes to record
     rounded = window_batches(ours, prepared, grouped=True, multiple=ROUNDED_TO)
-    yield COMPILE_ROWS[3], knob([(ours, "student", graphed), (prepared, "micro_batches", rounded)])
+    yield COMPILE_ROWS[3], knob([(ours, "student", graphed), (ours, "graphed", True),
+                                 (prepared, "micro_batches", rounded)])
 
 
 def dynamo_graphs() -> int:

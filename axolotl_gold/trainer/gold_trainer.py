@@ -43,6 +43,7 @@ from axolotl_gold.trainer.completions_log import (
     row_scores,
 )
 from axolotl_gold.trainer.evaluation import EvalTotals, sample_eval_rows
+from axolotl_gold.trainer.grad_buffers import graphed_compile, own_grad_buffers
 from axolotl_gold.trainer.parts import GoldParts
 from axolotl_gold.trainer.window import prepare_window
 from axolotl_gold.vision.batch import rollout_inputs
@@ -255,6 +256,9 @@ class GoldTrainer(AxolotlTrainer):
         # the micro-step's time on the device (no wait for it), less the teacher's share
         device = self.accelerator.device
         start = mark(device)
+        if graphed_compile(self.args.torch_compile, self.args.torch_compile_mode):
+            # the backward's CUDA graph must not own .grad (see trainer.grad_buffers)
+            own_grad_buffers(model.parameters())
         with self._head_weights():  # across forward and backward
             loss = super().training_step(model, inputs, num_items_in_batch)
         self._gold_clock.add(STEP_SECONDS, start, mark(device))
