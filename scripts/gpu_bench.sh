@@ -21,6 +21,8 @@
 #            static engine with FSDP's forward hooks on vs set aside)
 #   zero3-static  benchmarks/zero3_check.py --engine static at world size 1 (CUDA graphs of the
 #            static engine on DeepSpeed's gathered student, rollouts against one GPU without DeepSpeed)
+#   cli-graphs  bench_cli.py --compile --skip-plain, the student eager and with `torch_compile_mode:
+#            reduce-overhead` (GOLD_CLI_MODES; GOLD_CLI_S seconds each, 280)
 #   student-graphs  profile_student_step.py --variants --rows reduce-overhead --torch-profile (forced
 #            window: the student eager vs `torch_compile_mode: reduce-overhead`, and the device's busy share;
 #            GOLD_TRACE_GENERATIONS=1 prints each stage between the forward and its backward that
@@ -50,6 +52,13 @@ if [[ $want == *,cli,* ]]; then
   timeout "${GOLD_CLI_S:-420}" python3 benchmarks/bench_cli.py --compile --warmup 1 --steps 2 \
     --json "$OUT/bench_cli.json" > "$OUT/bench_cli.txt" 2>&1
   grep -E "^\||^device|failed" "$OUT/bench_cli.txt" || tail -30 "$OUT/bench_cli.txt"
+fi
+if [[ $want == *,cli-graphs,* ]]; then  # the same `axolotl train` run, student eager vs in CUDA graphs
+  for mode in ${GOLD_CLI_MODES:-eager reduce-overhead}; do
+    timeout "${GOLD_CLI_S:-280}" python3 benchmarks/bench_cli.py --compile --warmup 1 --steps 2 --skip-plain \
+      $([ $mode = eager ] || echo --student-compile $mode) --json "$OUT/bench_cli_$mode.json" > "$OUT/bench_cli_$mode.txt" 2>&1
+    echo "student: $mode"; grep -E "^\||^device|failed" "$OUT/bench_cli_$mode.txt" || tail -30 "$OUT/bench_cli_$mode.txt"
+  done
 fi
 if [[ $want == *,cli-memory,* ]]; then
   for chunk in ${GOLD_CLI_CHUNKS:-2048 1024 512}; do

@@ -91,9 +91,14 @@ def test_rounded_widths_score_the_same_loss_and_gradient():
         torch.testing.assert_close(grads16[name], grad, rtol=1e-9, atol=1e-12)
 
 
-def test_width_multiple_is_one_unless_set():
+def test_width_multiple_is_one_unless_set_or_the_student_runs_in_cuda_graphs():
     from axolotl_gold.config.settings import scoring_width_multiple
 
     assert scoring_width_multiple({}) == 1
     assert scoring_width_multiple({"torch_compile": True}) == 1
+    assert scoring_width_multiple({"torch_compile": True, "torch_compile_mode": "default"}) == 1
     assert scoring_width_multiple({"torch_compile": True, "gold_scoring_width_multiple": 8}) == 8
+    graphed = {"torch_compile": True, "torch_compile_mode": "reduce-overhead"}
+    assert scoring_width_multiple(graphed) == 64  # a graph per shape: fewer shapes
+    assert scoring_width_multiple({**graphed, "gold_scoring_width_multiple": 1}) == 1
+    assert scoring_width_multiple({**graphed, "torch_compile": False}) == 1

@@ -17,7 +17,8 @@ import torch
 from axolotl_gold.data.batching import Rollout
 from axolotl_gold.scoring.loss import loss_sum, scoring_batch
 from axolotl_gold.scoring.objectives import JsdObjective
-from axolotl_gold.trainer.grad_buffers import graphed_compile, own_grad_buffers
+from axolotl_gold.config.validation import graphed_compile
+from axolotl_gold.trainer.grad_buffers import own_grad_buffers
 
 VOCAB = 64
 

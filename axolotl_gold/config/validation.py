@@ -51,6 +51,11 @@ def gold_keys_without_teacher(data: dict) -> list[str]:
 GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
+def graphed_compile(torch_compile: bool | None, mode: str | None) -> bool:
+    """Whether Axolotl's ``torch_compile`` / ``torch_compile_mode`` record CUDA graphs of the student."""
+    return bool(torch_compile) and mode in GRAPHED_COMPILE_MODES
+
+
 def validate_gold_settings(data: dict) -> None:
     """Raise `GoldConfigError` for a GOLD setting that cannot train.
 
@@ -151,14 +156,16 @@ def validate_gold_settings(data: dict) -> None:
             "cross-tokenizer ULD loss: remove `gold_jsd_backend` or set `use_uld_loss: false`."
         )
     mode = data.get("torch_compile_mode")
-    if data.get("torch_compile") and mode in GRAPHED_COMPILE_MODES:
-        raise GoldConfigError(
-            f"`torch_compile_mode: {mode}` captures the student's forward and backward as CUDA "
-            "graphs, and GOLD's first step through `axolotl train` failed under it on an H100 "
-            "(\"accessing tensor output of CUDAGraphs that has been overwritten by a subsequent "
-            "run\", in the student's backward): set `torch_compile_mode: default` or remove it "
-            "(`torch_compile: true` alone compiles the student without graphs)."
-        )
+    if graphed_compile(data.get("torch_compile"), mode):
+        sharded = "deepspeed" if data.get("deepspeed") else "fsdp_config" if (
+            data.get("fsdp") or data.get("fsdp_config") or data.get("fsdp_version")) else None
+        if sharded:
+            raise GoldConfigError(
+                f"`torch_compile_mode: {mode}` records the student's forward and backward as CUDA "
+                f"graphs, which GOLD runs on one process's whole student only (measured on one "
+                f"GPU), not under `{sharded}`: set `torch_compile_mode: default` or remove it "
+                "(`torch_compile: true` alone compiles the student without graphs)."
+            )
     multiple = data.get("gold_scoring_width_multiple")
     if multiple is not None and int(multiple) < 1:
         raise GoldConfigError(f"`gold_scoring_width_multiple` must be >= 1 (1: no rounding), got {multiple}.")

@@ -29,6 +29,7 @@ import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 
 from axolotl_gold.config.settings import GoldSettings
+from axolotl_gold.config.validation import graphed_compile
 from axolotl_gold.data.sampler import WindowSampler
 from axolotl_gold.data.turns import text_tokenizer
 from axolotl_gold.rollouts.window import policy_draws
@@ -43,7 +44,7 @@ from axolotl_gold.trainer.completions_log import (
     row_scores,
 )
 from axolotl_gold.trainer.evaluation import EvalTotals, sample_eval_rows
-from axolotl_gold.trainer.grad_buffers import graphed_compile, own_grad_buffers
+from axolotl_gold.trainer.grad_buffers import own_grad_buffers
 from axolotl_gold.trainer.parts import GoldParts
 from axolotl_gold.trainer.window import prepare_window
 from axolotl_gold.vision.batch import rollout_inputs

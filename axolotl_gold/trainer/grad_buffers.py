@@ -22,13 +22,6 @@ from collections.abc import Iterable
 
 import torch
 
-from axolotl_gold.config.validation import GRAPHED_COMPILE_MODES
-
-
-def graphed_compile(torch_compile: bool | None, mode: str | None) -> bool:
-    """Whether Axolotl's ``torch_compile`` / ``torch_compile_mode`` record CUDA graphs."""
-    return bool(torch_compile) and mode in GRAPHED_COMPILE_MODES
-
 
 def own_grad_buffers(params: Iterable[torch.nn.Parameter]) -> int:
     """Give each trainable parameter without a ``.grad`` a zero one (its own memory, in the
