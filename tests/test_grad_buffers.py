@@ -90,10 +90,14 @@ def test_graphed_compile_names_the_modes_that_record_cuda_graphs(compile_, mode,
     assert graphed_compile(compile_, mode) is graphed
 
 
-def _graphed_against_eager(own: bool) -> None:
-    """Three windows through an eager student and its graphed copy; asserts equal gradients."""
+def _graphed_against_eager(own: bool, checkpointing: dict | None = None) -> None:
+    """Three windows through an eager student and its graphed copy; asserts equal gradients.
+    ``checkpointing``: gradient checkpointing's kwargs on both (None: off)."""
     device = torch.device("cuda")
     eager, teacher = _model(0).to(device), _model(1).to(device)
+    if checkpointing is not None:
+        eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        eager.train()
     graphed_model = copy.deepcopy(eager)
     graphed = torch.compile(graphed_model, backend="inductor", mode="reduce-overhead")
     objective = JsdObjective(beta=0.5, temperature=0.9, chunk_size=8, vocab_size=VOCAB)
@@ -111,6 +115,12 @@ def _graphed_against_eager(own: bool) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
 def test_graphed_student_accumulates_the_eager_gradients_over_a_window():
     _graphed_against_eager(own=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_graphed_student_with_gradient_checkpointing(reentrant):
+    _graphed_against_eager(own=True, checkpointing={"use_reentrant": reentrant})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")

@@ -113,9 +113,10 @@ def all_cases() -> list[Case]:
         Case("torch-compile-full", {"torch_compile": True}),
         Case("torch-compile-lora-rollout", {**LORA, "torch_compile": True, "gold_rollout_compile": True}),
         # inductor's CUDA graphs of the student's forward and backward (trainer.grad_buffers)
-        Case("torch-compile-graphs-full", {"torch_compile": True, "torch_compile_mode": "reduce-overhead"}),
+        Case("torch-compile-graphs-full", {"torch_compile": True, "torch_compile_mode": "reduce-overhead",
+                                           "gradient_checkpointing": False}),
         Case("torch-compile-graphs-lora", {**LORA, "torch_compile": True, "torch_compile_mode": "reduce-overhead",
-                                           "gold_rollout_compile": True}),
+                                           "gold_rollout_compile": True, "gradient_checkpointing": False}),
         Case("sliding-static", {"gold_generation_engine": "static"}, models="sliding"),
         Case("sliding-auto", {"gold_generation_engine": "auto"}, models="sliding"),
         Case("cross-uld-hybrid", {"use_uld_loss": True, "uld_use_hybrid_loss": True, "beta": 0.5}, models="cross"),
