@@ -40,14 +40,16 @@ def _window(seed, lengths):
     return [scoring_batch(rows[i : i + 2], pad_id=0, multiple=4) for i in range(0, len(rows), 2)]
 
 
-def _accumulate(student, teacher, window, objective, own: bool):
-    """One window's gradients, summed over its micro-batches as the trainer does."""
+def _accumulate(student, teacher, window, objective, own: bool, autocast: bool = False):
+    """One window's gradients, summed over its micro-batches as the trainer does (``autocast``:
+    the forward and loss in bf16 autocast, as Accelerate runs ``bf16: true``)."""
     device = next(teacher.parameters()).device
     if own:
         own_grad_buffers(student.parameters())
     for micro in window:
         batch = {k: v.to(device) for k, v in micro.items()}
-        total, count = loss_sum(student, teacher, batch, objective, fused=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            total, count = loss_sum(student, teacher, batch, objective, fused=True)
         (total / 50).backward()
 
 
@@ -90,9 +92,11 @@ def test_graphed_compile_names_the_modes_that_record_cuda_graphs(compile_, mode,
     assert graphed_compile(compile_, mode) is graphed
 
 
-def _graphed_against_eager(own: bool, checkpointing: dict | None = None) -> None:
+def _graphed_against_eager(own: bool, checkpointing: dict | None = None, autocast: bool = False,
+                           eval_first: bool = False) -> None:
     """Three windows through an eager student and its graphed copy; asserts equal gradients.
-    ``checkpointing``: gradient checkpointing's kwargs on both (None: off)."""
+    ``checkpointing``: gradient checkpointing's kwargs on both (None: off); ``autocast``: bf16
+    autocast forwards; ``eval_first``: a no-grad eval-mode pass first (the trainer's eval at step 0)."""
     device = torch.device("cuda")
     eager, teacher = _model(0).to(device), _model(1).to(device)
     if checkpointing is not None:
@@ -101,20 +105,36 @@ def _graphed_against_eager(own: bool, checkpointing: dict | None = None) -> None
     graphed_model = copy.deepcopy(eager)
     graphed = torch.compile(graphed_model, backend="inductor", mode="reduce-overhead")
     objective = JsdObjective(beta=0.5, temperature=0.9, chunk_size=8, vocab_size=VOCAB)
+    if eval_first:
+        for model, target in ((eager, eager), (graphed, graphed_model)):
+            target.eval()
+            with torch.no_grad():
+                batch = {k: v.to(device) for k, v in _window(4, [(5, 6), (9, 2)])[0].items()}
+                loss_sum(model, teacher, batch, objective, fused=True)
+            target.train()
+    tolerance = dict(rtol=3e-2, atol=3e-3) if autocast else dict(rtol=1e-4, atol=1e-6)
     for seed in (5, 6, 7):  # the graphs record in the first windows and replay in the last
         window = _window(seed, [(5, 6), (9, 2), (7, 11), (3, 4), (6, 5), (4, 6)])
         grads = []
         for model, target in ((eager, eager), (graphed, graphed_model)):
             target.zero_grad(set_to_none=True)
-            _accumulate(model, teacher, window, objective, own=own and model is graphed)
+            _accumulate(model, teacher, window, objective, own=own and model is graphed, autocast=autocast)
             grads.append([p.grad.clone() for p in target.parameters()])
+        assert all(g.isfinite().all() for g in grads[1]), f"window {seed}: non-finite graphed gradients"
         for a, b in zip(*grads):
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(b, a, **tolerance)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
 def test_graphed_student_accumulates_the_eager_gradients_over_a_window():
     _graphed_against_eager(own=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize(("autocast", "eval_first"), [(True, False), (False, True)])
+def test_graphed_student_as_the_trainer_runs_it(autocast, eval_first):
+    """The trainer's differences from the plain loop: bf16 autocast, an eval pass before training."""
+    _graphed_against_eager(own=True, autocast=autocast, eval_first=eval_first)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
