@@ -28,9 +28,9 @@ foreach instead of fused (or fused on CPU), Liger's fused linear JSD (skipped wh
 liger_kernel is not importable), the student through ``torch.compile`` alone and with
 loss chunk 4096, through ``torch.compile(mode="reduce-overhead")`` (Axolotl's
 ``torch_compile_mode: reduce-overhead``: CUDA graphs of the forward and backward, one per
-micro-batch shape; then again with the widths rounded to 64; the plugin refuses the mode
-through ``axolotl train`` since it failed there on an H100, and these rows tell whether
-graphs pay and whether the plain loop fails the same way), and last
+micro-batch shape; then again with the widths rounded to 64; the student gets its own
+``.grad`` buffers first, ``trainer.grad_buffers``: a graph's output must not become ``.grad``;
+the plugin still refuses the mode through ``axolotl train``, see the README), and last
 the student with Liger's RMSNorm / SwiGLU / RoPE kernels (what
 Axolotl's Liger plugin applies; CUDA only; ``--only-compile`` keeps it beside the compile rows). The compile rows mirror Axolotl's ``torch_compile: true``: HF's Trainer
 hands ``torch_compile_backend`` (inductor, no mode) to Accelerate, whose ``prepare`` wraps

@@ -50,9 +50,8 @@ def test_zero3_config_is_accepted(tiny_pair, tmp_path):
     assert _validate(_cfg(tiny_pair, tmp_path, deepspeed=str(zero3))).deepspeed
 
 
-def test_torch_compile_is_accepted_with_and_without_cuda_graphs(tiny_pair, tmp_path):
-    # the graphed modes on one process: the trainer gives .grad buffers (trainer.grad_buffers)
-    for mode in (None, "default", "reduce-overhead", "max-autotune"):
+def test_torch_compile_without_cuda_graphs_is_accepted(tiny_pair, tmp_path):
+    for mode in (None, "default"):
         assert _validate(_cfg(tiny_pair, tmp_path, torch_compile=True, torch_compile_mode=mode)).torch_compile
 
 
@@ -72,10 +71,8 @@ def test_torch_compile_is_accepted_with_and_without_cuda_graphs(tiny_pair, tmp_p
         ({"use_uld_loss": True, "seq_kd": True}, r"set `seq_kd: false`"),
         ({"use_uld_loss": True, "gold_fused_loss": False}, r"remove `gold_fused_loss` or set `use_uld_loss: false`"),
         ({"gold_scoring_width_multiple": 0}, r"`gold_scoring_width_multiple` must be >= 1"),
-        ({"torch_compile": True, "torch_compile_mode": "reduce-overhead", "deepspeed": {"zero_optimization": {"stage": 2}}},
-         r"not under `deepspeed`: set `torch_compile_mode: default`"),
-        ({"torch_compile": True, "torch_compile_mode": "max-autotune", "fsdp_version": 2,
-          "fsdp_config": {"reshard_after_forward": True}}, r"`torch_compile_mode: max-autotune` records.*`fsdp_config`"),
+        ({"torch_compile": True, "torch_compile_mode": "reduce-overhead"}, r"NaN gradients.*set `torch_compile_mode: default`"),
+        ({"torch_compile": True, "torch_compile_mode": "max-autotune"}, r"`torch_compile_mode: max-autotune` records"),
         ({"uld_hybrid_matched_weight": 0.5}, r"set both `uld_hybrid_matched_weight`"),
         (
             {"deepspeed": {"zero_optimization": {"stage": 3}}, "use_vllm": True},
