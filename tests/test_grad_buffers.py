@@ -131,7 +131,7 @@ def test_graphed_student_accumulates_the_eager_gradients_over_a_window():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
-@pytest.mark.parametrize(("autocast", "eval_first"), [(True, False), (False, True)])
+@pytest.mark.parametrize(("autocast", "eval_first"), [(True, False), (False, True), (True, True)])
 def test_graphed_student_as_the_trainer_runs_it(autocast, eval_first):
     """The trainer's differences from the plain loop: bf16 autocast, an eval pass before training."""
     _graphed_against_eager(own=True, autocast=autocast, eval_first=eval_first)
