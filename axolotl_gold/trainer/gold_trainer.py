@@ -258,7 +258,8 @@ class GoldTrainer(AxolotlTrainer):
         device = self.accelerator.device
         start = mark(device)
         if graphed_compile(self.args.torch_compile, self.args.torch_compile_mode):
-            # the backward's CUDA graph must not own .grad (see trainer.grad_buffers)
+            # the backward's CUDA graph must not own .grad (see trainer.grad_buffers); the config
+            # refuses these modes until a NaN seen in the GPU suite is explained (validation.py)
             own_grad_buffers(model.parameters())
         with self._head_weights():  # across forward and backward
             loss = super().training_step(model, inputs, num_items_in_batch)
