@@ -14,10 +14,10 @@ import copy
 import pytest
 import torch
 
+from axolotl_gold.config.validation import graphed_compile
 from axolotl_gold.data.batching import Rollout
 from axolotl_gold.scoring.loss import loss_sum, scoring_batch
 from axolotl_gold.scoring.objectives import JsdObjective
-from axolotl_gold.config.validation import graphed_compile
 from axolotl_gold.trainer.grad_buffers import own_grad_buffers
 
 VOCAB = 64
@@ -49,7 +49,7 @@ def _accumulate(student, teacher, window, objective, own: bool, autocast: bool =
     for micro in window:
         batch = {k: v.to(device) for k, v in micro.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            total, count = loss_sum(student, teacher, batch, objective, fused=True)
+            total, _ = loss_sum(student, teacher, batch, objective, fused=True)
         (total / 50).backward()
 
 
