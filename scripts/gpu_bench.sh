@@ -27,6 +27,9 @@
 #            window: the student eager vs `torch_compile_mode: reduce-overhead`, and the device's busy share;
 #            GOLD_TRACE_GENERATIONS=1 prints each stage between the forward and its backward that
 #            entered torch.compile, and a failed row's whole traceback follows)
+#   graphs-probe  benchmarks/probe_graphed_cli.py (the GPU suite's CUDA-graphs case and variants through
+#            `axolotl train`, non-finite gradients by micro-step; GOLD_PROBE_VARIANTS): runs beside the
+#            other sections, which start at once
 #   refill   benchmarks/bench_refill.py --compile --variants refill,chunked (64 ragged prompts through
 #            16 slots: refilled vs one batch after another; 3 row buckets to compile)
 set -uo pipefail
@@ -40,6 +43,11 @@ if ! python3 -c "import pytest" 2>/dev/null; then  # the carried pure-Python whe
   export PYTHONPATH="$PYTHONPATH:/tmp/gpu_pytest"
 fi
 want=",${GOLD_BENCH:-nucleus,student,ragged,decode360},"
+probe=
+if [[ $want == *,graphs-probe,* ]]; then  # mostly compile on the CPU: beside the rest
+  timeout "${GOLD_PROBE_S:-330}" python3 benchmarks/probe_graphed_cli.py --out "$OUT" > "$OUT/probe_graphed.txt" 2>&1 &
+  probe=$!
+fi
 if [[ $want == *,kernels,* ]]; then
   timeout "${GOLD_KERNELS_S:-360}" python3 -m pytest -q -rs -p no:cacheprovider ${GOLD_KERNEL_TESTS:-tests/test_decode_kernel.py \
     tests/test_static_engine.py tests/test_slot_refill.py tests/test_static_vision.py tests/test_decode_attention.py \
@@ -120,4 +128,8 @@ if [[ $want == *,student-ragged,* ]]; then
       > "$OUT/profile_student_ragged_${alloc%%:*}.txt" 2>&1
     echo "allocator: $alloc"; grep -E "^\|" "$OUT/profile_student_ragged_${alloc%%:*}.txt" | head -22
   done
+fi
+if [ -n "$probe" ]; then
+  wait $probe
+  grep -E "^##|^  step" "$OUT/probe_graphed.txt" || tail -30 "$OUT/probe_graphed.txt"
 fi

@@ -8,7 +8,7 @@ from axolotl_run import with_overrides
 
 from axolotl_gold.config.errors import GoldConfigError
 from axolotl_gold.config.schema import GoldArgs
-from axolotl_gold.config.validation import validate_gold_settings
+from axolotl_gold.config.validation import EXPERIMENTAL_GRAPHS_ENV, validate_gold_settings
 
 
 def _cfg(tiny_pair, tmp_path, **overrides):
@@ -53,6 +53,15 @@ def test_zero3_config_is_accepted(tiny_pair, tmp_path):
 def test_torch_compile_without_cuda_graphs_is_accepted(tiny_pair, tmp_path):
     for mode in (None, "default"):
         assert _validate(_cfg(tiny_pair, tmp_path, torch_compile=True, torch_compile_mode=mode)).torch_compile
+
+
+def test_cuda_graphs_pass_only_with_the_experimental_switch(tiny_pair, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_pair, tmp_path, torch_compile=True, torch_compile_mode="reduce-overhead")
+    monkeypatch.setenv(EXPERIMENTAL_GRAPHS_ENV, "0")
+    with pytest.raises(Exception, match="`torch_compile_mode: reduce-overhead` records"):
+        _validate(cfg)  # pydantic's ValidationError around the GoldConfigError
+    monkeypatch.setenv(EXPERIMENTAL_GRAPHS_ENV, "1")
+    assert _validate(cfg).torch_compile_mode == "reduce-overhead"
 
 
 @pytest.mark.parametrize(

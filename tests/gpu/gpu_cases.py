@@ -29,6 +29,7 @@ LIGER = {
 # with the dataset type `axolotl_gold.vision.chat_template` (base_config, from the model group)
 VLM = {"processor_type": "AutoProcessor", "skip_prepare_dataset": True, "remove_unused_columns": False}
 VLM_LORA_TARGET = r"model.language_model.layers.[\d]+.(self_attn|mlp).(q|k|v|o|gate|up|down)_proj"
+GRAPHS = {"GOLD_EXPERIMENTAL_CUDA_GRAPHS": "1"}
 CPU_DEFAULT = ("full-fp32-hf", "lora-fp32-hf")
 
 
@@ -40,6 +41,7 @@ class Case:
     needs: str | None = None  # a module that must import, else the case is skipped
     flash: bool = False  # passes with a clear error naming the key if flash_attn is absent
     check_gc_kwargs: dict | None = None  # expected gradient_checkpointing_kwargs in the saved args
+    env: dict = field(default_factory=dict)  # set in the run's environment
 
     @property
     def adapter(self) -> str | None:
@@ -112,13 +114,12 @@ def all_cases() -> list[Case]:
         # backward (the engines keep the plain model); with the compiled decode step beside it
         Case("torch-compile-full", {"torch_compile": True}),
         Case("torch-compile-lora-rollout", {**LORA, "torch_compile": True, "gold_rollout_compile": True}),
-        # inductor's CUDA graphs of the student's forward and backward (trainer.grad_buffers); the
-        # plugin refuses them since the full case got NaN gradients in its first step (run 16):
-        # lift the refusal (config/validation.py) to run these
+        # inductor's CUDA graphs of the student's forward and backward (trainer.grad_buffers),
+        # which the plugin refuses unless GOLD_EXPERIMENTAL_CUDA_GRAPHS=1 (config/validation.py)
         Case("torch-compile-graphs-full", {"torch_compile": True, "torch_compile_mode": "reduce-overhead",
-                                           "gradient_checkpointing": False}),
+                                           "gradient_checkpointing": False}, env=GRAPHS),
         Case("torch-compile-graphs-lora", {**LORA, "torch_compile": True, "torch_compile_mode": "reduce-overhead",
-                                           "gold_rollout_compile": True, "gradient_checkpointing": False}),
+                                           "gold_rollout_compile": True, "gradient_checkpointing": False}, env=GRAPHS),
         Case("sliding-static", {"gold_generation_engine": "static"}, models="sliding"),
         Case("sliding-auto", {"gold_generation_engine": "auto"}, models="sliding"),
         Case("cross-uld-hybrid", {"use_uld_loss": True, "uld_use_hybrid_loss": True, "beta": 0.5}, models="cross"),

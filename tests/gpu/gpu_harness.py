@@ -32,7 +32,7 @@ PASSING = ("passed", "clear-error")
 RELOAD_LOCK = threading.Lock()  # one reloaded student in memory at a time
 
 
-def launch(cfg: dict, workdir: Path, timeout: float) -> tuple[int | str, str]:
+def launch(cfg: dict, workdir: Path, timeout: float, extra_env: dict | None = None) -> tuple[int | str, str]:
     """`axolotl train` in its own process group (killed whole on timeout): (returncode, log)."""
     path = workdir / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -43,6 +43,7 @@ def launch(cfg: dict, workdir: Path, timeout: float) -> tuple[int | str, str]:
         HF_HUB_OFFLINE="1", AXOLOTL_DO_NOT_TRACK="1", WANDB_MODE="disabled", TRL_EXPERIMENTAL_SILENCE="1",
         TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_DATASETS_CACHE=str(workdir / "hf_datasets"),
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # axolotl launches `accelerate`
+        **(extra_env or {}),
     )
     env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     log_path = workdir / "log.txt"
@@ -177,7 +178,7 @@ def run_case(case: Case, assets, root: Path, deadline: float) -> dict:
         pair = assets.get(case.models)
         workdir.mkdir(parents=True, exist_ok=True)
         cfg = for_this_machine(case, with_overrides(base_config(pair, str(workdir)), dict(case.overrides)))
-        rc, log = launch(cfg, workdir, deadline - time.monotonic())
+        rc, log = launch(cfg, workdir, deadline - time.monotonic(), case.env)
         result.update(wall_s=round(time.monotonic() - start, 1), notes=notes(case, log))
         out = Path(cfg["output_dir"])
         history, found = metrics(out, log)
