@@ -45,7 +45,7 @@ fi
 want=",${GOLD_BENCH:-nucleus,student,ragged,decode360},"
 probe=
 if [[ $want == *,graphs-probe,* ]]; then  # mostly compile on the CPU: beside the rest
-  timeout "${GOLD_PROBE_S:-330}" python3 benchmarks/probe_graphed_cli.py --out "$OUT" > "$OUT/probe_graphed.txt" 2>&1 &
+  timeout $(( ${GOLD_PROBE_S:-300} + 40 )) python3 benchmarks/probe_graphed_cli.py --out "$OUT" > "$OUT/probe_graphed.txt" 2>&1 &
   probe=$!
 fi
 if [[ $want == *,kernels,* ]]; then
