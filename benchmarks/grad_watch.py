@@ -6,11 +6,14 @@ with the step, the micro-step, the loss, the micro-batch's width, how many train
 parameters hold a non-finite gradient and the first of them by name. With
 GOLD_GRAD_WATCH_MARK_STEP=1 it also calls ``torch.compiler.cudagraph_mark_step_begin()``
 before every micro-step and evaluation batch (a candidate fix, tried through the plugin
-before the trainer takes it).
+before the trainer takes it); GOLD_GRAD_WATCH_SET="torch._inductor.config.triton.cudagraph_trees=False;..."
+sets those attributes (literals) when the trainer is made, before anything compiles.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
 import json
 import os
 
@@ -25,11 +28,28 @@ def nonfinite_grads(named_parameters) -> list[str]:
     return [name for name, p in named_parameters if p.grad is not None and not p.grad.isfinite().all()]
 
 
+def set_attributes(spec: str) -> None:
+    """``module.path.attr=literal;...``: each module imported, its attribute set."""
+    for item in filter(None, (s.strip() for s in spec.split(";"))):
+        target, value = item.split("=", 1)
+        parts = target.split(".")
+        for cut in range(len(parts) - 1, 0, -1):  # the longest importable prefix
+            try:
+                owner = importlib.import_module(".".join(parts[:cut]))
+                break
+            except ImportError:
+                continue
+        for name in parts[cut:-1]:
+            owner = getattr(owner, name)
+        setattr(owner, parts[-1], ast.literal_eval(value))
+
+
 class GradWatch(BasePlugin):
     def post_trainer_create(self, cfg, trainer):
         path = os.environ.get("GOLD_GRAD_WATCH_OUT")
         if not path:
             return
+        set_attributes(os.environ.get("GOLD_GRAD_WATCH_SET", ""))
         import torch
 
         original, calls = trainer.training_step, {"n": 0}

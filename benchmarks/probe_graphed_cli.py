@@ -35,12 +35,20 @@ from gpu_models import Assets  # noqa: E402
 GRAPHED = {"torch_compile": True, "torch_compile_mode": "reduce-overhead", "gradient_checkpointing": False}
 VARIANTS = {
     "suite": {},  # the GPU suite's case as it is
-    "no-eval": {"val_set_size": 0, "eval_strategy": "no"},
+    "no-eval": {"val_set_size": 0, "eval_strategy": None, "eval_steps": None},
+    "one-width": {"gold_scoring_width_multiple": 256},  # every micro-batch 256 wide: one shape
+    "eager-attention": {"attn_implementation": "eager"},  # no SDPA kernels
+    "no-trees": {},  # inductor's older CUDA graphs (no cudagraph trees)
+    "static-shapes": {},  # a graph per width, no dynamic-shape graph
     "fp32": {"bf16": False, "tf32": False},  # float32 weights, no autocast
     "no-graphs": {"torch_compile_mode": "default"},  # the control: compiled, no CUDA graphs
     "mark-step": {},  # the suite's case, a new cudagraph-tree step at each micro-step (grad_watch)
 }
-ENV = {"mark-step": {"GOLD_GRAD_WATCH_MARK_STEP": "1"}}
+ENV = {
+    "mark-step": {"GOLD_GRAD_WATCH_MARK_STEP": "1"},
+    "no-trees": {"GOLD_GRAD_WATCH_SET": "torch._inductor.config.triton.cudagraph_trees=False"},
+    "static-shapes": {"GOLD_GRAD_WATCH_SET": "torch._dynamo.config.automatic_dynamic_shapes=False"},
+}
 
 
 def run_variant(name: str, pair: dict, root: Path, timeout: float) -> dict:

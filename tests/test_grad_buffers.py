@@ -23,10 +23,17 @@ from axolotl_gold.trainer.grad_buffers import own_grad_buffers
 VOCAB = 64
 
 
-def _model(seed, tied: bool = False):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def _model(seed, tied: bool = False, suite_shape: bool = False):
+    """A tiny Qwen2; ``suite_shape``: a two-layer Llama of the GPU suite's student width
+    (SmolLM2-135M's: 9 heads of 64, 3 KV heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
+    if suite_shape:
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                          num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                          attn_implementation="sdpa", tie_word_embeddings=tied)
+        return LlamaForCausalLM(cfg)
     cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
                       tie_word_embeddings=tied)
@@ -94,14 +101,16 @@ def test_graphed_compile_names_the_modes_that_record_cuda_graphs(compile_, mode,
 
 
 def _graphed_against_eager(own: bool, checkpointing: dict | None = None, autocast: bool = False,
-                           eval_first: bool = False, tied: bool = False, dtype=torch.float32) -> None:
+                           eval_first: bool = False, tied: bool = False, dtype=torch.float32,
+                           suite_shape: bool = False) -> None:
     """Three windows through an eager student and its graphed copy; asserts equal gradients.
     ``checkpointing``: gradient checkpointing's kwargs on both (None: off); ``autocast``: bf16
     autocast forwards; ``eval_first``: a no-grad eval-mode pass first (the trainer's eval at step 0);
     ``tied``: the output head shares the embedding's weight; ``dtype``: the weights' (and the
     gradients') dtype."""
     device = torch.device("cuda")
-    eager, teacher = _model(0, tied).to(device, dtype), _model(1, tied).to(device, dtype)
+    eager = _model(0, tied, suite_shape).to(device, dtype)
+    teacher = _model(1, tied, suite_shape).to(device, dtype)
     if checkpointing is not None:
         eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         eager.train()
@@ -146,10 +155,15 @@ def test_graphed_student_as_the_trainer_runs_it(autocast, eval_first):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
-@pytest.mark.parametrize(("tied", "dtype"), [(True, torch.float32), (False, torch.bfloat16), (True, torch.bfloat16)])
-def test_graphed_student_shaped_as_the_gpu_suites(tied, dtype):
-    """The GPU suite's student: a head tied to the embedding, bf16 weights, autocast, eval first."""
-    _graphed_against_eager(own=True, autocast=True, eval_first=True, tied=tied, dtype=dtype)
+@pytest.mark.parametrize(("tied", "dtype", "suite_shape"), [
+    (True, torch.float32, False), (False, torch.bfloat16, False), (True, torch.bfloat16, False),
+    (True, torch.bfloat16, True),
+])
+def test_graphed_student_shaped_as_the_gpu_suites(tied, dtype, suite_shape):
+    """The GPU suite's student: a head tied to the embedding, bf16 weights, autocast, eval
+    first, and (``suite_shape``) its width and heads."""
+    _graphed_against_eager(own=True, autocast=True, eval_first=True, tied=tied, dtype=dtype,
+                           suite_shape=suite_shape)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
