@@ -1,0 +1,210 @@
+"""The student side of a GOLD step, stage by stage (profile_student_step.py's core).
+
+``measure`` times one optimizer step of bench_vs_reference.Ours split into the stages of
+``STAGES`` (each device-synced), ``floors`` gives each stage's least time on an H200 from its
+FLOPs and bytes, ``stage_table`` sets them side by side, ``kernel_table`` lists the top
+kernels of one step under torch.profiler.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+
+from stage_clock import Clock, generations
+
+H200_FLOPS, H200_BYTES = 989e12, 4.8e12
+STAGES = ("prefill", "student forward", "teacher forward", "loss", "loss backward", "model backward",
+          "optimizer step", "zero_grad")
+STUDENT_SIDE = STAGES[1:2] + STAGES[3:]
+
+
+def prefill(ours, prompts, clock) -> None:
+    """The static engine's prefill (``DecodeStep.prefill``: HF's own mask and positions)."""
+    import torch
+
+    from axolotl_gold.data.batching import left_pad
+    from axolotl_gold.rollouts.engines.decode_step import DecodeStep
+    from axolotl_gold.rollouts.engines.hf import generation_mode
+
+    model = plain_model(ours.student)  # the engine's model: never the compiled wrapper
+    ids, mask = (t.to(ours.device) for t in left_pad(prompts, ours.pad))
+    decode = DecodeStep(model, ids.shape[0], ids.shape[1] + ours.args.completion, ours.device)
+    decode.reset()
+    with clock("prefill"), torch.no_grad(), generation_mode(model):
+        decode.prefill(ids, mask)
+
+
+def plain_model(model):
+    """The model under a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def split_step(ours, prepared, clock) -> None:
+    """One optimizer step, stage by stage (the same arithmetic as Ours.train)."""
+    import torch
+
+    from axolotl_gold.scoring.forward import CompletionStates, completion_states
+    from axolotl_gold.scoring.routing import objective_sum
+
+    total = max(prepared.local_tokens, 1)
+    ours.own_grads()
+    for micro in prepared.micro_batches:
+        batch = {k: v.to(ours.device, non_blocking=True) for k, v in micro.items()}
+        with clock("student forward"):
+            student = completion_states(ours.student, batch, use_head_bypass=True)
+        trace = generations()
+        with clock("teacher forward"), torch.no_grad():
+            teacher = completion_states(ours.teacher, batch, use_head_bypass=True)
+        trace("teacher forward")
+        hidden = student.values.detach().requires_grad_()
+        with clock("loss"):
+            loss = objective_sum(ours.objective, CompletionStates(hidden, student.head), teacher, batch) / total
+        trace("loss")
+        with clock("loss backward"):
+            loss.backward()
+        trace("loss backward")
+        with clock("model backward"):
+            student.values.backward(hidden.grad)
+    with clock("optimizer step"):
+        ours.optimizer.step()
+    with clock("zero_grad"):
+        ours.optimizer.zero_grad(set_to_none=True)
+
+
+def measure(ours, prepared, prompts, args, plain: bool = False) -> dict:
+    """Median ms per optimizer step of each stage over args.steps after args.warmup, and
+    ("first step") the student side of the first warm-up step (a compile's warm-up)."""
+    from axolotl_gold.scoring.timing import synchronize
+
+    runs, first = [], None
+    for index in range(args.warmup + args.steps):
+        clock = Clock(ours.device)
+        prefill(ours, prompts, clock)
+        split_step(ours, prepared, clock)
+        if plain:  # bench_cli's loop as it is, the teacher's share taken out
+            synchronize(ours.device)
+            start = time.perf_counter()
+            ours.train(prepared)
+            synchronize(ours.device)
+            clock.seconds["plain"] = time.perf_counter() - start
+        if index == 0:
+            first = sum(clock.seconds[s] for s in STUDENT_SIDE)
+        if index >= args.warmup:
+            runs.append(clock.seconds)
+    out = {k: 1e3 * statistics.median(r[k] for r in runs) for k in runs[0]}
+    out["first step"] = 1e3 * first
+    return out
+
+
+def floors(ours, prepared, prompts) -> dict:
+    """Seconds per optimizer step each stage needs at least on an H200, and what bounds it."""
+    s_cfg, t_cfg = ours.student.config, ours.teacher.config
+    s_lin, t_lin = linear_params(ours.student), linear_params(ours.teacher)
+    item = ours.dtype.itemsize
+    vocab = ours.args.vocab
+    embed = ours.student.get_input_embeddings().weight.numel()  # tied: the head's gradient lands there too
+    flops, nbytes = defaultdict(float), defaultdict(float)
+    for micro in prepared.micro_batches:
+        rows, width = micro["input_ids"].shape
+        scored = int((micro["completion_labels"] != -100).sum())
+        forward = 2 * s_lin * rows * width + attention_flops(s_cfg, rows, width)
+        flops["student forward"] += forward
+        nbytes["student forward"] += s_lin * item
+        flops["teacher forward"] += 2 * t_lin * rows * width + attention_flops(t_cfg, rows, width)
+        nbytes["teacher forward"] += t_lin * item
+        flops["loss"] += 2 * scored * vocab * (t_cfg.hidden_size + 3 * s_cfg.hidden_size)  # heads + gradient
+        nbytes["loss"] += vocab * (s_cfg.hidden_size + t_cfg.hidden_size) * item
+        nbytes["loss backward"] += 2 * item * (vocab * s_cfg.hidden_size + scored * s_cfg.hidden_size)
+        flops["model backward"] += 2 * forward * (1.5 if ours.student.is_gradient_checkpointing else 1)
+        nbytes["model backward"] += 2 * (s_lin + embed) * item  # weights read, their gradients written
+    rows, width = len(prompts), max(map(len, prompts))
+    flops["prefill"] = 2 * s_lin * rows * width + attention_flops(s_cfg, rows, width)
+    nbytes["prefill"] = s_lin * item
+    params = list(ours.student.parameters())
+    state = sum(t.numel() * t.element_size() for st in ours.optimizer.state.values()
+                for t in st.values() if hasattr(t, "numel") and t.dim())
+    nbytes["optimizer step"] = sum(3 * p.numel() * p.element_size() for p in params) + 2 * state
+    out = {}
+    for stage in STAGES:
+        f, b = flops[stage] / H200_FLOPS, nbytes[stage] / H200_BYTES
+        out[stage] = (max(f, b), "FLOP" if f >= b else "bytes") if f or b else (0.0, "-")
+    return out
+
+
+def linear_params(model) -> int:
+    """Weights of the decoder layers' matmuls (embedding and head apart)."""
+    return sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2)
+
+
+def attention_flops(cfg, rows: int, width: int) -> float:
+    """Q K^T and P V over a causal [width, width] (half counted), every layer."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * rows * cfg.num_hidden_layers * width * width * cfg.num_attention_heads * head_dim
+
+
+def stage_table(ms: dict, floor: dict) -> str:
+    lines = ["| stage | ms per optimizer step | H200 floor ms | bound by | ratio to floor |",
+             "| --- | ---: | ---: | --- | ---: |"]
+    for stage in STAGES:
+        sec, kind = floor[stage]
+        ratio = f"{ms[stage] / (1e3 * sec):.1f}x" if sec else "-"
+        lines.append(f"| {stage} | {ms[stage]:.2f} | {1e3 * sec:.3f} | {kind} | {ratio} |")
+    side = sum(ms[s] for s in STUDENT_SIDE)
+    side_floor = 1e3 * sum(floor[s][0] for s in STUDENT_SIDE)
+    lines.append(f"| student side (sum of its stages) | {side:.2f} | {side_floor:.3f} | | {side / side_floor:.1f}x |")
+    if "plain" in ms:
+        plain = ms["plain"] - ms["teacher forward"]
+        lines.append(f"| student side, as the plain loop runs it (teacher taken out) | {plain:.2f} "
+                     f"| {side_floor:.3f} | | {plain / side_floor:.1f}x |")
+    return "\n".join(lines)
+
+
+def window_batches(ours, prepared, grouped: bool = False, multiple: int = 1) -> list:
+    """The window's micro-batches as the slices were drawn (before ``group_by_length``) or
+    grouped as ``prepare_window`` groups them, with widths rounded up to ``multiple``."""
+    import torch
+
+    from axolotl_gold.data.batching import group_by_length, merge_repeats
+    from axolotl_gold.scoring.loss import teacher_scoring_batch
+
+    merged = [merge_repeats(rows) for rows in prepared.window.slices]
+    out = []
+    for rows, counts in group_by_length(merged) if grouped else merged:
+        batch = teacher_scoring_batch(rows, ours.pad, ours.objective, multiple=multiple)
+        if any(c > 1 for c in counts):
+            batch["row_weights"] = torch.tensor(counts, dtype=torch.long)
+        out.append(batch)
+    return out
+
+
+def kernel_table(ours, prepared, prompts, top: int = 25) -> str:
+    """One step under torch.profiler: the top kernels by total device time (CPU: ops)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ours.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        clock = Clock(ours.device)
+        prefill(ours, prompts, clock)
+        split_step(ours, prepared, clock)
+    events = prof.key_averages()
+    if cuda:  # kernels are the events on the device; else (older profilers) ops by self device time
+        events = [e for e in events if e.device_type == DeviceType.CUDA] or list(events)
+        time_of = lambda e: e.self_device_time_total  # noqa: E731
+    else:
+        time_of = lambda e: e.self_cpu_time_total  # noqa: E731
+    events = sorted(events, key=time_of, reverse=True)
+    total = sum(time_of(e) for e in events) or 1
+    wall = 1e3 * sum(clock.seconds.values())  # the same stages, device-synced, under the profiler
+    busy = (f"; kernels {total / 1e3:.1f} ms of device time in {wall:.1f} ms of wall time for these stages "
+            f"(device busy {100 * total / 1e3 / wall:.0f}%)") if cuda else ""
+    lines = [f"top {top} {'CUDA kernels' if cuda else 'CPU ops (self time)'} of one step (prefill + student "
+             f"side + teacher), by total time{busy}", "", "| kernel | calls | total ms | share |",
+             "| --- | ---: | ---: | ---: |"]
+    for e in events[:top]:
+        name = e.key.replace("|", "/")[:110]
+        lines.append(f"| {name} | {e.count} | {time_of(e) / 1e3:.2f} | {100 * time_of(e) / total:.1f}% |")
+    return "\n".join(lines)

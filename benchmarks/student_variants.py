@@ -1,0 +1,148 @@
+"""profile_student_step.py --variants: one knob per row (rows as drawn, widths rounded,
+gradient checkpointing, loss chunk sizes, AdamW, Liger's fused JSD, torch.compile with and
+without CUDA graphs, Liger's model kernels), each a context manager around ``measure``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+from student_stages import STUDENT_SIDE, plain_model, window_batches
+
+ROUNDED_TO = 64  # gold_scoring_width_multiple's default under reduce-overhead
+ROUNDED_ROW = f"scoring widths rounded up to multiples of {ROUNDED_TO}"
+COMPILE_ROWS = ("student torch.compile", "student torch.compile + loss chunk 4096",
+                "student torch.compile, mode reduce-overhead (CUDA graphs)",
+                f"student torch.compile, mode reduce-overhead, widths rounded to {ROUNDED_TO}")
+DRAWN_ROW = "rows as drawn, not grouped by length"
+LIGER_ROW = "student with Liger's RMSNorm, SwiGLU, RoPE kernels (last: not undone)"
+
+
+def variants(ours, args, prepared):
+    """(name, context manager that applies the knob, or a reason it is skipped)."""
+    import torch
+
+    cuda = ours.device.type == "cuda"
+
+    @contextlib.contextmanager
+    def knob(setattr_args=(), optimizer=None, checkpointing=None):
+        saved = [(obj, name, getattr(obj, name)) for obj, name, _ in setattr_args]
+        for obj, name, value in setattr_args:
+            setattr(obj, name, value)
+        if checkpointing is not None:
+            toggle_checkpointing(ours.student, checkpointing)
+        old = ours.optimizer
+        if optimizer is not None:
+            ours.optimizer = optimizer()
+        try:
+            yield
+        finally:
+            for obj, name, value in saved:
+                setattr(obj, name, value)
+            if checkpointing is not None:
+                toggle_checkpointing(ours.student, not checkpointing)
+            ours.optimizer = old
+
+    drawn = window_batches(ours, prepared)
+    rounded = window_batches(ours, prepared, grouped=True, multiple=ROUNDED_TO)
+    positions = [sum(b["input_ids"].numel() for b in batches) for batches in (prepared.micro_batches, drawn, rounded)]
+    yield (f"{DRAWN_ROW} ({positions[1]:,} padded positions vs {positions[0]:,})",
+           knob([(prepared, "micro_batches", drawn)]))
+    yield (f"{ROUNDED_ROW} ({positions[2]:,} padded positions vs {positions[0]:,})",
+           knob([(prepared, "micro_batches", rounded)]))
+    gc = not args.gradient_checkpointing
+    yield f"gradient checkpointing {'on' if gc else 'off'}", knob(checkpointing=gc)
+    for size in (512, 1024, 2048, 4096, 8192):
+        if size != args.chunk_size:
+            chunked = dataclasses.replace(ours.objective, chunk_size=size)
+            yield f"loss chunk {size}", knob([(ours, "objective", chunked)])
+    kind = "foreach" if cuda else "fused"
+    make = lambda: torch.optim.AdamW(ours.student.parameters(), lr=1e-6, fused=not cuda, foreach=cuda)  # noqa: E731
+    yield f"AdamW {kind} (baseline: {'fused' if cuda else 'for-loop'})", knob(optimizer=make)
+    from axolotl_gold.losses.fused import _liger_jsd_function
+
+    if not cuda or _liger_jsd_function() is None:
+        yield "Liger fused linear JSD", f"skipped: {'liger_kernel not importable' if cuda else 'CUDA only'}"
+    else:
+        liger = dataclasses.replace(ours.objective, backend="liger")
+        yield "Liger fused linear JSD", knob([(ours, "objective", liger)])
+    yield from compile_variants(ours, args, knob, prepared)
+    yield from liger_model_variant(ours)
+
+
+def liger_model_variant(ours):
+    """Axolotl's Liger plugin on the student (``liger_rms_norm``, ``liger_glu_activation``,
+    ``liger_rope``): its Triton kernels in place of HF's element-wise layers. Applied to the
+    model instance (and RoPE to the modeling module, so the teacher's forward too) and not
+    undone, so it comes last."""
+    import contextlib
+
+    name = LIGER_ROW
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+    except ImportError:
+        yield name, "skipped: liger_kernel not importable"
+        return
+    if ours.device.type != "cuda":
+        yield name, "skipped: CUDA only (Triton kernels)"
+        return
+
+    @contextlib.contextmanager
+    def applied():
+        apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False, model=plain_model(ours.student))
+        yield
+
+    yield name, applied()
+
+
+def compile_variants(ours, args, knob, prepared):
+    """The student as Axolotl's ``torch_compile: true`` leaves it for the trainer's forward
+    and backward: Accelerate's ``prepare`` returns ``torch.compile(model, backend="inductor")``
+    (HF's Trainer passes ``torch_compile_backend``, inductor by default, and
+    ``torch_compile_mode``, None: no mode). One wrapper for both rows: the second reuses
+    the first's graphs (a changed loss chunk does not touch the model's)."""
+    import torch
+
+    compiled = torch.compile(plain_model(ours.student), backend="inductor")
+    yield COMPILE_ROWS[0], knob([(ours, "student", compiled)])
+    if args.chunk_size != 4096:
+        chunked = dataclasses.replace(ours.objective, chunk_size=4096)
+        yield COMPILE_ROWS[1], knob([(ours, "student", compiled), (ours, "objective", chunked)])
+    # `torch_compile_mode: reduce-overhead`: inductor's CUDA graphs (cudagraph trees) around
+    # the forward and the backward, one recorded per input shape; on CPU it compiles without them
+    graphed = torch.compile(plain_model(ours.student), backend="inductor", mode="reduce-overhead")
+    yield COMPILE_ROWS[2], knob([(ours, "student", graphed), (ours, "graphed", True)])
+    # as the trainer runs it by default under reduce-overhead: fewer shapes to record
+    rounded = window_batches(ours, prepared, grouped=True, multiple=ROUNDED_TO)
+    yield COMPILE_ROWS[3], knob([(ours, "student", graphed), (ours, "graphed", True),
+                                 (prepared, "micro_batches", rounded)])
+
+
+def dynamo_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def toggle_checkpointing(model, on: bool) -> None:
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def variant_table(rows: list[tuple[str, dict | str]], base: dict) -> str:
+    cols = STUDENT_SIDE
+    lines = ["| variant | " + " | ".join(cols) + " | student side ms | vs baseline |",
+             "| --- |" + " ---: |" * (len(cols) + 2)]
+    side = lambda ms: sum(ms[s] for s in cols)  # noqa: E731
+    for name, ms in [("baseline", base), *rows]:
+        if isinstance(ms, str):
+            lines.append(f"| {name} | {ms} |" + " |" * (len(cols) + 1))
+            continue
+        lines.append(f"| {name} | " + " | ".join(f"{ms[s]:.2f}" for s in cols)
+                     + f" | {side(ms):.2f} | {side(ms) / side(base):.2f}x |")
+    return "\n".join(lines)
