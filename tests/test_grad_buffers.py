@@ -102,19 +102,22 @@ def test_graphed_compile_names_the_modes_that_record_cuda_graphs(compile_, mode,
 
 def _graphed_against_eager(own: bool, checkpointing: dict | None = None, autocast: bool = False,
                            eval_first: bool = False, tied: bool = False, dtype=torch.float32,
-                           suite_shape: bool = False, float32_embedding: bool = False) -> None:
+                           suite_shape: bool = False, axolotl_upcast: bool = False) -> None:
     """Three windows through an eager student and its graphed copy; asserts equal gradients.
     ``checkpointing``: gradient checkpointing's kwargs on both (None: off); ``autocast``: bf16
     autocast forwards; ``eval_first``: a no-grad eval-mode pass first (the trainer's eval at step 0);
     ``tied``: the output head shares the embedding's weight; ``dtype``: the weights' (and the
-    gradients') dtype; ``float32_embedding``: the embedding (and a head tied to it) in float32
-    as Axolotl keeps a full fine-tune's (``_configure_embedding_dtypes``)."""
+    gradients') dtype; ``axolotl_upcast``: the embedding, a head tied to it and the norms
+    in float32, as Axolotl leaves a full fine-tune (``_configure_embedding_dtypes``)."""
     device = torch.device("cuda")
     eager = _model(0, tied, suite_shape).to(device, dtype)
     teacher = _model(1, tied, suite_shape).to(device, dtype)
-    if float32_embedding:
+    if axolotl_upcast:
         eager.get_input_embeddings().float()
         eager.get_output_embeddings().float()
+        for name, module in eager.named_modules():
+            if "norm" in name:
+                module.float()
     if checkpointing is not None:
         eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         eager.train()
@@ -159,17 +162,17 @@ def test_graphed_student_as_the_trainer_runs_it(autocast, eval_first):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
-@pytest.mark.parametrize(("tied", "dtype", "suite_shape", "float32_embedding"), [
+@pytest.mark.parametrize(("tied", "dtype", "suite_shape", "axolotl_upcast"), [
     (True, torch.float32, False, False), (False, torch.bfloat16, False, False),
     (True, torch.bfloat16, False, False), (True, torch.bfloat16, True, False),
     (True, torch.bfloat16, False, True), (True, torch.bfloat16, True, True),
 ])
-def test_graphed_student_shaped_as_the_gpu_suites(tied, dtype, suite_shape, float32_embedding):
+def test_graphed_student_shaped_as_the_gpu_suites(tied, dtype, suite_shape, axolotl_upcast):
     """The GPU suite's student: a head tied to the embedding, bf16 weights, autocast, eval
-    first, (``suite_shape``) its width and heads, (``float32_embedding``) Axolotl's float32
-    embedding and head."""
+    first, (``suite_shape``) its width and heads, (``axolotl_upcast``) Axolotl's float32
+    embedding, head and norms."""
     _graphed_against_eager(own=True, autocast=True, eval_first=True, tied=tied, dtype=dtype,
-                           suite_shape=suite_shape, float32_embedding=float32_embedding)
+                           suite_shape=suite_shape, axolotl_upcast=axolotl_upcast)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
