@@ -61,12 +61,15 @@ class Ours:
         ``loss_sum / window tokens`` and backward, then the optimizer; the last sum and count."""
         from axolotl_gold.scoring.loss import loss_sum
 
+        from axolotl_gold.trainer.attention_backends import training_attention
+
         total = max(prepared.local_tokens, 1)
         self.own_grads()
         for micro in prepared.micro_batches:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in micro.items()}
-            summed, tokens = loss_sum(self.student, self.teacher, batch, self.objective, fused=True)
-            (summed / total).backward()
+            with training_attention():  # as GoldTrainer.training_step
+                summed, tokens = loss_sum(self.student, self.teacher, batch, self.objective, fused=True)
+                (summed / total).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return summed, tokens

@@ -10,6 +10,13 @@ batch's shape and which parameters' gradients are not finite.
 
     GOLD_PROBE_VARIANTS=suite,no-eval python benchmarks/probe_graphed_cli.py [--out DIR]
 
+(default variants: ``DEFAULT``). Seventeenth session, one H100: the suite's case got NaN in every
+gradient at its second micro-batch, 192 wide (the first, 256 wide, was finite); float32 and
+no graphs (widths 146 to 208) were finite, a cudagraph-tree step per micro-step did not help.
+192 = 128 + 64: cuDNN's attention backward (pytorch/pytorch#196678), which the trainer now
+avoids (``trainer.attention_backends``); ``cudnn-attention`` and ``eager-cudnn-attention`` undo
+that to show the NaN again, with and without graphs.
+
 (on the GPU machine through ``GOLD_BENCH=graphs-probe bash scripts/gpu_bench.sh``)
 """
 
@@ -43,11 +50,18 @@ VARIANTS = {
     "fp32": {"bf16": False, "tf32": False},  # float32 weights, no autocast
     "no-graphs": {"torch_compile_mode": "default"},  # the control: compiled, no CUDA graphs
     "mark-step": {},  # the suite's case, a new cudagraph-tree step at each micro-step (grad_watch)
+    "cudnn-attention": {},  # the suite's case with cuDNN's attention in the step (the fix undone)
+    "eager-cudnn-attention": {"torch_compile": None, "torch_compile_mode": None,  # no compile at all,
+                              "gold_scoring_width_multiple": 64},  # the widths the graphs had
 }
+DEFAULT = "suite,cudnn-attention,eager-cudnn-attention,no-graphs"
+UNDO_FIX = "axolotl_gold.trainer.attention_backends.EXCLUDE_CUDNN_ATTENTION=False"
 ENV = {
     "mark-step": {"GOLD_GRAD_WATCH_MARK_STEP": "1"},
     "no-trees": {"GOLD_GRAD_WATCH_SET": "torch._inductor.config.triton.cudagraph_trees=False"},
     "static-shapes": {"GOLD_GRAD_WATCH_SET": "torch._dynamo.config.automatic_dynamic_shapes=False"},
+    "cudnn-attention": {"GOLD_GRAD_WATCH_SET": UNDO_FIX},
+    "eager-cudnn-attention": {"GOLD_GRAD_WATCH_SET": UNDO_FIX},
 }
 
 
@@ -71,7 +85,7 @@ def main() -> None:
     p.add_argument("--out", default=os.environ.get("OUT") or tempfile.mkdtemp(prefix="probe_graphed_"))
     p.add_argument("--timeout", type=float, default=float(os.environ.get("GOLD_PROBE_S", "300")))
     args = p.parse_args()
-    names = [n for n in os.environ.get("GOLD_PROBE_VARIANTS", ",".join(VARIANTS)).split(",") if n]
+    names = [n for n in os.environ.get("GOLD_PROBE_VARIANTS", DEFAULT).split(",") if n]
     unknown = set(names) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"GOLD_PROBE_VARIANTS: unknown {sorted(unknown)}; known {sorted(VARIANTS)}")

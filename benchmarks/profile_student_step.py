@@ -24,7 +24,8 @@ own micro-step loop (Ours.train) less the teacher, the figure the README quotes 
 --variants adds one row each: the window's rows as the slices drew them (the micro-batches
 before ``group_by_length``: more padded positions on ragged windows), the scoring widths rounded
 up to multiples of 64 (``gold_scoring_width_multiple: 64``: the cost of the padding), gradient checkpointing toggled, loss chunk sizes, AdamW
-foreach instead of fused (or fused on CPU), Liger's fused linear JSD (skipped when
+foreach instead of fused (or fused on CPU), Liger's fused linear JSD, cuDNN's attention kernels
+allowed in the step (the trainer turns them off: ``trainer.attention_backends``) (skipped when
 liger_kernel is not importable), the student through ``torch.compile`` alone and with
 loss chunk 4096, through ``torch.compile(mode="reduce-overhead")`` (Axolotl's
 ``torch_compile_mode: reduce-overhead``: CUDA graphs of the forward and backward, one per

@@ -43,13 +43,25 @@ def plain_model(model):
 
 def split_step(ours, prepared, clock) -> None:
     """One optimizer step, stage by stage (the same arithmetic as Ours.train)."""
+    from axolotl_gold.trainer.attention_backends import training_attention
+
+    total = max(prepared.local_tokens, 1)
+    ours.own_grads()
+    with training_attention():  # as the trainer's step
+        _micro_steps(ours, prepared, clock, total)
+    with clock("optimizer step"):
+        ours.optimizer.step()
+    with clock("zero_grad"):
+        ours.optimizer.zero_grad(set_to_none=True)
+
+
+def _micro_steps(ours, prepared, clock, total: int) -> None:
+    """The window's micro-batches, stage by stage."""
     import torch
 
     from axolotl_gold.scoring.forward import CompletionStates, completion_states
     from axolotl_gold.scoring.routing import objective_sum
 
-    total = max(prepared.local_tokens, 1)
-    ours.own_grads()
     for micro in prepared.micro_batches:
         batch = {k: v.to(ours.device, non_blocking=True) for k, v in micro.items()}
         with clock("student forward"):
@@ -67,10 +79,6 @@ def split_step(ours, prepared, clock) -> None:
         trace("loss backward")
         with clock("model backward"):
             student.values.backward(hidden.grad)
-    with clock("optimizer step"):
-        ours.optimizer.step()
-    with clock("zero_grad"):
-        ours.optimizer.zero_grad(set_to_none=True)
 
 
 def measure(ours, prepared, prompts, args, plain: bool = False) -> dict:

@@ -16,6 +16,7 @@ COMPILE_ROWS = ("student torch.compile", "student torch.compile + loss chunk 409
                 "student torch.compile, mode reduce-overhead (CUDA graphs)",
                 f"student torch.compile, mode reduce-overhead, widths rounded to {ROUNDED_TO}")
 DRAWN_ROW = "rows as drawn, not grouped by length"
+CUDNN_ROW = "cuDNN attention allowed in the student's step (trainer.attention_backends undone)"
 LIGER_ROW = "student with Liger's RMSNorm, SwiGLU, RoPE kernels (last: not undone)"
 
 
@@ -67,6 +68,11 @@ def variants(ours, args, prepared):
     else:
         liger = dataclasses.replace(ours.objective, backend="liger")
         yield "Liger fused linear JSD", knob([(ours, "objective", liger)])
+    from axolotl_gold.trainer import attention_backends
+
+    # what excluding cuDNN's attention from the step costs (the window's widths may be of those
+    # where its backward gives NaN: then the row's times are of a NaN step)
+    yield CUDNN_ROW, knob([(attention_backends, "EXCLUDE_CUDNN_ATTENTION", False)])
     yield from compile_variants(ours, args, knob, prepared)
     yield from liger_model_variant(ours)
 

@@ -169,10 +169,11 @@ def validate_gold_settings(data: dict) -> None:
     if graphed_compile(data.get("torch_compile"), mode) and not graphs_allowed():
         raise GoldConfigError(
             f"`torch_compile_mode: {mode}` records the student's forward and backward as CUDA "
-            "graphs. Through `axolotl train` on one H100 it trained a 0.5B student with the eager "
-            "run's gradient norms, but a small bf16 run with an evaluation before its first step got "
-            "NaN gradients in that step (tests/gpu case torch-compile-graphs-full), cause not yet "
-            "found: set `torch_compile_mode: default` or remove it (`torch_compile: true` alone "
+            "graphs, which the plugin does not allow yet: a small bf16 run got NaN gradients under "
+            "it (tests/gpu case torch-compile-graphs-full), most likely from cuDNN's attention "
+            "backward at widths 64 more than a multiple of 128 (pytorch/pytorch#196678; the "
+            "trainer now runs the student's step without those kernels), not yet confirmed on a "
+            "GPU: set `torch_compile_mode: default` or remove it (`torch_compile: true` alone "
             "compiles the student without graphs)."
         )
     multiple = data.get("gold_scoring_width_multiple")

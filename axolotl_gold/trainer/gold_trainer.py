@@ -36,6 +36,7 @@ from axolotl_gold.rollouts.window import policy_draws
 from axolotl_gold.scoring.forward import bypassable_head
 from axolotl_gold.scoring.loss import TEACHER_SECONDS, loss_sum, teacher_scoring_batch
 from axolotl_gold.scoring.timing import Stopwatch, mark, synchronize
+from axolotl_gold.trainer.attention_backends import training_attention
 from axolotl_gold.trainer.completions_log import (
     COMPLETIONS_LOG,
     append_jsonl,
@@ -261,7 +262,9 @@ class GoldTrainer(AxolotlTrainer):
             # the backward's CUDA graph must not own .grad (see trainer.grad_buffers); the config
             # refuses these modes until a NaN seen in the GPU suite is explained (validation.py)
             own_grad_buffers(model.parameters())
-        with self._head_weights():  # across forward and backward
+        # across forward and backward: the sharded head, and attention without cuDNN's kernels
+        # (whose backward gives NaN at some widths; trainer.attention_backends)
+        with self._head_weights(), training_attention():
             loss = super().training_step(model, inputs, num_items_in_batch)
         self._gold_clock.add(STEP_SECONDS, start, mark(device))
         return loss

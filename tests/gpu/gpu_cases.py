@@ -120,6 +120,9 @@ def all_cases() -> list[Case]:
                                            "gradient_checkpointing": False}, env=GRAPHS),
         Case("torch-compile-graphs-lora", {**LORA, "torch_compile": True, "torch_compile_mode": "reduce-overhead",
                                            "gold_rollout_compile": True, "gradient_checkpointing": False}, env=GRAPHS),
+        # widths rounded to 64: half of them 64 more than a multiple of 128, where cuDNN's
+        # attention backward gives NaN unless the trainer turns it off (trainer.attention_backends)
+        Case("width-multiple-64", {"gold_scoring_width_multiple": 64}),
         Case("sliding-static", {"gold_generation_engine": "static"}, models="sliding"),
         Case("sliding-auto", {"gold_generation_engine": "auto"}, models="sliding"),
         Case("cross-uld-hybrid", {"use_uld_loss": True, "uld_use_hybrid_loss": True, "beta": 0.5}, models="cross"),
