@@ -13,7 +13,8 @@ then, per micro-step, ``compute_loss`` runs student and teacher on its slice and
 returns ``objective sum / tokens``. Evaluation samples the student on the held-out
 prompts and reports per-token divergences (``axolotl_gold.trainer.evaluation``); every
 ``gold_log_completions_steps`` the window's completions are logged
-(``axolotl_gold.trainer.completions_log``). Everything else (optimizer, scheduler, logging,
+(``axolotl_gold.trainer.completions_log``); a step whose gradients are not finite is not
+applied (``axolotl_gold.trainer.nonfinite``). Everything else (optimizer, scheduler, logging,
 checkpoints) is Axolotl's.
 """
 
@@ -46,6 +47,7 @@ from axolotl_gold.trainer.completions_log import (
 )
 from axolotl_gold.trainer.evaluation import EvalTotals, sample_eval_rows
 from axolotl_gold.trainer.grad_buffers import own_grad_buffers
+from axolotl_gold.trainer.nonfinite import NonFiniteSteps
 from axolotl_gold.trainer.parts import GoldParts
 from axolotl_gold.trainer.window import prepare_window
 from axolotl_gold.vision.batch import rollout_inputs
@@ -79,6 +81,7 @@ class GoldTrainer(AxolotlTrainer):
         self._eval_totals: EvalTotals | None = None
         self._eval_batches = 0
         self.sharding = None
+        self._nonfinite = NonFiniteSteps()
 
     # ------------------------------------------------------------------ setup
     def setup_gold(self, parts: GoldParts) -> None:
@@ -269,6 +272,15 @@ class GoldTrainer(AxolotlTrainer):
         self._gold_clock.add(STEP_SECONDS, start, mark(device))
         return loss
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        """HF's gradient norm before each optimizer step; non-finite, the step's gradients are
+        dropped (``trainer.nonfinite``; DeepSpeed holds its gradients itself: not there)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if self.gold is not None and not self.is_deepspeed_enabled:
+            if self._nonfinite.skip(grad_norm, self.state.global_step):
+                model.zero_grad(set_to_none=True)  # the optimizer skips parameters without one
+        return grad_norm
+
     # ------------------------------------------------------------------ evaluation
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
@@ -365,6 +377,7 @@ class GoldTrainer(AxolotlTrainer):
             for key, value in self._gold_sums.items():
                 logs[key] = round(value / n, 6)
             logs["gold/engine_calls_total"] = self.student_engine.calls
+            logs["gold/skipped_steps"] = self._nonfinite.total  # non-finite gradients, since the start
             if torch.cuda.is_available():  # peak since the last log (Axolotl resets it), this process
                 logs["gold/peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             self._gold_sums.clear()
