@@ -45,13 +45,13 @@ class NonFiniteSteps:
                 f"the gradients were not finite (norm {float(grad_norm)}) in {self.in_a_row} optimizer "
                 f"steps in a row, the last step {step}: none of them was applied, so the weights and "
                 "the last checkpoint are finite. The loss was finite if it logged so; a NaN from one "
-                "kernel at some shapes shows as the same micro-batch widths in gold_windows.jsonl. "
+                "kernel at some shapes shows as the same widths in gold_windows.jsonl's scoring_widths. "
                 "Try `bf16: false` (float32) to tell precision from a kernel, and a lower "
                 "`learning_rate` or `max_grad_norm` if the weights grew."
             )
         LOG.warning(
             "step %d: gradient norm %s is not finite; the step is skipped (nothing applied; %d "
             "skipped so far, %d in a row; the run stops at %d in a row). Its micro-batch widths are "
-            "in gold_windows.jsonl.", step, float(grad_norm), self.total, self.in_a_row, self.limit,
+            "gold_windows.jsonl's scoring_widths.", step, float(grad_norm), self.total, self.in_a_row, self.limit,
         )
         return True
