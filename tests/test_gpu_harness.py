@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "gpu"))
 
 from gpu_cases import Case, all_cases  # noqa: E402
-from gpu_harness import PASSING, exit_verdict, launch  # noqa: E402
+from gpu_harness import PASSING, check, exit_verdict, launch  # noqa: E402
 
 
 def test_a_run_killed_at_the_deadline_is_stopped_not_failed(tmp_path):
@@ -38,3 +38,14 @@ def test_flash_case_without_flash_attn_is_a_clear_error_only_when_axolotl_names_
     log = "pydantic_core.ValidationError: 1 validation error\n" + ("set `attn_implementation`\n" if named else "")
     status, _ = exit_verdict(flash, 1, log)
     assert status == ("clear-error" if named else "failed")
+
+
+def test_a_skipped_non_finite_step_is_a_problem_of_the_case(tmp_path):
+    """The trainer skips a step whose gradients are not finite and trains on: the suite must
+    not count such a run as passed."""
+    history = [{"loss": 0.3, "gold/skipped_steps": 0}, {"loss": 0.3, "gold/skipped_steps": 1}, {"eval_loss": 0.2}]
+    problems = check(Case("x"), {"student": str(tmp_path / "none")}, tmp_path, history)
+    assert any("gold/skipped_steps [0, 1]" in p for p in problems), problems
+    clean = [{"loss": 0.3, "gold/skipped_steps": 0}, {"eval_loss": 0.2}]
+    assert not any("skipped" in p for p in check(Case("x"), {"student": str(tmp_path / "none")}, tmp_path, clean))
+

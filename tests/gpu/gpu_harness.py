@@ -143,6 +143,9 @@ def check(case: Case, pair: dict, out: Path, history: list[dict]) -> list[str]:
         problems.append(f"no train or eval loss in checkpoint-{MAX_STEPS}/trainer_state.json")
     if not all(math.isfinite(l) for l in losses):
         problems.append(f"non-finite losses {losses}")
+    skipped = [h.get("gold/skipped_steps", 0) for h in history if "loss" in h]
+    if any(skipped):  # the trainer skipped a step with non-finite gradients (trainer.nonfinite)
+        problems.append(f"steps skipped for non-finite gradients: gold/skipped_steps {skipped}")
     windows_file = out / "gold_windows.jsonl"
     records = [json.loads(l) for l in windows_file.read_text().splitlines()] if windows_file.exists() else []
     if [r["step"] for r in records] != list(range(MAX_STEPS)):
