@@ -153,4 +153,29 @@ def test_students_step_has_the_math_kernels_gradients_at_every_width(width, chec
     names = [n for n, _ in student.named_parameters()]
     assert not [n for n, g in zip(names, ours) if not g.isfinite().all()], "non-finite gradients"
     for name, a, b in zip(names, ours, math):
-        torch.testing.assert_close(a, b, rtol=5e-2, atol=2e-2, msg=name)
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2, msg=name)  # bf16 gradients up to ~4 here
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's attention is CUDA's")
+def test_students_step_is_finite_at_every_width_where_cudnn_gives_nan():
+    """Every width from 128 to 384 through our step: finite gradients. The widths where cuDNN's
+    own kernels give NaN on this GPU are printed for the record (on sm90, the bug report's
+    64 mod 128; whether others too tells if rounding widths could keep cuDNN instead)."""
+    from axolotl_run import report
+    from torch.nn.attention import SDPBackend
+
+    device = torch.device("cuda")
+    student, teacher = _models(device)
+    broken, ours_bad = [], []
+    for width in range(128, 385):
+        batch = _batch_of_width(width, device)
+        if not all(g.isfinite().all() for g in _gradients(student, teacher, batch)):
+            ours_bad.append(width)
+        try:
+            cudnn = _gradients(student, teacher, batch, [SDPBackend.CUDNN_ATTENTION])
+        except RuntimeError:  # no cuDNN attention for these inputs here
+            continue
+        if not all(g.isfinite().all() for g in cudnn):
+            broken.append(width)
+    report(f"{torch.cuda.get_device_name()}: cuDNN attention's backward non-finite at widths {broken}")
+    assert not ours_bad, f"non-finite gradients through training_attention at widths {ours_bad}"
