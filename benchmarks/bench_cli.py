@@ -24,12 +24,12 @@ time, student = step - generation - teacher (student forward + backward, loss, o
 means over the --steps measured steps.
 
 The YAML has no key for fixed-length rollouts, so the benchmark's YAML also lists
-`bench_cli.FixedLengthRollouts` (below), which sets the student engine's `min_new_tokens`
+`rollout_plugins.FixedLengthRollouts`, which sets the student engine's `min_new_tokens`
 as bench_vs_reference does on its side; --free-length leaves it out.
 
 --ragged (bench_vs_reference's flag; ragged.py): no forced lengths anywhere; the saved
 models' generation_config lists a stop set sized for a mean completion of ~40% of
---completion (the trainer's stop set reads it), `bench_cli.RolloutLengths` records each
+--completion (the trainer's stop set reads it), `rollout_plugins.RolloutLengths` records each
 engine call's lengths, and the plain loop also runs forced ("plain loop (forced)") so a
 second table gives the length distribution and the engine's time per generated token
 against the forced run (the cost of rows that stopped).
@@ -63,39 +63,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # a plain string template: the prompt's ids are exactly the benchmark's prompt tokens
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
-
-if __name__ == "__main__":  # the benchmark's own processes need no axolotl
-    BasePlugin = object
-else:  # imported by `axolotl train` as the plugin `bench_cli.FixedLengthRollouts`
-    from axolotl.integrations.base import BasePlugin
-
-
-class FixedLengthRollouts(BasePlugin):
-    """Benchmark only: EOS suppressed until GOLD_BENCH_MIN_NEW_TOKENS new tokens."""
-
-    def post_trainer_create(self, cfg, trainer):
-        engine = getattr(trainer, "student_engine", None)
-        if engine is not None:
-            engine.min_new_tokens = int(os.environ.get("GOLD_BENCH_MIN_NEW_TOKENS", "0"))
-
-
-class RolloutLengths(BasePlugin):
-    """Benchmark only (--ragged): each student engine call's completion lengths, one JSON
-    line a call, appended to GOLD_BENCH_LENGTHS."""
-
-    def post_trainer_create(self, cfg, trainer):
-        engine, path = getattr(trainer, "student_engine", None), os.environ.get("GOLD_BENCH_LENGTHS")
-        if engine is None or not path:
-            return
-        generate = engine.generate
-
-        def recorded(prompts, seed, model_inputs=None):
-            out = generate(prompts, seed=seed, model_inputs=model_inputs)
-            with open(path, "a") as f:
-                f.write(json.dumps([len(c) for c in out]) + "\n")
-            return out
-
-        engine.generate = recorded
 
 
 def peak_step(args) -> int:
@@ -215,8 +182,8 @@ def write_config(own, args, bvr, models: Path, work: Path) -> Path:
     cfg = {
         "base_model": str(models / "student"),
         "teacher_model": str(models / "teacher"),
-        "plugins": ["axolotl_gold.GoldPlugin"] + (["bench_cli.RolloutLengths"] if args.ragged else [])
-        + ([] if own.free_length or args.ragged else ["bench_cli.FixedLengthRollouts"])
+        "plugins": ["axolotl_gold.GoldPlugin"] + (["rollout_plugins.RolloutLengths"] if args.ragged else [])
+        + ([] if own.free_length or args.ragged else ["rollout_plugins.FixedLengthRollouts"])
         + (["peak_allocations.PeakAllocations"] if own.memory_at_peak else []),
         "lmbda": 1.0, "beta": 0.5, "temperature": 0.9, "top_p": 0.95, "top_k": 0, "loss_temperature": 0.9,
         "max_completion_length": args.completion, "num_generations": own.num_generations,

@@ -11,7 +11,7 @@ with bench_cli's one-token-per-character tokenizer (vocabulary 151,936). The YAM
 student as a bf16 LoRA (r 16, every linear layer) with gradient checkpointing, the teacher
 through `teacher_model_init_kwargs: {quantization_config: {load_in_4bit: true, nf4}}`, lmbda
 1 (every window sampled), micro batch 1 x accumulation 4 = 4 rollouts of --completion tokens
-each (forced to full length by `bench_cli.FixedLengthRollouts`), the static engine.
+each (forced to full length by `rollout_plugins.FixedLengthRollouts`), the static engine.
 
 Prints one table: tokens/s, generation / teacher / student seconds per step, the peak
 memory the trainer logged (torch's max allocated over all steps), and the memory model's
@@ -108,7 +108,7 @@ def write_config(args, models: Path, work: Path) -> Path:
         "base_model": str(models / "student"),
         "teacher_model": str(models / "teacher"),
         "teacher_model_init_kwargs": teacher_kwargs or None,
-        "plugins": ["axolotl_gold.GoldPlugin", "bench_cli.FixedLengthRollouts"],
+        "plugins": ["axolotl_gold.GoldPlugin", "rollout_plugins.FixedLengthRollouts"],
         "adapter": "lora", "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r, "lora_dropout": 0.0,
         "lora_target_linear": True,
         "lmbda": 1.0, "beta": 0.5, "temperature": 0.9, "top_p": 0.95, "top_k": 0, "loss_temperature": 0.9,

@@ -173,7 +173,7 @@ def test_bench_cli_ragged_runs_the_forced_loop_beside_it(tmp_path):
         assert len(lengths) == 3 * 4 and 0 < sum(lengths) / len(lengths) < 12
         assert float(_table_rows(stdout, name)[-1][9].rstrip("x")) > 0
     config = (tmp_path / "work" / "cfg.yaml").read_text()
-    assert "bench_cli.RolloutLengths" in config and "FixedLengthRollouts" not in config
+    assert "rollout_plugins.RolloutLengths" in config and "FixedLengthRollouts" not in config
     assert len(json.loads((tmp_path / "models" / "tiny-v512-s0-cpu-stops98" / "student" / "generation_config.json")
                           .read_text())["eos_token_id"]) == 98
 
