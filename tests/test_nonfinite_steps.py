@@ -1,8 +1,9 @@
 """A step whose gradients are not finite is not applied (``trainer.nonfinite``).
 
 The CPU `axolotl train` runs put a NaN into the student's gradients at chosen steps
-(``poison_grads_plugin``): a skipped last step leaves exactly the weights of the same run one
-step shorter, and three such steps in a row stop the run with the error.
+(``poison_grads_plugin``): a skipped last step leaves exactly the weights, optimizer state and
+learning-rate schedule of the same run one step shorter, and three such steps in a row stop
+the run with the error.
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ def test_a_non_finite_last_step_leaves_the_weights_of_the_shorter_run(tiny_pair,
     for key in a:
         assert torch.isfinite(a[key]).all(), key
         assert torch.equal(a[key], b[key]), key  # nothing of the NaN step applied
+    # the optimizer's moments and step counts, and the schedule's position: the shorter run's
+    def saved(out, step, name):
+        return torch.load(out / f"checkpoint-{step}" / name, weights_only=False)
+
+    opt_a, opt_b = saved(skipped, 3, "optimizer.pt"), saved(shorter, 2, "optimizer.pt")
+    sched_a, sched_b = saved(skipped, 3, "scheduler.pt"), saved(shorter, 2, "scheduler.pt")
+    assert sched_a == sched_b and sched_a["last_epoch"] == 2  # not 3: the skipped step held it
+    assert opt_a["state"].keys() == opt_b["state"].keys() and opt_a["state"]
+    for key, state in opt_a["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, opt_b["state"][key][name]), (key, name)
     steps = [h for h in log_history(skipped, 3) if "loss" in h]
     assert [h["gold/skipped_steps"] for h in steps] == [0, 0, 1]
     assert math.isnan(steps[2]["grad_norm"]) and math.isfinite(steps[1]["grad_norm"])

@@ -47,7 +47,7 @@ from axolotl_gold.trainer.completions_log import (
 )
 from axolotl_gold.trainer.evaluation import EvalTotals, sample_eval_rows
 from axolotl_gold.trainer.grad_buffers import own_grad_buffers
-from axolotl_gold.trainer.nonfinite import NonFiniteSteps
+from axolotl_gold.trainer.nonfinite import NonFiniteSteps, hold_schedule
 from axolotl_gold.trainer.parts import GoldParts
 from axolotl_gold.trainer.window import prepare_window
 from axolotl_gold.vision.batch import rollout_inputs
@@ -277,8 +277,10 @@ class GoldTrainer(AxolotlTrainer):
         dropped (``trainer.nonfinite``; DeepSpeed holds its gradients itself: not there)."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
         if self.gold is not None and not self.is_deepspeed_enabled:
-            if self._nonfinite.skip(grad_norm, self.state.global_step):
+            skipped = self._nonfinite.skip(grad_norm, self.state.global_step)
+            if skipped:
                 model.zero_grad(set_to_none=True)  # the optimizer skips parameters without one
+            hold_schedule(self.optimizer, skipped)  # no scheduler step after a skipped one
         return grad_norm
 
     # ------------------------------------------------------------------ evaluation

@@ -7,8 +7,8 @@ stops it, with nothing saved worth keeping since the step. The trainer reads the
 norm HF's loop computes before every optimizer step (one wait for the device a step, where
 the next window's generation waits anyway) and hands it to ``NonFiniteSteps``: when it is not
 finite the gradients are dropped, so the optimizer skips every parameter and the weights and
-optimizer state stay as they were, like a float16 loss scaler's skipped step (the learning
-rate schedule still advances). A warning names the step (``gold_windows.jsonl`` has its
+optimizer state stay as they were, and (``hold_schedule``) the learning-rate schedule does
+not advance, as after a float16 loss scaler's skipped step. A warning names the step (``gold_windows.jsonl`` has its
 micro-batch widths) and ``gold/skipped_steps`` counts them. ``MAX_IN_A_ROW`` such steps in a
 row stop the run with an error: then every step is broken, and skipping hides it.
 """
@@ -55,3 +55,14 @@ class NonFiniteSteps:
             "gold_windows.jsonl's scoring_widths.", step, float(grad_norm), self.total, self.in_a_row, self.limit,
         )
         return True
+
+
+def hold_schedule(optimizer, skipped: bool) -> None:
+    """Mark the optimizer step as skipped or not where HF's loop reads it
+    (``accelerator.optimizer_step_was_skipped``, each Accelerate optimizer's overflow flag):
+    after a skipped step the learning-rate scheduler does not step. With a float16 loss
+    scaler the scaler sets the flag itself at ``optimizer.step`` (a dropped gradient is no
+    overflow to it, so the schedule advances there); without one Accelerate never touches
+    it, so every step sets it."""
+    if hasattr(optimizer, "_is_overflow") and getattr(optimizer, "scaler", None) is None:
+        optimizer._is_overflow = skipped
