@@ -42,7 +42,8 @@ less a measured step's is reported as its compile time (lower when inductor's on
 already holds the graphs), beside the number of graphs dynamo compiled for it.
 TF32 is not a knob here: the matmuls are bf16.
 --torch-profile prints the top 25 CUDA kernels of one step by total time (on CPU: ops);
---profile-compiled profiles the compiled student instead (with --torch-profile).
+--profile-compiled [MODE] profiles the compiled student instead (with --torch-profile; MODE
+reduce-overhead: the CUDA-graphed student, its graphs' kernels listed as eager ones are).
 
 GPU (device machine; no axolotl needed):
   python3 benchmarks/profile_student_step.py --variants --torch-profile --json OUT.json
@@ -82,8 +83,11 @@ def parse_args(argv):
                    help="with --variants: only the torch.compile rows, the Liger row and the rows-as-drawn row")
     p.add_argument("--rows", default=None,
                    help="with --variants: only the rows whose name contains one of these comma-separated words")
-    p.add_argument("--profile-compiled", action="store_true",
-                   help="with --torch-profile: profile the step with the student through torch.compile")
+    p.add_argument("--profile-compiled", nargs="?", const="default", default=None,
+                   choices=("default", "reduce-overhead", "max-autotune"),
+                   help="with --torch-profile: profile the step with the student through torch.compile "
+                        "in this mode (default: no mode; reduce-overhead: its CUDA graphs, whose kernels "
+                        "the profiler lists as it does eager ones)")
     own, rest = p.parse_known_args(argv)
     import bench_vs_reference as bvr
 
@@ -142,10 +146,12 @@ def main(argv=None) -> None:
         if own.profile_compiled:  # the compiled student, warmed up outside the profile
             import torch
 
-            ours.student = torch.compile(plain_model(ours.student), backend="inductor")
+            mode = None if own.profile_compiled == "default" else own.profile_compiled
+            ours.student = torch.compile(plain_model(ours.student), backend="inductor", mode=mode)
+            ours.graphed = mode is not None  # own .grad buffers under CUDA graphs (trainer.grad_buffers)
             for _ in range(2):
                 split_step(ours, prepared, Clock(ours.device))
-            title = " (student through torch.compile)"
+            title = f" (student through torch.compile{f', mode {mode}' if mode else ''})"
         print("\n" + kernel_table(ours, prepared, prompts).replace("by total time", "by total time" + title, 1),
               flush=True)
     if own.json:

@@ -27,6 +27,9 @@
 #            window: the student eager vs `torch_compile_mode: reduce-overhead`, and the device's busy share;
 #            GOLD_TRACE_GENERATIONS=1 prints each stage between the forward and its backward that
 #            entered torch.compile, and a failed row's whole traceback follows)
+#   student-cudnn  profile_student_step.py --variants --rows "cuDNN,reduce-overhead" --torch-profile
+#            --profile-compiled reduce-overhead (forced window: what turning cuDNN's attention off costs
+#            the eager step, the graphed student's side, and the graphed step's kernels)
 #   graphs-probe  benchmarks/probe_graphed_cli.py (the GPU suite's CUDA-graphs case and variants through
 #            `axolotl train`, non-finite gradients by micro-step; GOLD_PROBE_VARIANTS): runs beside the
 #            other sections, which start at once
@@ -119,6 +122,12 @@ if [[ $want == *,student-graphs,* ]]; then  # the forced window: eager vs induct
     --torch-profile --json "$OUT/profile_student_graphs.json" > "$OUT/profile_student_graphs.txt" 2>&1
   grep -E "^\||^top|^\[variant|^\[generations" "$OUT/profile_student_graphs.txt" | head -60 \
     || tail -20 "$OUT/profile_student_graphs.txt"
+fi
+if [[ $want == *,student-cudnn,* ]]; then
+  timeout "${GOLD_STUDENT_S:-400}" python3 benchmarks/profile_student_step.py --variants --rows "cuDNN,reduce-overhead" \
+    --torch-profile --profile-compiled reduce-overhead --json "$OUT/profile_student_cudnn.json" \
+    > "$OUT/profile_student_cudnn.txt" 2>&1
+  grep -E "^\||^top|^\[variant" "$OUT/profile_student_cudnn.txt" | head -70 || tail -20 "$OUT/profile_student_cudnn.txt"
 fi
 if [[ $want == *,student-ragged,* ]]; then
   for alloc in default expandable_segments:True; do  # the first also times the rows as drawn and compiled
