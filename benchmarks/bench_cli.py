@@ -241,10 +241,6 @@ def run_cli(own, args, bvr, models: Path) -> dict:
     peak = work / "peak_allocations.json"
     peak.unlink(missing_ok=True)
     env = {"GOLD_BENCH_LENGTHS": str(lengths)} if args.ragged else {}
-    if own.student_compile not in (None, "default"):  # the plugin refuses CUDA graphs without it
-        from axolotl_gold.config.validation import EXPERIMENTAL_GRAPHS_ENV
-
-        env[EXPERIMENTAL_GRAPHS_ENV] = "1"
     if own.memory_at_peak:
         env.update(GOLD_BENCH_PEAK_OUT=str(peak), GOLD_BENCH_PEAK_STEP=str(peak_step(args)))
     row = train(path, work, cuda=cuda, min_new_tokens=0 if args.ragged else args.completion,

@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "tests" / "gpu"), str(HERE.parent / "tests")]
 
 from axolotl_run import with_overrides  # noqa: E402
-from gpu_cases import GRAPHS, base_config  # noqa: E402
+from gpu_cases import base_config  # noqa: E402
 from gpu_harness import last_error, launch  # noqa: E402
 from gpu_models import Assets  # noqa: E402
 
@@ -72,7 +72,7 @@ def run_variant(name: str, pair: dict, root: Path, timeout: float) -> dict:
     cfg["plugins"] = [*cfg["plugins"], "grad_watch.GradWatch"]
     watch = work / "grad_watch.jsonl"
     start = time.monotonic()
-    rc, log = launch(cfg, work, timeout, {**GRAPHS, "GOLD_GRAD_WATCH_OUT": str(watch), **ENV.get(name, {})})
+    rc, log = launch(cfg, work, timeout, {"GOLD_GRAD_WATCH_OUT": str(watch), **ENV.get(name, {})})
     records = [json.loads(line) for line in watch.read_text().splitlines()] if watch.exists() else []
     return {"variant": name, "rc": rc, "wall_s": round(time.monotonic() - start, 1),
             "error": "" if rc == 0 else last_error(log), "micro_steps": records,

@@ -7,7 +7,6 @@ module reads fall back to ``AXOLOTL_FALLBACKS``.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from axolotl_gold.config.errors import GoldConfigError
@@ -55,15 +54,6 @@ GRAPHED_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 def graphed_compile(torch_compile: bool | None, mode: str | None) -> bool:
     """Whether Axolotl's ``torch_compile`` / ``torch_compile_mode`` record CUDA graphs of the student."""
     return bool(torch_compile) and mode in GRAPHED_COMPILE_MODES
-
-
-# set to 1: the graphed modes are allowed (for the GPU suite's and benchmarks' runs that look
-# into them; the refusal below says why a user should not yet)
-EXPERIMENTAL_GRAPHS_ENV = "GOLD_EXPERIMENTAL_CUDA_GRAPHS"
-
-
-def graphs_allowed() -> bool:
-    return os.environ.get(EXPERIMENTAL_GRAPHS_ENV) == "1"
 
 
 def validate_gold_settings(data: dict) -> None:
@@ -164,17 +154,6 @@ def validate_gold_settings(data: dict) -> None:
             f"`gold_jsd_backend: {data['gold_jsd_backend']}` selects Liger's fused JSD kernel, "
             "which compares two distributions over one vocabulary and cannot compute the "
             "cross-tokenizer ULD loss: remove `gold_jsd_backend` or set `use_uld_loss: false`."
-        )
-    mode = data.get("torch_compile_mode")
-    if graphed_compile(data.get("torch_compile"), mode) and not graphs_allowed():
-        raise GoldConfigError(
-            f"`torch_compile_mode: {mode}` records the student's forward and backward as CUDA "
-            "graphs, which the plugin does not allow yet: a small bf16 run got NaN gradients under "
-            "it (tests/gpu case torch-compile-graphs-full), most likely from cuDNN's attention "
-            "backward at widths 64 more than a multiple of 128 (pytorch/pytorch#196678; the "
-            "trainer now runs the student's step without those kernels), not yet confirmed on a "
-            "GPU: set `torch_compile_mode: default` or remove it (`torch_compile: true` alone "
-            "compiles the student without graphs)."
         )
     multiple = data.get("gold_scoring_width_multiple")
     if multiple is not None and int(multiple) < 1:

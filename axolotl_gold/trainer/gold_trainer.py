@@ -262,8 +262,7 @@ class GoldTrainer(AxolotlTrainer):
         device = self.accelerator.device
         start = mark(device)
         if graphed_compile(self.args.torch_compile, self.args.torch_compile_mode):
-            # the backward's CUDA graph must not own .grad (see trainer.grad_buffers); the config
-            # refuses these modes until a GPU run confirms the NaN it met was cuDNN's attention
+            # the backward's CUDA graph must not own .grad (see trainer.grad_buffers)
             own_grad_buffers(model.parameters())
         # across forward and backward: the sharded head, and attention without cuDNN's kernels
         # (whose backward gives NaN at some widths; trainer.attention_backends)
