@@ -8,8 +8,8 @@ norm HF's loop computes before every optimizer step (one wait for the device a s
 the next window's generation waits anyway) and hands it to ``NonFiniteSteps``: when it is not
 finite the gradients are dropped, so the optimizer skips every parameter and the weights and
 optimizer state stay as they were, and (``hold_schedule``) the learning-rate schedule does
-not advance, as after a float16 loss scaler's skipped step. A warning names the step (``gold_windows.jsonl`` has its
-micro-batch widths) and ``gold/skipped_steps`` counts them. ``MAX_IN_A_ROW`` such steps in a
+not advance, as after a float16 loss scaler's skipped step. A warning names the step
+(``gold_windows.jsonl`` has its micro-batch widths) and ``gold/skipped_steps`` counts them. ``MAX_IN_A_ROW`` such steps in a
 row stop the run with an error: then every step is broken, and skipping hides it.
 """
 

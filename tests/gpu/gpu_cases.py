@@ -40,7 +40,6 @@ class Case:
     needs: str | None = None  # a module that must import, else the case is skipped
     flash: bool = False  # passes with a clear error naming the key if flash_attn is absent
     check_gc_kwargs: dict | None = None  # expected gradient_checkpointing_kwargs in the saved args
-    env: dict = field(default_factory=dict)  # set in the run's environment
 
     @property
     def adapter(self) -> str | None:

@@ -181,7 +181,7 @@ def run_case(case: Case, assets, root: Path, deadline: float) -> dict:
         pair = assets.get(case.models)
         workdir.mkdir(parents=True, exist_ok=True)
         cfg = for_this_machine(case, with_overrides(base_config(pair, str(workdir)), dict(case.overrides)))
-        rc, log = launch(cfg, workdir, deadline - time.monotonic(), case.env)
+        rc, log = launch(cfg, workdir, deadline - time.monotonic())
         result.update(wall_s=round(time.monotonic() - start, 1), notes=notes(case, log))
         out = Path(cfg["output_dir"])
         history, found = metrics(out, log)
