@@ -15,7 +15,8 @@ gradient at its second micro-batch, 192 wide (the first, 256 wide, was finite); 
 no graphs (widths 146 to 208) were finite, a cudagraph-tree step per micro-step did not help.
 192 = 128 + 64: cuDNN's attention backward (pytorch/pytorch#196678), which the trainer now
 avoids (``trainer.attention_backends``); ``cudnn-attention`` and ``eager-cudnn-attention`` undo
-that to show the NaN again, with and without graphs.
+that to show the NaN again, with and without graphs, on the masked layout (the rows rolled left,
+``scoring.causal_rows``, leave no query attending to nothing).
 
 (on the GPU machine through ``GOLD_BENCH=graphs-probe bash scripts/gpu_bench.sh``)
 """
@@ -55,7 +56,10 @@ VARIANTS = {
                               "gold_scoring_width_multiple": 64},  # the widths the graphs had
 }
 DEFAULT = "suite,cudnn-attention,eager-cudnn-attention,no-graphs"
-UNDO_FIX = "axolotl_gold.trainer.attention_backends.EXCLUDE_CUDNN_ATTENTION=False"
+# the fix undone on the layout that shows the bug: rows as laid out, with the padding mask (rolled
+# left, ``scoring.causal_rows``, no query attends to nothing and cuDNN's backward has no NaN to give)
+UNDO_FIX = ("axolotl_gold.trainer.attention_backends.EXCLUDE_CUDNN_ATTENTION=False;"
+            "axolotl_gold.scoring.causal_rows.ROLL_ROWS=False")
 ENV = {
     "mark-step": {"GOLD_GRAD_WATCH_MARK_STEP": "1"},
     "no-trees": {"GOLD_GRAD_WATCH_SET": "torch._inductor.config.triton.cudagraph_trees=False"},

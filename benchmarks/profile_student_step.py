@@ -24,14 +24,15 @@ own micro-step loop (Ours.train) less the teacher, the figure the README quotes 
 --variants adds one row each: the window's rows as the slices drew them (the micro-batches
 before ``group_by_length``: more padded positions on ragged windows), the scoring widths rounded
 up to multiples of 64 (``gold_scoring_width_multiple: 64``: the cost of the padding), gradient checkpointing toggled, loss chunk sizes, AdamW
-foreach instead of fused (or fused on CPU), Liger's fused linear JSD, cuDNN's attention kernels
-allowed in the step (the trainer turns them off: ``trainer.attention_backends``) (skipped when
-liger_kernel is not importable), the student through ``torch.compile`` alone and with
+foreach instead of fused (or fused on CPU), Liger's fused linear JSD (skipped when liger_kernel
+is not importable), cuDNN's attention kernels allowed in the step (the trainer turns them off:
+``trainer.attention_backends``), the padding mask (the rows as laid out, not rolled left:
+``scoring.causal_rows``), the student through ``torch.compile`` alone and with
 loss chunk 4096, through ``torch.compile(mode="reduce-overhead")`` (Axolotl's
 ``torch_compile_mode: reduce-overhead``: CUDA graphs of the forward and backward, one per
-micro-batch shape; then again with the widths rounded to 64; the student gets its own
-``.grad`` buffers first, ``trainer.grad_buffers``: a graph's output must not become ``.grad``;
-the plugin still refuses the mode through ``axolotl train``, see the README), and last
+micro-batch shape; then again with the widths rounded to 64, and with the padding mask; the
+student gets its own ``.grad`` buffers first, ``trainer.grad_buffers``: a graph's output must
+not become ``.grad``), and last
 the student with Liger's RMSNorm / SwiGLU / RoPE kernels (what
 Axolotl's Liger plugin applies; CUDA only; ``--only-compile`` keeps it beside the compile rows). The compile rows mirror Axolotl's ``torch_compile: true``: HF's Trainer
 hands ``torch_compile_backend`` (inductor, no mode) to Accelerate, whose ``prepare`` wraps
@@ -44,6 +45,7 @@ TF32 is not a knob here: the matmuls are bf16.
 --torch-profile prints the top 25 CUDA kernels of one step by total time (on CPU: ops);
 --profile-compiled [MODE] profiles the compiled student instead (with --torch-profile; MODE
 reduce-overhead: the CUDA-graphed student, its graphs' kernels listed as eager ones are).
+--masked runs everything on the masked layout (``scoring.causal_rows`` undone).
 
 GPU (device machine; no axolotl needed):
   python3 benchmarks/profile_student_step.py --variants --torch-profile --json OUT.json
@@ -88,6 +90,9 @@ def parse_args(argv):
                    help="with --torch-profile: profile the step with the student through torch.compile "
                         "in this mode (default: no mode; reduce-overhead: its CUDA graphs, whose kernels "
                         "the profiler lists as it does eager ones)")
+    p.add_argument("--masked", action="store_true",
+                   help="the whole run on the masked layout (rows not rolled left, scoring.causal_rows "
+                        "undone): its stages and kernels beside a run without the flag")
     own, rest = p.parse_known_args(argv)
     import bench_vs_reference as bvr
 
@@ -96,6 +101,10 @@ def parse_args(argv):
 
 def main(argv=None) -> None:
     own, args, bvr = parse_args(sys.argv[1:] if argv is None else argv)
+    if own.masked:
+        from axolotl_gold.scoring import causal_rows
+
+        causal_rows.ROLL_ROWS = False
     ours = bvr.Ours(args, "ours-fast")
     window = args.micro_batch * args.grad_accum
     prompts = bvr.build_prompts(args, window)
@@ -108,7 +117,8 @@ def main(argv=None) -> None:
     header = (f"device {args.device}; student {'tiny' if args.tiny else '~0.5B'}, teacher {'tiny' if args.tiny else '~1.5B'}, "
               f"vocab {args.vocab}; {window} rollouts of {args.prompt} + {args.completion} tokens, micro batch "
               f"{args.micro_batch} x {args.grad_accum}; loss chunk {args.chunk_size}; gradient checkpointing "
-              f"{'on' if args.gradient_checkpointing else 'off'}; median of {args.steps} step(s) after {args.warmup}")
+              f"{'on' if args.gradient_checkpointing else 'off'}; median of {args.steps} step(s) after {args.warmup}; "
+              f"rows {'as laid out (padding mask)' if own.masked else 'rolled left where exact (no mask)'}")
     print("\n" + header + "\n\n" + stage_table(ms, floor), flush=True)
     result = {"stages_ms": ms, "floors_ms": {k: 1e3 * v[0] for k, v in floor.items()},
               "floor_bound": {k: v[1] for k, v in floor.items()}, "args": vars(args)}

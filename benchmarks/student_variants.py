@@ -1,6 +1,7 @@
 """profile_student_step.py --variants: one knob per row (rows as drawn, widths rounded,
-gradient checkpointing, loss chunk sizes, AdamW, Liger's fused JSD, torch.compile with and
-without CUDA graphs, Liger's model kernels), each a context manager around ``measure``.
+gradient checkpointing, loss chunk sizes, AdamW, Liger's fused JSD, cuDNN's attention, the
+padding mask, torch.compile with and without CUDA graphs, Liger's model kernels), each a
+context manager around ``measure``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ ROUNDED_TO = 64  # gold_scoring_width_multiple's default under reduce-overhead
 ROUNDED_ROW = f"scoring widths rounded up to multiples of {ROUNDED_TO}"
 COMPILE_ROWS = ("student torch.compile", "student torch.compile + loss chunk 4096",
                 "student torch.compile, mode reduce-overhead (CUDA graphs)",
-                f"student torch.compile, mode reduce-overhead, widths rounded to {ROUNDED_TO}")
+                f"student torch.compile, mode reduce-overhead, widths rounded to {ROUNDED_TO}",
+                "student torch.compile, mode reduce-overhead, padding mask (rows not rolled)")
 DRAWN_ROW = "rows as drawn, not grouped by length"
 CUDNN_ROW = "cuDNN attention allowed in the student's step (trainer.attention_backends undone)"
+MASK_ROW = "padding mask: rows not rolled left (scoring.causal_rows undone)"
 LIGER_ROW = "student with Liger's RMSNorm, SwiGLU, RoPE kernels (last: not undone)"
 
 
@@ -73,6 +76,10 @@ def variants(ours, args, prepared):
     # what excluding cuDNN's attention from the step costs (the window's widths may be of those
     # where its backward gives NaN: then the row's times are of a NaN step)
     yield CUDNN_ROW, knob([(attention_backends, "EXCLUDE_CUDNN_ATTENTION", False)])
+    from axolotl_gold.scoring import causal_rows
+
+    # the layout before the rows were rolled: attention with the batch's padding mask
+    yield MASK_ROW, knob([(causal_rows, "ROLL_ROWS", False)])
     yield from compile_variants(ours, args, knob, prepared)
     yield from liger_model_variant(ours)
 
@@ -124,6 +131,11 @@ def compile_variants(ours, args, knob, prepared):
     rounded = window_batches(ours, prepared, grouped=True, multiple=ROUNDED_TO)
     yield COMPILE_ROWS[3], knob([(ours, "student", graphed), (ours, "graphed", True),
                                  (prepared, "micro_batches", rounded)])
+    from axolotl_gold.scoring import causal_rows
+
+    # the graphed student on the masked layout (its own graphs: the forward differs)
+    yield COMPILE_ROWS[4], knob([(ours, "student", graphed), (ours, "graphed", True),
+                                 (causal_rows, "ROLL_ROWS", False)])
 
 
 def dynamo_graphs() -> int:

@@ -30,6 +30,12 @@
 #   student-cudnn  profile_student_step.py --variants --rows "cuDNN,reduce-overhead" --torch-profile
 #            --profile-compiled reduce-overhead (forced window: what turning cuDNN's attention off costs
 #            the eager step, the graphed student's side, and the graphed step's kernels)
+#   student-rolled  profile_student_step.py --variants --rows "cuDNN,padding mask,reduce-overhead" --torch-profile
+#            --profile-compiled reduce-overhead (forced window: the rows rolled left, no padding mask, against
+#            the masked layout, eager and in CUDA graphs; cuDNN allowed; the graphed step's kernels)
+#   layout   benchmarks/bench_attention_layout.py (one attention layer, padding mask vs rows rolled left),
+#            then profile_student_step.py --torch-profile with the rows rolled and with --masked (eager
+#            stages and kernels of each layout, separate processes)
 #   graphs-probe  benchmarks/probe_graphed_cli.py (the GPU suite's CUDA-graphs case and variants through
 #            `axolotl train`, non-finite gradients by micro-step; GOLD_PROBE_VARIANTS): runs beside the
 #            other sections, which start at once
@@ -128,6 +134,23 @@ if [[ $want == *,student-cudnn,* ]]; then
     --torch-profile --profile-compiled reduce-overhead --json "$OUT/profile_student_cudnn.json" \
     > "$OUT/profile_student_cudnn.txt" 2>&1
   grep -E "^\||^top|^\[variant" "$OUT/profile_student_cudnn.txt" | head -70 || tail -20 "$OUT/profile_student_cudnn.txt"
+fi
+if [[ $want == *,student-rolled,* ]]; then
+  timeout "${GOLD_STUDENT_S:-420}" python3 benchmarks/profile_student_step.py --variants \
+    --rows "cuDNN,padding mask,reduce-overhead" --torch-profile --profile-compiled reduce-overhead \
+    --json "$OUT/profile_student_rolled.json" > "$OUT/profile_student_rolled.txt" 2>&1
+  grep -E "^\||^top|^\[variant" "$OUT/profile_student_rolled.txt" | head -70 || tail -20 "$OUT/profile_student_rolled.txt"
+fi
+if [[ $want == *,layout,* ]]; then
+  timeout 120 python3 benchmarks/bench_attention_layout.py --json "$OUT/bench_attention_layout.json" \
+    > "$OUT/bench_attention_layout.txt" 2>&1
+  grep -E "^\||^device" "$OUT/bench_attention_layout.txt" || tail -20 "$OUT/bench_attention_layout.txt"
+  for layout in rolled masked; do
+    timeout "${GOLD_LAYOUT_S:-200}" python3 benchmarks/profile_student_step.py --torch-profile \
+      $([ $layout = masked ] && echo --masked) --json "$OUT/profile_student_$layout.json" \
+      > "$OUT/profile_student_$layout.txt" 2>&1
+    echo "layout: $layout"; grep -E "^\||^top|^device" "$OUT/profile_student_$layout.txt" | head -48
+  done
 fi
 if [[ $want == *,student-ragged,* ]]; then
   for alloc in default expandable_segments:True; do  # the first also times the rows as drawn and compiled

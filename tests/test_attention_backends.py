@@ -6,7 +6,10 @@ row's padding attends to nothing at all; pytorch/pytorch#196678). The CPU tests 
 switch and that `axolotl train` runs the student's forward, its backward and gradient
 checkpointing's recomputation with cuDNN's kernels off, and evaluation and generation with
 them on; the CUDA tests show the NaN at width 192 with cuDNN's kernels and finite gradients,
-equal to the math kernel's, without them.
+equal to the math kernel's, without them. Those run the batch as laid out, with its padding
+mask (``scoring.causal_rows.ROLL_ROWS`` off: the layout the trainer keeps for eager attention,
+narrow sliding windows, images, an applied head); the rows moved left leave no query attending
+to nothing, and their gradients are the math kernel's on the masked layout too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pytest
 import torch
 
 from axolotl_gold.data.batching import Rollout
+from axolotl_gold.scoring import causal_rows
 from axolotl_gold.scoring.loss import loss_sum, scoring_batch
 from axolotl_gold.scoring.objectives import JsdObjective
 from axolotl_gold.trainer import attention_backends
@@ -93,9 +97,11 @@ def _batch_of_width(width: int, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _gradients(student, teacher, batch, backends=None, checkpointing: bool = False) -> list[torch.Tensor]:
+def _gradients(student, teacher, batch, backends=None, checkpointing: bool = False,
+               rolled: bool = False) -> list[torch.Tensor]:
     """The student's gradients of GOLD's loss on ``batch`` in bf16, under ``backends``
-    (``sdpa_kernel``'s list) or, None, ``training_attention``."""
+    (``sdpa_kernel``'s list) or, None, ``training_attention``; the rows as laid out (padding
+    mask) or, ``rolled``, moved left (``causal_rows``: no mask)."""
     from torch.nn.attention import sdpa_kernel
 
     student.zero_grad(set_to_none=True)
@@ -103,9 +109,13 @@ def _gradients(student, teacher, batch, backends=None, checkpointing: bool = Fal
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     objective = JsdObjective(beta=0.5, temperature=1.0, chunk_size=64, vocab_size=VOCAB)
-    with training_attention() if backends is None else sdpa_kernel(backends):
-        total, _ = loss_sum(student, teacher, batch, objective, fused=True)
-        total.backward()
+    before, causal_rows.ROLL_ROWS = causal_rows.ROLL_ROWS, rolled
+    try:
+        with training_attention() if backends is None else sdpa_kernel(backends):
+            total, _ = loss_sum(student, teacher, batch, objective, fused=True)
+            total.backward()
+    finally:
+        causal_rows.ROLL_ROWS = before
     return [p.grad.float().clone() for p in student.parameters()]
 
 
@@ -142,13 +152,15 @@ def test_cudnn_attention_backward_gives_nan_at_width_192():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's attention is CUDA's")
 @pytest.mark.parametrize("width", [192, 256, 320])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_students_step_has_the_math_kernels_gradients_at_every_width(width, checkpointing):
+@pytest.mark.parametrize("rolled", [False, True])
+def test_students_step_has_the_math_kernels_gradients_at_every_width(width, checkpointing, rolled):
+    """Our step (rows as laid out or rolled left) against the math kernel on the masked layout."""
     from torch.nn.attention import SDPBackend
 
     device = torch.device("cuda")
     student, teacher = _models(device)
     batch = _batch_of_width(width, device)
-    ours = _gradients(student, teacher, batch, checkpointing=checkpointing)
+    ours = _gradients(student, teacher, batch, checkpointing=checkpointing, rolled=rolled)
     math = _gradients(student, teacher, batch, [SDPBackend.MATH], checkpointing=checkpointing)
     names = [n for n, _ in student.named_parameters()]
     assert not [n for n, g in zip(names, ours) if not g.isfinite().all()], "non-finite gradients"
@@ -166,16 +178,40 @@ def test_students_step_is_finite_at_every_width_where_cudnn_gives_nan():
 
     device = torch.device("cuda")
     student, teacher = _models(device)
-    broken, ours_bad = [], []
+    broken, broken_rolled, ours_bad = [], [], []
     for width in range(128, 385):
         batch = _batch_of_width(width, device)
-        if not all(g.isfinite().all() for g in _gradients(student, teacher, batch)):
-            ours_bad.append(width)
+        for rolled in (False, True):
+            if not all(g.isfinite().all() for g in _gradients(student, teacher, batch, rolled=rolled)):
+                ours_bad.append((width, rolled))
         try:
             cudnn = _gradients(student, teacher, batch, [SDPBackend.CUDNN_ATTENTION])
+            cudnn_rolled = _gradients(student, teacher, batch, [SDPBackend.CUDNN_ATTENTION], rolled=True)
         except RuntimeError:  # no cuDNN attention for these inputs here
             continue
         if not all(g.isfinite().all() for g in cudnn):
             broken.append(width)
-    report(f"{torch.cuda.get_device_name()}: cuDNN attention's backward non-finite at widths {broken}")
-    assert not ours_bad, f"non-finite gradients through training_attention at widths {ours_bad}"
+        if not all(g.isfinite().all() for g in cudnn_rolled):
+            broken_rolled.append(width)
+    report(f"{torch.cuda.get_device_name()}: cuDNN attention's backward non-finite at widths {broken} "
+           f"(padding mask), {broken_rolled} (rows rolled left, no mask)")
+    assert not ours_bad, f"non-finite gradients through training_attention at (width, rolled) {ours_bad}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's flash kernel is CUDA's")
+def test_rolled_rows_run_sdpas_flash_kernel_and_the_masked_layout_does_not():
+    """What rolling the rows left is for: without a mask SDPA takes its flash kernels
+    (forward and backward); with the padding mask it cannot."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cuda")
+    student, teacher = _models(device)
+    batch = _batch_of_width(256, device)
+    kernels = {}
+    for rolled in (True, False):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _gradients(student, teacher, batch, rolled=rolled)
+            torch.cuda.synchronize()
+        kernels[rolled] = [e.key for e in prof.key_averages() if "flash" in e.key.lower()]
+    assert any("bwd" in k.lower() or "backward" in k.lower() for k in kernels[True]), kernels[True]
+    assert not kernels[False], kernels[False]

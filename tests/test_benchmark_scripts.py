@@ -206,6 +206,11 @@ def test_profile_student_step_times_every_stage(tmp_path):
     assert chunked["dynamo graphs"] == 0 and chunked["model backward"] > 0
     graphed = variants["student torch.compile, mode reduce-overhead (CUDA graphs)"]  # its own wrapper
     assert isinstance(graphed, dict) and graphed["dynamo graphs"] >= 1, graphed
+    # the masked layout (rows not rolled left), eager and graphed: the compiled forward differs
+    masked = variants["padding mask: rows not rolled left (scoring.causal_rows undone)"]
+    assert isinstance(masked, dict) and masked["model backward"] > 0, masked
+    graphed_masked = variants["student torch.compile, mode reduce-overhead, padding mask (rows not rolled)"]
+    assert isinstance(graphed_masked, dict) and graphed_masked["dynamo graphs"] >= 1, graphed_masked
     assert "top 25" in stdout and "aten::mm" in stdout  # CPU: ops by self time
 
 
@@ -224,3 +229,20 @@ def test_bench_multi_gpu_runs_its_one_gpu_rows_and_writes_each_strategy(tmp_path
     assert [r[3] for r in _table_rows(stdout, "1 GPU")] == ["1.00x", "1.00x"]  # each its own baseline
     with pytest.raises(AssertionError, match="unknown"):
         _run(["benchmarks/bench_multi_gpu.py", "--rows", "8 GPUs"], tmp_path)
+
+
+def test_bench_attention_layout_times_each_layout_and_names_its_kernels(tmp_path):
+    """CPU smoke test: every shape x layout timed, the kernels each ran listed."""
+    out = tmp_path / "layout.json"
+    stdout = _run(["benchmarks/bench_attention_layout.py", "--device", "cpu", "--width", "32", "--iters", "1",
+                   "--warmup", "1", "--json", str(out)], tmp_path)
+    result = json.loads(out.read_text())
+    assert len(result) == 6 and all(r["forward_backward_ms"] > 0 and r["kernels"] for r in result.values())
+    masked = _table_rows(stdout, "student 0.5B")[0]
+    assert masked[1] == "padding mask (KV repeated)" and masked[4] == "1.00x"
+    # the masked variant's mask: left padding, then causal over the real tokens
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_attention_layout as layout
+
+    mask = layout.left_padded_mask(2, 8, "cpu")
+    assert mask.shape == (2, 1, 8, 8) and mask[0, 0].sum() == sum(range(1, 5))  # 4 real tokens, causal

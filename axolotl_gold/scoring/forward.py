@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from axolotl_gold.scoring import causal_rows
+
 # configs that transform logits after the head: bypassing the head would skip that
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -141,7 +143,8 @@ class CompletionStates:
 
 
 def completion_states(model: nn.Module, batch: dict, use_head_bypass: bool) -> CompletionStates:
-    """Run ``model`` on a scoring batch and keep the completion region only.
+    """Run ``model`` on a scoring batch and keep the completion region only (its rows
+    moved left where attention then needs no padding mask: ``causal_rows``).
 
     A model that is not run here (a teacher server's ``RemoteTeacher``, ``models.remote``)
     has its own ``completion_states(batch, use_head_bypass)`` and answers the same way.
@@ -157,18 +160,25 @@ def completion_states(model: nn.Module, batch: dict, use_head_bypass: bool) -> C
         # is on ``meta`` between calls): the model applies it, its logits come here
         head = None
     ctx = _head_as_identity(model, head) if head is not None else contextlib.nullcontext()
-    with ctx as stand_in:
-        kwargs = dict(batch.get("vision") or {})  # pixel_values etc. of a vision batch
-        if "position_ids" in batch:
-            kwargs["position_ids"] = batch["position_ids"]
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            logits_to_keep=width + 1,
-            use_cache=False,
-            **kwargs,
-        )
-    values = out.logits[:, -(width + 1): -1]
+    inner = unwrap(model)
+    if causal_rows.rolls(inner, batch, bypassed=head is not None):
+        ids, lead = causal_rows.rolled_left(batch["input_ids"], batch["attention_mask"])
+        with ctx as stand_in, causal_rows.causal_attention(inner.config):
+            out = model(input_ids=ids, logits_to_keep=0, use_cache=False)
+        values = causal_rows.completion_region(out.logits, lead, width)
+    else:
+        with ctx as stand_in:
+            kwargs = dict(batch.get("vision") or {})  # pixel_values etc. of a vision batch
+            if "position_ids" in batch:
+                kwargs["position_ids"] = batch["position_ids"]
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                logits_to_keep=width + 1,
+                use_cache=False,
+                **kwargs,
+            )
+        values = out.logits[:, -(width + 1): -1]
     if values.device != device:  # a device_map ending on another device
         values = values.to(device)
     return CompletionStates(values=values, head=head, compute_dtype=head_compute_dtype(stand_in, head))

@@ -130,20 +130,12 @@ def attention_implementation(model) -> str | None:
 
 def blocker(model, total_len: int) -> str | None:
     """Why the static engine cannot serve ``model`` for ``total_len`` columns, or None."""
-    from transformers.cache_utils import get_layer_types_and_kwargs
+    from axolotl_gold.data.attention_span import layout_blocker
 
     attention = attention_implementation(model)
     if attention not in (None, *SERVED_ATTENTION):
         return f"attention implementation `{attention}` (the static engine serves sdpa and eager)"
-    config = model.config.get_text_config(decoder=True)
-    layer_types, _ = get_layer_types_and_kwargs(config)
-    other = set(layer_types) - {"full_attention"}
-    if other - {"sliding_attention"}:
-        return f"layer types {sorted(other)}"
-    window = getattr(config, "sliding_window", None)
-    if other and window is not None and window < total_len:
-        return f"sliding_window {window} < prompt + completion columns {total_len}"
-    return None
+    return layout_blocker(model.config, total_len)
 
 
 def position_blocker(model) -> str | None:
