@@ -32,7 +32,8 @@ loss chunk 4096, through ``torch.compile(mode="reduce-overhead")`` (Axolotl's
 ``torch_compile_mode: reduce-overhead``: CUDA graphs of the forward and backward, one per
 micro-batch shape; then again with the widths rounded to 64, and with the padding mask; the
 student gets its own ``.grad`` buffers first, ``trainer.grad_buffers``: a graph's output must
-not become ``.grad``), and last
+not become ``.grad``), through ``mode="max-autotune"`` (``torch_compile_mode: max-autotune``:
+each matmul's Triton templates timed against cuBLAS, CUDA graphs too; CUDA only), and last
 the student with Liger's RMSNorm / SwiGLU / RoPE kernels (what
 Axolotl's Liger plugin applies; CUDA only; ``--only-compile`` keeps it beside the compile rows). The compile rows mirror Axolotl's ``torch_compile: true``: HF's Trainer
 hands ``torch_compile_backend`` (inductor, no mode) to Accelerate, whose ``prepare`` wraps
@@ -42,7 +43,8 @@ eager here too). Each compile row is timed after its warm-up; the first step's s
 less a measured step's is reported as its compile time (lower when inductor's on-disk cache
 already holds the graphs), beside the number of graphs dynamo compiled for it.
 TF32 is not a knob here: the matmuls are bf16.
---torch-profile prints the top 25 CUDA kernels of one step by total time (on CPU: ops);
+--torch-profile prints the top 25 CUDA kernels of one step by total time (on CPU: ops), then each
+student-side stage's own top kernels and how busy the device was during it;
 --profile-compiled [MODE] profiles the compiled student instead (with --torch-profile; MODE
 reduce-overhead: the CUDA-graphed student, its graphs' kernels listed as eager ones are).
 --masked runs everything on the masked layout (``scoring.causal_rows`` undone).

@@ -12,19 +12,30 @@ from collections import defaultdict
 class Clock:
     """Seconds per stage, device-synced, summed over one optimizer step."""
 
-    def __init__(self, device):
+    def __init__(self, device, labelled: bool = False):
         from axolotl_gold.scoring.timing import synchronize
 
         self.sync = lambda: synchronize(device)  # noqa: E731
         self.seconds = defaultdict(float)
+        self.labelled = labelled  # each stage also a profiler range named STAGE_LABEL + stage
 
     @contextlib.contextmanager
     def __call__(self, stage: str):
         self.sync()
         start = time.perf_counter()
-        yield
-        self.sync()
+        with _range(STAGE_LABEL + stage) if self.labelled else contextlib.nullcontext():
+            yield
+            self.sync()  # inside the range: the stage's kernels end before it does
         self.seconds[stage] += time.perf_counter() - start
+
+
+STAGE_LABEL = "stage: "
+
+
+def _range(name: str):
+    from torch.profiler import record_function
+
+    return record_function(name)
 
 
 def generations():

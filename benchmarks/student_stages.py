@@ -12,7 +12,7 @@ import statistics
 import time
 from collections import defaultdict
 
-from stage_clock import Clock, generations
+from stage_clock import STAGE_LABEL, Clock, generations
 
 H200_FLOPS, H200_BYTES = 989e12, 4.8e12
 STAGES = ("prefill", "student forward", "teacher forward", "loss", "loss backward", "model backward",
@@ -187,15 +187,16 @@ def window_batches(ours, prepared, grouped: bool = False, multiple: int = 1) -> 
     return out
 
 
-def kernel_table(ours, prepared, prompts, top: int = 25) -> str:
-    """One step under torch.profiler: the top kernels by total device time (CPU: ops)."""
+def kernel_table(ours, prepared, prompts, top: int = 25, per_stage: int = 8) -> str:
+    """One step under torch.profiler: the top kernels by total device time (CPU: ops), then
+    each student-side stage's own top ``per_stage`` kernels (ops) and its device-busy share."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = ours.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        clock = Clock(ours.device)
+        clock = Clock(ours.device, labelled=True)
         prefill(ours, prompts, clock)
         split_step(ours, prepared, clock)
     events = prof.key_averages()
@@ -213,6 +214,52 @@ def kernel_table(ours, prepared, prompts, top: int = 25) -> str:
              f"side + teacher), by total time{busy}", "", "| kernel | calls | total ms | share |",
              "| --- | ---: | ---: | ---: |"]
     for e in events[:top]:
-        name = e.key.replace("|", "/")[:110]
-        lines.append(f"| {name} | {e.count} | {time_of(e) / 1e3:.2f} | {100 * time_of(e) / total:.1f}% |")
+        lines.append(f"| {_kernel_name(e.key)} | {e.count} | {time_of(e) / 1e3:.2f} | {100 * time_of(e) / total:.1f}% |")
+    lines += ["", stage_kernel_table(prof.events(), clock.seconds, per_stage, cuda)]
+    return "\n".join(lines)
+
+
+def _kernel_name(name: str) -> str:
+    return name.replace("|", "/")[:110]
+
+
+def stage_kernel_table(events, seconds: dict, top: int, cuda: bool = True) -> str:
+    """Each student-side stage's kernels: those that started inside the stage's profiler range
+    (the stage ends with a device sync inside its range, so its kernels end there too), summed
+    by name; the stage's kernel time against its synced wall time. ``cuda`` False: CPU ops by
+    self time instead of kernels."""
+    from torch.autograd import DeviceType
+
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    duration = (lambda e: e.time_range.elapsed_us()) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
+
+    ranges = {e.name[len(STAGE_LABEL):]: [] for e in events if e.name.startswith(STAGE_LABEL)}
+    for e in events:
+        if e.name.startswith(STAGE_LABEL):
+            ranges[e.name[len(STAGE_LABEL):]].append((e.time_range.start, e.time_range.end))
+    by_stage = {stage: defaultdict(lambda: [0, 0.0]) for stage in ranges}
+    for e in events:
+        if e.device_type != kind or e.name.startswith(STAGE_LABEL):
+            continue
+        start = e.time_range.start
+        for stage, spans in ranges.items():
+            if any(a <= start <= b for a, b in spans):
+                entry = by_stage[stage][e.name]
+                entry[0] += 1
+                entry[1] += duration(e)
+                break
+    what = "kernels" if cuda else "CPU ops (self time)"
+    lines = [f"{what} by student-side stage ({what} started inside the stage; busy = their time / synced wall)",
+             "", "| stage | kernel | calls | ms | share of stage |", "| --- | --- | ---: | ---: | ---: |"]
+    for stage in STUDENT_SIDE:
+        kernels = by_stage.get(stage)
+        if not kernels:
+            continue
+        busy_ms = sum(v[1] for v in kernels.values()) / 1e3
+        wall_ms = 1e3 * seconds.get(stage, 0.0)
+        lines.append(f"| **{stage}** | all {sum(v[0] for v in kernels.values())} {what}, device busy "
+                     f"{100 * busy_ms / wall_ms if wall_ms else 0:.0f}% of {wall_ms:.1f} ms | | {busy_ms:.2f} | 100% |")
+        for name, (calls, us) in sorted(kernels.items(), key=lambda kv: kv[1][1], reverse=True)[:top]:
+            lines.append(f"| {stage} | {_kernel_name(name)} | {calls} | {us / 1e3:.2f} | "
+                         f"{100 * us / 1e3 / busy_ms if busy_ms else 0:.1f}% |")
     return "\n".join(lines)

@@ -33,6 +33,10 @@
 #   student-rolled  profile_student_step.py --variants --rows "cuDNN,padding mask,reduce-overhead" --torch-profile
 #            --profile-compiled reduce-overhead (forced window: the rows rolled left, no padding mask, against
 #            the masked layout, eager and in CUDA graphs; cuDNN allowed; the graphed step's kernels)
+#   student-stages  profile_student_step.py --variants --rows "reduce-overhead (CUDA graphs),max-autotune"
+#            --torch-profile --profile-compiled reduce-overhead (forced window: the graphed student with cuBLAS
+#            and with GEMMs autotuned; the graphed step's kernels, and each student-side stage's own;
+#            GOLD_STUDENT_ROWS overrides the rows)
 #   layout   benchmarks/bench_attention_layout.py (one attention layer, padding mask vs rows rolled left),
 #            then profile_student_step.py --torch-profile with the rows rolled and with --masked (eager
 #            stages and kernels of each layout, separate processes)
@@ -140,6 +144,12 @@ if [[ $want == *,student-rolled,* ]]; then
     --rows "cuDNN,padding mask,reduce-overhead" --torch-profile --profile-compiled reduce-overhead \
     --json "$OUT/profile_student_rolled.json" > "$OUT/profile_student_rolled.txt" 2>&1
   grep -E "^\||^top|^\[variant" "$OUT/profile_student_rolled.txt" | head -70 || tail -20 "$OUT/profile_student_rolled.txt"
+fi
+if [[ $want == *,student-stages,* ]]; then
+  timeout "${GOLD_STUDENT_S:-540}" python3 benchmarks/profile_student_step.py --variants \
+    --rows "${GOLD_STUDENT_ROWS:-reduce-overhead (CUDA graphs),max-autotune}" --torch-profile \
+    --profile-compiled reduce-overhead --json "$OUT/profile_student_stages.json" > "$OUT/profile_student_stages.txt" 2>&1
+  grep -E "^\||^top|^kernels|^\[variant" "$OUT/profile_student_stages.txt" | head -150 || tail -20 "$OUT/profile_student_stages.txt"
 fi
 if [[ $want == *,layout,* ]]; then
   timeout 120 python3 benchmarks/bench_attention_layout.py --json "$OUT/bench_attention_layout.json" \

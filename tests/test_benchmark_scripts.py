@@ -211,7 +211,12 @@ def test_profile_student_step_times_every_stage(tmp_path):
     assert isinstance(masked, dict) and masked["model backward"] > 0, masked
     graphed_masked = variants["student torch.compile, mode reduce-overhead, padding mask (rows not rolled)"]
     assert isinstance(graphed_masked, dict) and graphed_masked["dynamo graphs"] >= 1, graphed_masked
+    tuned = variants["student torch.compile, mode max-autotune (GEMMs autotuned, CUDA graphs)"]
+    assert tuned.startswith("skipped: CUDA only"), tuned
     assert "top 25" in stdout and "aten::mm" in stdout  # CPU: ops by self time
+    # each student-side stage's own ops: the matmuls of the backward are the backward's
+    assert _table_rows(stdout, "**model backward**") and _table_rows(stdout, "**loss**")
+    assert any(r[1] == "aten::mm" for r in _table_rows(stdout, "model backward")), stdout
 
 
 def test_bench_multi_gpu_runs_its_one_gpu_rows_and_writes_each_strategy(tmp_path):
