@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-from student_stages import STUDENT_SIDE, plain_model, window_batches
+from student_stages import STUDENT_SIDE, UNSYNCED, plain_model, window_batches
 
 ROUNDED_TO = 64  # gold_scoring_width_multiple's default under reduce-overhead
 ROUNDED_ROW = f"scoring widths rounded up to multiples of {ROUNDED_TO}"
@@ -163,13 +163,13 @@ def toggle_checkpointing(model, on: bool) -> None:
 
 def variant_table(rows: list[tuple[str, dict | str]], base: dict) -> str:
     cols = STUDENT_SIDE
-    lines = ["| variant | " + " | ".join(cols) + " | student side ms | vs baseline |",
-             "| --- |" + " ---: |" * (len(cols) + 2)]
+    lines = ["| variant | " + " | ".join(cols) + " | student side ms | vs baseline | no waits between stages ms |",
+             "| --- |" + " ---: |" * (len(cols) + 3)]
     side = lambda ms: sum(ms[s] for s in cols)  # noqa: E731
     for name, ms in [("baseline", base), *rows]:
         if isinstance(ms, str):
-            lines.append(f"| {name} | {ms} |" + " |" * (len(cols) + 1))
+            lines.append(f"| {name} | {ms} |" + " |" * (len(cols) + 2))
             continue
         lines.append(f"| {name} | " + " | ".join(f"{ms[s]:.2f}" for s in cols)
-                     + f" | {side(ms):.2f} | {side(ms) / side(base):.2f}x |")
+                     + f" | {side(ms):.2f} | {side(ms) / side(base):.2f}x | {ms[UNSYNCED]:.2f} |")
     return "\n".join(lines)
