@@ -80,6 +80,9 @@ def parse_args(argv):
                    help="`axolotl train` with `torch_compile: true` and this `torch_compile_mode` (the plain loop stays eager; "
                         "the plugin refuses the CUDA-graph modes, config/validation.py: the row shows the refusal)")
     p.add_argument("--skip-plain", action="store_true", help="`axolotl train` (and --with-reference) only")
+    p.add_argument("--nan-inf-filter", action="store_true",
+                   help="HF's logging_nan_inf_filter back on in `axolotl train` (a host read of each "
+                        "micro-step's loss; the GOLD trainer turns it off)")
     p.add_argument("--memory-at-peak", action="store_true",
                    help="CUDA: record the allocator during `axolotl train`'s first measured step; print what is alive at its peak")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "gold_bench_models"))
@@ -184,7 +187,8 @@ def write_config(own, args, bvr, models: Path, work: Path) -> Path:
         "teacher_model": str(models / "teacher"),
         "plugins": ["axolotl_gold.GoldPlugin"] + (["rollout_plugins.RolloutLengths"] if args.ragged else [])
         + ([] if own.free_length or args.ragged else ["rollout_plugins.FixedLengthRollouts"])
-        + (["peak_allocations.PeakAllocations"] if own.memory_at_peak else []),
+        + (["peak_allocations.PeakAllocations"] if own.memory_at_peak else [])
+        + (["rollout_plugins.NanInfFilter"] if own.nan_inf_filter else []),
         "lmbda": 1.0, "beta": 0.5, "temperature": 0.9, "top_p": 0.95, "top_k": 0, "loss_temperature": 0.9,
         "max_completion_length": args.completion, "num_generations": own.num_generations,
         "gold_loss_chunk_size": args.chunk_size,

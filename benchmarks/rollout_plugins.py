@@ -1,6 +1,7 @@
 """Benchmark-only plugins that `axolotl train` loads from the benchmarks' YAMLs (bench_cli.py,
-real_sizes.py, bench_multi_gpu.py): rollouts forced to a fixed length, and each engine call's
-completion lengths recorded (--ragged)."""
+real_sizes.py, bench_multi_gpu.py): rollouts forced to a fixed length, each engine call's
+completion lengths recorded (--ragged), HF's NaN filter of the logged loss put back
+(--nan-inf-filter: the wait per micro-step the trainer removes, timed)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,11 @@ class RolloutLengths(BasePlugin):
             return out
 
         engine.generate = recorded
+
+
+class NanInfFilter(BasePlugin):
+    """Benchmark only (--nan-inf-filter): HF's ``logging_nan_inf_filter`` back on (its default,
+    which the GOLD trainer turns off: a host read of every micro-step's loss)."""
+
+    def post_trainer_create(self, cfg, trainer):
+        trainer.args.logging_nan_inf_filter = True

@@ -97,6 +97,12 @@ class GoldTrainer(AxolotlTrainer):
         self._gold_tokenizer = parts.tokenizer  # decodes the completions log
         self.data_collator = parts.collator
         self.eval_data_collator = parts.collator
+        # HF's loop reads each micro-step's loss on the host to keep a NaN out of the logged
+        # loss (`logging_nan_inf_filter`): a wait for the device after every backward, which
+        # leaves it idle while the host starts the next micro-step (most visible under CUDA
+        # graphs). A non-finite step is GOLD's to handle (``trainer.nonfinite``: its gradients
+        # dropped, a warning, ``gold/skipped_steps``); its loss is logged as it is.
+        self.args.logging_nan_inf_filter = False
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Resume as HF does, unless the sharding strategy loads the checkpoint itself
