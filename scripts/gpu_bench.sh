@@ -8,7 +8,7 @@
 #   cli      benchmarks/bench_cli.py --compile --warmup 1 --steps 2 (plain loop and `axolotl train`)
 #   cli-sync bench_cli.py --compile --skip-plain --student-compile reduce-overhead with HF's
 #            logging_nan_inf_filter on (--nan-inf-filter), then off (the trainer's default): what its host
-#            read of each micro-step's loss costs the graphed step (GOLD_CLI_STEPS measured steps, 1)
+#            read of each micro-step's loss costs the graphed step (GOLD_CLI_STEPS measured steps, 2; GOLD_CLI_S s each, 300)
 #   cli-memory  bench_cli.py --compile --memory-at-peak --skip-plain at loss chunk 2048, 1024 (the
 #            default) and 512 (GOLD_CLI_CHUNKS): what `axolotl train`'s step peak holds, by site
 #   kernels  the CUDA unit tests (decode attention kernel, static engine, refills, image prompts,
@@ -86,7 +86,7 @@ if [[ $want == *,cli-graphs,* ]]; then  # the same `axolotl train` run, student 
 fi
 if [[ $want == *,cli-sync,* ]]; then  # `axolotl train`, graphed student: HF's NaN filter (a wait a micro-step) on, then off
   for filter in on off; do
-    timeout "${GOLD_CLI_S:-200}" python3 benchmarks/bench_cli.py --compile --warmup 1 --steps "${GOLD_CLI_STEPS:-1}" --skip-plain \
+    timeout "${GOLD_CLI_S:-300}" python3 benchmarks/bench_cli.py --compile --warmup 1 --steps "${GOLD_CLI_STEPS:-2}" --skip-plain \
       --student-compile reduce-overhead $([ $filter = on ] && echo --nan-inf-filter) \
       --json "$OUT/bench_cli_nanfilter_$filter.json" > "$OUT/bench_cli_nanfilter_$filter.txt" 2>&1
     echo "HF NaN filter: $filter"; grep -E "^\||failed" "$OUT/bench_cli_nanfilter_$filter.txt" | head -4 || tail -30 "$OUT/bench_cli_nanfilter_$filter.txt"

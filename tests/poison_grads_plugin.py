@@ -3,6 +3,7 @@
 ``plugins: [poison_grads_plugin.PoisonGrads]`` (``tests/`` on PYTHONPATH) and
 GOLD_TEST_POISON_STEPS="2" or "0,1,2": after the last micro-step of each listed step (0-based)
 one trainable parameter's gradient gets a NaN, as a kernel's bad backward would leave it.
+GOLD_TEST_POISON_LOSS=1: that micro-step's returned loss is NaN too (what HF's loop reads).
 """
 
 import os
@@ -22,6 +23,8 @@ class PoisonGrads(BasePlugin):
             if calls["n"] % per_step == 0 and trainer.state.global_step in steps:
                 param = next(p for p in trainer.model.parameters() if p.requires_grad and p.grad is not None)
                 param.grad.view(-1)[0] = float("nan")
+                if os.environ.get("GOLD_TEST_POISON_LOSS") == "1":
+                    loss = loss * float("nan")
             return loss
 
         trainer.training_step = training_step

@@ -2,8 +2,8 @@
 
 The CPU `axolotl train` runs put a NaN into the student's gradients at chosen steps
 (``poison_grads_plugin``): a skipped last step leaves exactly the weights, optimizer state and
-learning-rate schedule of the same run one step shorter, and three such steps in a row stop
-the run with the error.
+learning-rate schedule of the same run one step shorter (its NaN loss logged as it was), and
+three such steps in a row stop the run with the error.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def _poisoned(tiny_pair, tmp_path, monkeypatch, name: str, steps: str, **overrid
 def test_a_non_finite_last_step_leaves_the_weights_of_the_shorter_run(tiny_pair, tmp_path, monkeypatch):
     from axolotl_run import log_history, weights
 
+    monkeypatch.setenv("GOLD_TEST_POISON_LOSS", "1")  # the poisoned micro-step's loss is NaN too
     skipped = _poisoned(tiny_pair, tmp_path, monkeypatch, "skipped", "2", max_steps=3, save_steps=3)
     shorter = _poisoned(tiny_pair, tmp_path, monkeypatch, "shorter", "", max_steps=2, save_steps=2)
     a, b = weights(skipped), weights(shorter)
@@ -66,6 +67,9 @@ def test_a_non_finite_last_step_leaves_the_weights_of_the_shorter_run(tiny_pair,
     steps = [h for h in log_history(skipped, 3) if "loss" in h]
     assert [h["gold/skipped_steps"] for h in steps] == [0, 0, 1]
     assert math.isnan(steps[2]["grad_norm"]) and math.isfinite(steps[1]["grad_norm"])
+    # logged as it was: HF's logging_nan_inf_filter (a host wait per micro-step) is off, so the
+    # NaN is not replaced by the average of the earlier losses
+    assert math.isnan(steps[2]["loss"]) and math.isfinite(steps[1]["loss"])
     assert "step 2: gradient norm nan is not finite; the step is skipped" in (tmp_path / "skipped" / "log.txt").read_text()
 
 
