@@ -39,6 +39,11 @@ against the forced run (the cost of rows that stopped).
 the step began (student weights, gradients, optimizer state, teacher, the rest) and what the
 step allocated that is alive at the peak, by the Python line that allocated it.
 
+--profile-step: one step more after the measured ones runs under torch.profiler
+(`rollout_plugins.StepProfile`, `step_profile.py`): the device's idle gaps inside it, with what the
+host was doing, and every host wait for the device (scalar reads, synchronize calls) by the line
+that asked for it, printed after the table.
+
 GPU (device machine, after `bash scripts/device_bin.sh`; a few minutes):
   PYTHONPATH=/tmp/axsite:$PWD python3 benchmarks/bench_cli.py
 CPU smoke test:
@@ -80,6 +85,9 @@ def parse_args(argv):
                    help="`axolotl train` with `torch_compile: true` and this `torch_compile_mode` (the plain loop stays eager; "
                         "the plugin refuses the CUDA-graph modes, config/validation.py: the row shows the refusal)")
     p.add_argument("--skip-plain", action="store_true", help="`axolotl train` (and --with-reference) only")
+    p.add_argument("--profile-step", action="store_true",
+                   help="one more step after the measured ones, under torch.profiler: its idle gaps and host "
+                        "waits (step_profile.py), printed after the table")
     p.add_argument("--nan-inf-filter", action="store_true",
                    help="HF's logging_nan_inf_filter back on in `axolotl train` (a host read of each "
                         "micro-step's loss; the GOLD trainer turns it off)")
@@ -188,7 +196,8 @@ def write_config(own, args, bvr, models: Path, work: Path) -> Path:
         "plugins": ["axolotl_gold.GoldPlugin"] + (["rollout_plugins.RolloutLengths"] if args.ragged else [])
         + ([] if own.free_length or args.ragged else ["rollout_plugins.FixedLengthRollouts"])
         + (["peak_allocations.PeakAllocations"] if own.memory_at_peak else [])
-        + (["rollout_plugins.NanInfFilter"] if own.nan_inf_filter else []),
+        + (["rollout_plugins.NanInfFilter"] if own.nan_inf_filter else [])
+        + (["rollout_plugins.StepProfile"] if own.profile_step else []),
         "lmbda": 1.0, "beta": 0.5, "temperature": 0.9, "top_p": 0.95, "top_k": 0, "loss_temperature": 0.9,
         "max_completion_length": args.completion, "num_generations": own.num_generations,
         "gold_loss_chunk_size": args.chunk_size,
@@ -196,7 +205,7 @@ def write_config(own, args, bvr, models: Path, work: Path) -> Path:
         "dataset_prepared_path": str(work / "prepared"), "dataset_num_proc": 1, "val_set_size": 0,
         "sequence_len": args.prompt + args.completion, "sample_packing": False,
         "micro_batch_size": args.micro_batch, "gradient_accumulation_steps": args.grad_accum,
-        "max_steps": args.warmup + args.steps, "learning_rate": 1e-6, "lr_scheduler": "constant",
+        "max_steps": args.warmup + args.steps + int(own.profile_step), "learning_rate": 1e-6, "lr_scheduler": "constant",
         "optimizer": "adamw_torch_fused" if cuda else "adamw_torch", "weight_decay": 0.01,  # torch AdamW's
         "bf16": cuda, "fp16": False, "tf32": False, "attn_implementation": "sdpa",
         "gradient_checkpointing": args.gradient_checkpointing,
@@ -247,10 +256,16 @@ def run_cli(own, args, bvr, models: Path) -> dict:
     env = {"GOLD_BENCH_LENGTHS": str(lengths)} if args.ragged else {}
     if own.memory_at_peak:
         env.update(GOLD_BENCH_PEAK_OUT=str(peak), GOLD_BENCH_PEAK_STEP=str(peak_step(args)))
+    profile = work / "step_profile.txt"
+    profile.unlink(missing_ok=True)
+    if own.profile_step:  # the step after the measured ones: its profiling slows nothing timed
+        env.update(GOLD_BENCH_PROFILE_OUT=str(profile), GOLD_BENCH_PROFILE_STEP=str(args.warmup + args.steps))
     row = train(path, work, cuda=cuda, min_new_tokens=0 if args.ragged else args.completion,
                 warmup=args.warmup, steps=args.steps, timeout=own.timeout, env=env or None)
     if peak.exists():
         row["memory_at_peak"] = json.loads(peak.read_text())
+    if profile.exists():
+        row["step_profile"] = profile.read_text()
     if args.ragged and "error" not in row:
         calls = [json.loads(line) for line in lengths.read_text().splitlines()]
         row["windows"] = calls[args.warmup: args.warmup + args.steps]
@@ -411,6 +426,9 @@ def main(argv=None) -> None:
         from peak_allocations import peak_table
 
         print(f"\n`axolotl train`, step {peak_step(args)} (the last warm-up step)\n\n" + peak_table(peak), flush=True)
+    profiled = dict(rows)["axolotl train"].get("step_profile")
+    if profiled:
+        print("\n" + profiled, flush=True)
     if own.json:
         Path(own.json).write_text(json.dumps(dict(rows), indent=1))
 

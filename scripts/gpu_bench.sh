@@ -9,6 +9,8 @@
 #   cli-sync bench_cli.py --compile --skip-plain --student-compile reduce-overhead with HF's
 #            logging_nan_inf_filter on (--nan-inf-filter), then off (the trainer's default): what its host
 #            read of each micro-step's loss costs the graphed step (GOLD_CLI_STEPS measured steps, 2; GOLD_CLI_S s each, 300)
+#   cli-profile  bench_cli.py --compile --skip-plain --student-compile reduce-overhead (GOLD_CLI_MODE) --profile-step:
+#            one more `axolotl train` step under torch.profiler, its idle gaps and host waits (step_profile.py)
 #   cli-memory  bench_cli.py --compile --memory-at-peak --skip-plain at loss chunk 2048, 1024 (the
 #            default) and 512 (GOLD_CLI_CHUNKS): what `axolotl train`'s step peak holds, by site
 #   kernels  the CUDA unit tests (decode attention kernel, static engine, refills, image prompts,
@@ -92,6 +94,12 @@ if [[ $want == *,cli-sync,* ]]; then  # `axolotl train`, graphed student: HF's N
     echo "HF NaN filter: $filter"; grep -E "^\||failed" "$OUT/bench_cli_nanfilter_$filter.txt" | head -4 || tail -30 "$OUT/bench_cli_nanfilter_$filter.txt"
     python3 -c "import json,sys; print({k: v for k, v in json.load(open(sys.argv[1]))['axolotl train'].items() if k.endswith('_s')})" "$OUT/bench_cli_nanfilter_$filter.json"
   done
+fi
+if [[ $want == *,cli-profile,* ]]; then  # `axolotl train`, graphed student: one step more, profiled
+  timeout "${GOLD_CLI_S:-300}" python3 benchmarks/bench_cli.py --compile --warmup 1 --steps 1 --skip-plain \
+    --student-compile "${GOLD_CLI_MODE:-reduce-overhead}" --profile-step \
+    --json "$OUT/bench_cli_profile.json" > "$OUT/bench_cli_profile.txt" 2>&1
+  grep -E "^\||^kernels|^optimizer step|^the |^host" "$OUT/bench_cli_profile.txt" | head -60 || tail -30 "$OUT/bench_cli_profile.txt"
 fi
 if [[ $want == *,cli-memory,* ]]; then
   for chunk in ${GOLD_CLI_CHUNKS:-2048 1024 512}; do

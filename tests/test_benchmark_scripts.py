@@ -54,6 +54,48 @@ def _table_rows(stdout: str, first_cell: str) -> list[list[str]]:
     return [r for r in rows if r[0].startswith(first_cell)]
 
 
+def test_bench_cli_profiles_a_step_after_the_measured_ones(tmp_path):
+    """--profile-step: one step more runs under torch.profiler inside `axolotl train`; the host's
+    reads of device values are found with the line that asked (on the CPU: the trainer's read
+    of the gradient norm; HF's per-micro-step loss read is gone, the trainer turned it off)."""
+    out = tmp_path / "bench_cli.json"
+    stdout = _run(["benchmarks/bench_cli.py", "--tiny", "--device", "cpu", "--steps", "1", "--skip-plain",
+                   "--profile-step", "--cache-dir", str(tmp_path / "models"), "--workdir", str(tmp_path / "work"),
+                   "--json", str(out)], tmp_path)
+    row = json.loads(out.read_text())["axolotl train"]
+    assert "error" not in row and row["tokens_per_s"] > 0, row
+    profiled = row["step_profile"]
+    assert profiled.startswith("optimizer step 3 of `axolotl train`")  # warm-up 2 + 1 measured: the 4th
+    waits = [r for r in _table_rows(profiled, "aten::_local_scalar_dense")]
+    assert any("axolotl_gold/trainer/nonfinite.py" in r[3] for r in waits), profiled
+    assert not any("transformers/trainer.py" in r[3] for r in waits), profiled
+    assert "host waits for the device" in stdout
+
+
+def test_step_profile_finds_the_idle_between_kernels():
+    """busy_and_gaps against a millisecond-by-millisecond count on random intervals."""
+    import random
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from step_profile import busy_and_gaps
+
+    rng = random.Random(0)
+    for _ in range(200):
+        spans = []
+        for _ in range(rng.randint(1, 8)):
+            a = rng.randint(0, 60)
+            spans.append((a, a + rng.randint(0, 15)))
+        span, busy, gaps = busy_and_gaps([(float(a), float(b)) for a, b in spans])
+        first, last = min(a for a, _ in spans), max(b for _, b in spans)
+        covered = {t for a, b in spans for t in range(a, b)}
+        assert span == last - first
+        assert busy == len(covered), spans
+        idle = [t for t in range(first, last) if t not in covered]
+        assert sum(b - a for a, b in gaps) == len(idle), spans
+        assert all(g[1] - g[0] >= h[1] - h[0] for g, h in zip(gaps, gaps[1:]))  # longest first
+    assert busy_and_gaps([]) == (0.0, 0.0, [])
+
+
 def test_ragged_lengths_from_a_stop_set_in_the_plain_loop_and_the_reference(tmp_path):
     """--ragged: a mean length near 40% of the limit (12 tokens: intended 4.8), not forced;
     the forced run of the same engine beside it, and the cost per generated token."""
