@@ -7,8 +7,9 @@ torch.profiler (host ops with their Python stacks, CUDA kernels) and writes ``re
   the idle inside it (the span less the union of the kernels' intervals);
 - the longest idle gaps, each with what the host was running when the device went idle (the
   innermost host op open at the gap's start, and its nearest Python frame outside torch);
-- the host's waits for the device: every ``.item()``-like read (``aten::_local_scalar_dense``)
-  and CUDA synchronize call, counted by the Python line that asked for it.
+- the host's waits for the device: every ``.item()``-like read (``aten::_local_scalar_dense``),
+  CUDA synchronize call and memory copy (its host time says whether it waited), counted by the
+  Python line that asked for it.
 
 On the CPU there are no kernels: only the waits table has rows (the reads still happen).
 """
@@ -18,8 +19,10 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-# host events that wait for the device: a scalar read and the runtime's synchronize calls
-WAITS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+# host events that wait for the device: a scalar read, the runtime's synchronize calls, and copies
+# (one from or to pageable host memory returns only once the device got to it)
+WAITS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
+         "cudaMemcpy", "cudaMemcpyAsync")
 PYTHON_FRAME = re.compile(r"\(\d+\): ")
 
 
@@ -97,7 +100,7 @@ def report(events, top: int = 12) -> str:
             entry = waits[(e.name, _frame(e))]
             entry[0] += 1
             entry[1] += e.time_range.elapsed_us()
-    lines += ["", "host waits for the device (scalar reads and synchronize calls) by the line that asked", "",
+    lines += ["", "host waits for the device (scalar reads, synchronize calls, copies) by the line that asked", "",
               "| wait | calls | host ms | asked at |", "| --- | ---: | ---: | --- |"]
     for (name, frame), (calls, us) in sorted(waits.items(), key=lambda kv: kv[1][1], reverse=True)[:2 * top]:
         lines.append(f"| {name} | {calls} | {us / 1e3:.2f} | {frame[:160]} |")
