@@ -33,7 +33,9 @@ loss chunk 4096, through ``torch.compile(mode="reduce-overhead")`` (Axolotl's
 micro-batch shape; then again with the widths rounded to 64, and with the padding mask; the
 student gets its own ``.grad`` buffers first, ``trainer.grad_buffers``: a graph's output must
 not become ``.grad``), through ``mode="max-autotune"`` (``torch_compile_mode: max-autotune``:
-each matmul's Triton templates timed against cuBLAS, CUDA graphs too; CUDA only), and last
+each matmul's Triton templates timed against cuBLAS, CUDA graphs too; CUDA only), the student
+with Axolotl's full fine-tune dtypes (embeddings, lm_head, norms float32, bf16 autocast: what
+`axolotl train` runs; eager, graphed, and graphed with the embedding's output cast to bf16), and last
 the student with Liger's RMSNorm / SwiGLU / RoPE kernels (what
 Axolotl's Liger plugin applies; CUDA only; ``--only-compile`` keeps it beside the compile rows). The compile rows mirror Axolotl's ``torch_compile: true``: HF's Trainer
 hands ``torch_compile_backend`` (inductor, no mode) to Accelerate, whose ``prepare`` wraps
@@ -75,7 +77,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from stage_clock import Clock  # noqa: E402
 from student_stages import STUDENT_SIDE, floors, kernel_table, measure, plain_model, split_step, stage_table  # noqa: E402
-from student_variants import COMPILE_ROWS, DRAWN_ROW, LIGER_ROW, ROUNDED_ROW, dynamo_graphs, variant_table, variants  # noqa: E402
+from student_variants import (  # noqa: E402
+    AXOLOTL_ROWS, COMPILE_ROWS, DRAWN_ROW, LIGER_ROW, ROUNDED_ROW, dynamo_graphs, variant_table, variants)
 
 
 def parse_args(argv):
@@ -127,7 +130,7 @@ def main(argv=None) -> None:
     if own.variants:
         rows = []
         for name, knob in variants(ours, args, prepared):
-            kept = name in (*COMPILE_ROWS, LIGER_ROW) or name.startswith((DRAWN_ROW, ROUNDED_ROW))
+            kept = name in (*COMPILE_ROWS, *AXOLOTL_ROWS, LIGER_ROW) or name.startswith((DRAWN_ROW, ROUNDED_ROW))
             if own.only_compile and not kept:
                 continue  # a knob not entered changes nothing
             if own.rows and not any(word in name for word in own.rows.split(",")):
@@ -140,7 +143,7 @@ def main(argv=None) -> None:
             try:
                 with knob:
                     rows.append((name, measure(ours, prepared, prompts, args)))
-                if name in COMPILE_ROWS:
+                if name in COMPILE_ROWS or name in AXOLOTL_ROWS[1:]:
                     row = rows[-1][1]
                     row["compile s"] = (row["first step"] - sum(row[s] for s in STUDENT_SIDE)) / 1e3
                     row["dynamo graphs"] = dynamo_graphs() - graphs

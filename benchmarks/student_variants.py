@@ -1,7 +1,7 @@
 """profile_student_step.py --variants: one knob per row (rows as drawn, widths rounded,
 gradient checkpointing, loss chunk sizes, AdamW, Liger's fused JSD, cuDNN's attention, the
-padding mask, torch.compile with and without CUDA graphs, Liger's model kernels), each a
-context manager around ``measure``.
+padding mask, torch.compile with and without CUDA graphs, Axolotl's full fine-tune dtypes,
+Liger's model kernels), each a context manager around ``measure``.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def variants(ours, args, prepared):
     # the layout before the rows were rolled: attention with the batch's padding mask
     yield MASK_ROW, knob([(causal_rows, "ROLL_ROWS", False)])
     yield from compile_variants(ours, args, knob, prepared)
+    yield from axolotl_dtype_variants(ours)
     yield from liger_model_variant(ours)
 
 
@@ -145,6 +146,52 @@ def compile_variants(ours, args, knob, prepared):
         return
     tuned = torch.compile(plain_model(ours.student), backend="inductor", mode="max-autotune")
     yield COMPILE_ROWS[5], knob([(ours, "student", tuned), (ours, "graphed", True)])
+
+
+AXOLOTL_ROWS = ("Axolotl's full fine-tune dtypes (embeddings, lm_head, norms float32; bf16 autocast)",
+                "Axolotl's full fine-tune dtypes, mode reduce-overhead",
+                "Axolotl's full fine-tune dtypes, mode reduce-overhead, embedding output cast to bf16")
+
+
+def axolotl_dtype_variants(ours):
+    """The student as `axolotl train` runs a bf16 full fine-tune: Axolotl's loader keeps the
+    embeddings, the lm_head and every module named ``*norm*`` in float32
+    (``ModelLoader._convert_embedding_modules_dtype``) and Accelerate runs the forward under bf16
+    autocast. A float32 embedding makes the whole residual stream float32 (each layer's bf16
+    output added to it), which the bf16 model of the other rows does not carry. Eager, graphed
+    (its own wrapper: other dtypes), and graphed with the embedding's output cast to bf16 (the
+    float32 weights kept, the residual stream bf16 again)."""
+    import torch
+
+    cuda = ours.device.type == "cuda"
+
+    @contextlib.contextmanager
+    def axolotl_dtypes(mode=None, residual_bf16=False):
+        model = plain_model(ours.student)
+        upcast = [m for n, m in model.named_modules()
+                  if ("norm" in n or n.endswith(("embed_tokens", "lm_head"))) and hasattr(m, "weight")]
+        saved = (ours.student, ours.optimizer, ours.graphed)
+        for module in upcast:
+            module.to(torch.float32)
+        hook = (model.get_input_embeddings().register_forward_hook(lambda mod, args, out: out.to(torch.bfloat16))
+                if residual_bf16 else None)
+        ours.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=cuda)  # float32 states for those
+        if mode is not None:
+            ours.student = torch.compile(model, backend="inductor", mode=mode)
+            ours.graphed = mode == "reduce-overhead"
+        try:
+            with torch.autocast(ours.device.type, dtype=torch.bfloat16):
+                yield
+        finally:
+            if hook is not None:
+                hook.remove()
+            for module in upcast:
+                module.to(ours.dtype)
+            ours.student, ours.optimizer, ours.graphed = saved
+
+    yield AXOLOTL_ROWS[0], axolotl_dtypes()
+    yield AXOLOTL_ROWS[1], axolotl_dtypes("reduce-overhead")
+    yield AXOLOTL_ROWS[2], axolotl_dtypes("reduce-overhead", residual_bf16=True)
 
 
 def dynamo_graphs() -> int:

@@ -256,6 +256,11 @@ def test_profile_student_step_times_every_stage(tmp_path):
     assert isinstance(masked, dict) and masked["model backward"] > 0, masked
     graphed_masked = variants["student torch.compile, mode reduce-overhead, padding mask (rows not rolled)"]
     assert isinstance(graphed_masked, dict) and graphed_masked["dynamo graphs"] >= 1, graphed_masked
+    # as `axolotl train` runs a bf16 full fine-tune (float32 embeddings / head / norms, autocast):
+    # eager, and two graphed rows with their own wrapper each (the second casts the embedding's output)
+    axolotl = [v for k, v in variants.items() if k.startswith("Axolotl's full fine-tune dtypes")]
+    assert len(axolotl) == 3 and all(isinstance(v, dict) and v["model backward"] > 0 for v in axolotl), axolotl
+    assert axolotl[1]["dynamo graphs"] >= 1 and axolotl[2]["dynamo graphs"] >= 1, axolotl
     tuned = variants["student torch.compile, mode max-autotune (GEMMs autotuned, CUDA graphs)"]
     assert tuned.startswith("skipped: CUDA only"), tuned
     assert "top 25" in stdout and "aten::mm" in stdout  # CPU: ops by self time
