@@ -74,7 +74,7 @@ class StepProfile(BasePlugin):
                     self.profiler.__enter__()
 
             def on_step_end(self, args, state, control, **kwargs):
-                if self.profiler is None:
+                if not self.profiler:  # not started yet (None) or done (False)
                     return
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()  # the step's last kernels inside the profile

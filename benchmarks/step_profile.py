@@ -26,10 +26,16 @@ WAITS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchr
 PYTHON_FRAME = re.compile(r"\(\d+\): ")
 
 
+def is_annotation(event) -> bool:
+    """A profiler range mirrored on the device's timeline (``record_function``, the optimizer's
+    step), which the profiler lists among the device's events: not a kernel."""
+    return bool(getattr(event, "is_user_annotation", False))
+
+
 def _is_kernel(event) -> bool:
     from torch.autograd import DeviceType
 
-    return event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+    return event.device_type == DeviceType.CUDA and not is_annotation(event)
 
 
 def _library(frame: str) -> bool:

@@ -13,6 +13,7 @@ import time
 from collections import defaultdict
 
 from stage_clock import STAGE_LABEL, Clock, generations
+from step_profile import is_annotation
 
 H200_FLOPS, H200_BYTES = 989e12, 4.8e12
 STAGES = ("prefill", "student forward", "teacher forward", "loss", "loss backward", "model backward",
@@ -267,7 +268,7 @@ def kernel_table(ours, prepared, prompts, top: int = 25, per_stage: int = 8) -> 
 
 def _annotation(event) -> bool:
     """A profiler range (ours, the optimizer's) mirrored on the device's timeline, not a kernel."""
-    return bool(getattr(event, "is_user_annotation", False)) or event.key.startswith(STAGE_LABEL)
+    return is_annotation(event) or event.key.startswith(STAGE_LABEL)
 
 
 def _kernel_name(name: str) -> str:
@@ -284,11 +285,11 @@ def stage_kernel_table(events, seconds: dict, top: int, cuda: bool = True) -> st
     kind = DeviceType.CUDA if cuda else DeviceType.CPU
     duration = (lambda e: e.time_range.elapsed_us()) if cuda else (lambda e: e.self_cpu_time_total)  # noqa: E731
 
-    ranges = {e.name[len(STAGE_LABEL):]: [] for e in events if e.name.startswith(STAGE_LABEL)}
+    ranges = defaultdict(list)  # stage -> its ranges (each micro-batch's, host and device mirror)
     for e in events:
         if e.name.startswith(STAGE_LABEL):
             ranges[e.name[len(STAGE_LABEL):]].append((e.time_range.start, e.time_range.end))
-    by_stage = {stage: defaultdict(lambda: [0, 0.0]) for stage in ranges}
+    by_stage = defaultdict(lambda: defaultdict(lambda: [0, 0.0]))
     for e in events:
         if e.device_type != kind or _annotation(e):
             continue
