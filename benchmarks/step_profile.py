@@ -43,18 +43,42 @@ def _library(frame: str) -> bool:
         part in frame for part in ("/torch/", "site-packages/torch/", "/contextlib.py", "/threading.py"))
 
 
-def _frame(event) -> str:
+def _frame(event, host=()) -> str:
     """The nearest Python frame outside torch that (transitively) called ``event``: what asked
     for it. The profiler records Python calls as host events of their own (``file(line): name``)
-    around the ops, or (older versions) as an op's ``stack``."""
+    around the ops, or (older versions) as an op's ``stack``. A CUDA runtime call (a synchronize,
+    a copy, a launch) has no parent: the innermost op of ``host`` around it on its thread stands
+    in. With no frame outside torch, the innermost one inside it (``torch: ...``)."""
+    inner, looked_around = None, False
     while event is not None:
         for line in getattr(event, "stack", None) or []:
             if not _library(line):
                 return line.strip()
-        if PYTHON_FRAME.search(event.name) and not _library(event.name):
-            return event.name.strip()
-        event = getattr(event, "cpu_parent", None)
-    return "(no Python frame outside torch)"
+            inner = inner or line.strip()
+        if PYTHON_FRAME.search(event.name):
+            if not _library(event.name):
+                return event.name.strip()
+            inner = inner or event.name.strip()
+        parent = getattr(event, "cpu_parent", None)
+        if parent is None and not looked_around:  # once: equal ranges would hold each other
+            parent, looked_around = _enclosing(event, host), True
+        event = parent
+    return f"torch: {inner}" if inner else "(no Python frame outside torch)"
+
+
+def _enclosing(event, host):
+    """The innermost event of ``host`` on ``event``'s thread whose time range holds it."""
+    a, b = event.time_range.start, event.time_range.end
+    thread = getattr(event, "thread", None)
+    around = [e for e in host if e is not event and getattr(e, "thread", None) == thread
+              and e.time_range.start <= a and b <= e.time_range.end]
+    return min(around, key=lambda e: e.time_range.elapsed_us(), default=None)
+
+
+def _launch_before(host, moment: float):
+    """The last kernel or graph launch the host started before ``moment``: what ended an idle gap."""
+    launches = [e for e in host if "Launch" in e.name and e.time_range.start <= moment]
+    return max(launches, key=lambda e: e.time_range.start, default=None)
 
 
 def busy_and_gaps(kernels: list[tuple[float, float]]) -> tuple[float, float, list[tuple[float, float]]]:
@@ -95,15 +119,18 @@ def report(events, top: int = 12) -> str:
              f"({100 * busy / span if span else 0:.0f}%), idle {(span - busy) / 1e3:.1f} ms in {len(gaps)} gaps"]
     if gaps:
         lines += ["", f"the {min(top, len(gaps))} longest idle gaps", "",
-                  "| idle ms | host op open when the device went idle | its Python frame |", "| ---: | --- | --- |"]
+                  "| idle ms | host op open when the device went idle | its Python frame | the launch that ended it, asked at |",
+                  "| ---: | --- | --- | --- |"]
         for a, b in gaps[:top]:
             op = _host_op_at(host, a)
-            name, frame = (op.name, _frame(op)) if op is not None else ("(none)", "")
-            lines.append(f"| {(b - a) / 1e3:.2f} | {name[:80]} | {frame[:160]} |")
+            name, frame = (op.name, _frame(op, host)) if op is not None else ("(none)", "")
+            launch = _launch_before(host, b)
+            ended = f"{launch.name}: {_frame(launch, host)}" if launch is not None else ""
+            lines.append(f"| {(b - a) / 1e3:.2f} | {name[:80]} | {frame[:160]} | {ended[:200]} |")
     waits = defaultdict(lambda: [0, 0.0])
     for e in host:
         if e.name in WAITS:
-            entry = waits[(e.name, _frame(e))]
+            entry = waits[(e.name, _frame(e, host))]
             entry[0] += 1
             entry[1] += e.time_range.elapsed_us()
     lines += ["", "host waits for the device (scalar reads, synchronize calls, copies) by the line that asked", "",

@@ -96,6 +96,47 @@ def test_step_profile_finds_the_idle_between_kernels():
     assert busy_and_gaps([]) == (0.0, 0.0, [])
 
 
+def test_step_profile_names_who_asked_for_a_runtime_call_and_what_ended_a_gap():
+    """CUDA runtime calls (a synchronize, a launch) come with no parent: the op around them on
+    their thread stands in, so the wait is named by the Python line of the copy that made it;
+    each idle gap also names the launch that ended it. Synthetic events in the profiler's shape
+    (a CPU profile has no runtime calls)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from step_profile import _frame, report
+
+    class Range(SimpleNamespace):
+        def elapsed_us(self):
+            return self.end - self.start
+
+    def event(name, a, b, device=DeviceType.CPU, thread=1, stack=(), parent=None):
+        return SimpleNamespace(name=name, time_range=Range(start=a, end=b), device_type=device,
+                               thread=thread, stack=list(stack), cpu_parent=parent, is_user_annotation=False)
+
+    copy = event("aten::copy_", 100, 400, stack=["torch/nn/modules/module.py(1): to",
+                                                  "transformers/trainer.py(4000): _prepare_input"])
+    sync = event("cudaStreamSynchronize", 130, 390)
+    other_thread = event("aten::mm", 0, 1000, thread=2, stack=["mine.py(7): step"])
+    launch = event("cudaLaunchKernel", 500, 505)
+    forward = event("aten::linear", 480, 520, stack=["axolotl_gold/scoring/forward.py(90): run"])
+    inner_only = event("cudaDeviceSynchronize", 600, 610)
+    graphs = event("aten::add", 590, 620, stack=["torch/_inductor/cudagraph_trees.py(1221): run"])
+    kernels = [event("k1", 0, 140, device=DeviceType.CUDA), event("k2", 510, 700, device=DeviceType.CUDA)]
+    host = [copy, sync, other_thread, launch, forward, inner_only, graphs]
+    assert _frame(sync, host) == "transformers/trainer.py(4000): _prepare_input"
+    assert _frame(inner_only, host) == "torch: torch/_inductor/cudagraph_trees.py(1221): run"
+    assert _frame(sync) == "(no Python frame outside torch)"  # without the ops around it
+    text = report(host + kernels)
+    gap = _table_rows(text, "0.37")  # 140 -> 510 us
+    assert gap and gap[0][1:3] == ["cudaStreamSynchronize", "transformers/trainer.py(4000): _prepare_input"], text
+    assert gap[0][3] == "cudaLaunchKernel: axolotl_gold/scoring/forward.py(90): run", text
+    waits = _table_rows(text, "cudaStreamSynchronize")
+    assert waits[0][3] == "transformers/trainer.py(4000): _prepare_input", text
+
+
 def test_ragged_lengths_from_a_stop_set_in_the_plain_loop_and_the_reference(tmp_path):
     """--ragged: a mean length near 40% of the limit (12 tokens: intended 4.8), not forced;
     the forced run of the same engine beside it, and the cost per generated token."""

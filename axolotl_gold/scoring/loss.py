@@ -45,10 +45,10 @@ def teacher_scoring_batch(rows: list[Rollout], pad_id: int, objective, vision=No
     return batch
 
 
-def loss_sum(
+def loss_total(
     student, teacher, batch: dict, objective, fused: bool, stopwatch: Stopwatch | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(objective summed over the batch's scored units, their count).
+) -> torch.Tensor:
+    """The objective summed over the batch's scored units.
 
     The teacher reads ``batch["teacher"]`` when the objective put its own tokens
     there (another tokenizer), else the student's tensors. With a ``stopwatch``, the
@@ -63,5 +63,14 @@ def loss_sum(
         )
     if start is not None:
         stopwatch.add(TEACHER_SECONDS, start, mark(device))
-    total = objective_sum(objective, student_states, teacher_states, batch)
-    return total, torch.as_tensor(objective.count(batch), device=total.device)
+    return objective_sum(objective, student_states, teacher_states, batch)
+
+
+def loss_sum(
+    student, teacher, batch: dict, objective, fused: bool, stopwatch: Stopwatch | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``loss_total``, the count of scored units). The count is a host tensor: a count made
+    on the device would be a blocking copy, a wait for everything queued (the trainer's
+    micro-steps divide by the window's count instead and call ``loss_total``)."""
+    total = loss_total(student, teacher, batch, objective, fused, stopwatch)
+    return total, torch.tensor(objective.count(batch), dtype=torch.long)

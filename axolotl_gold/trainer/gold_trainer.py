@@ -32,10 +32,11 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from axolotl_gold.config.settings import GoldSettings
 from axolotl_gold.config.validation import graphed_compile
 from axolotl_gold.data.sampler import WindowSampler
+from axolotl_gold.data.transfer import to_device
 from axolotl_gold.data.turns import text_tokenizer
 from axolotl_gold.rollouts.window import policy_draws
 from axolotl_gold.scoring.forward import bypassable_head
-from axolotl_gold.scoring.loss import TEACHER_SECONDS, loss_sum, teacher_scoring_batch
+from axolotl_gold.scoring.loss import TEACHER_SECONDS, loss_sum, loss_total, teacher_scoring_batch
 from axolotl_gold.scoring.timing import Stopwatch, mark, synchronize
 from axolotl_gold.trainer.attention_backends import training_attention
 from axolotl_gold.trainer.completions_log import (
@@ -178,6 +179,8 @@ class GoldTrainer(AxolotlTrainer):
         prefetch = getattr(self.teacher, "prefetch", None)  # a teacher server: slice k+1 ahead
         if prefetch is not None:
             prefetch([batch.get("teacher", batch) for batch in prepared.micro_batches])
+        # queued behind the device's work: HF's own move would wait for it once per tensor
+        micro_batches = [to_device(batch, device) for batch in prepared.micro_batches]
         total = torch.tensor(prepared.local_tokens, device=device, dtype=torch.long)
         if self.accelerator.num_processes > 1:
             total = self.accelerator.reduce(total, reduction="sum")
@@ -191,12 +194,12 @@ class GoldTrainer(AxolotlTrainer):
         self._gold_sums["gold/completion_tokens"] += sum(lengths)
         self._gold_windows += 1
         calls = self.student_engine.calls - calls_before
-        widths = [int(b["input_ids"].shape[1]) for b in prepared.micro_batches]
+        widths = [int(b["input_ids"].shape[1]) for b in micro_batches]
         self._record_window(step, draws, window, int(total), calls, widths)
         every = self.gold.log_completions_steps
         if every and (self.state.global_step + 1) % every == 0:
             self._log_completions(window)
-        return prepared.micro_batches, total
+        return micro_batches, total
 
     def _teacher_engine_ready(self) -> None:
         self.teacher = self.sharding.window_ready(self.model_wrapped, self.teacher, self.accelerator)
@@ -245,20 +248,16 @@ class GoldTrainer(AxolotlTrainer):
             f.write(json.dumps(record) + "\n")
 
     # ------------------------------------------------------------------ loss
-    def _gold_loss_sum(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return loss_sum(
-            model, self.teacher, batch, self.objective, self.gold.fused_loss, self._gold_clock
-        )
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.gold is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss_sum, tokens = self._gold_loss_sum(model, inputs)
+        parts = (model, self.teacher, inputs, self.objective, self.gold.fused_loss, self._gold_clock)
         if num_items_in_batch is None:  # outside a window (e.g. a direct call): local mean
-            loss = loss_sum / tokens.clamp(min=1)
+            total, tokens = loss_sum(*parts)
+            loss = total / tokens.clamp(min=1)
         else:
             # DDP averages gradients over processes: undo it, the count is already global
-            loss = loss_sum / num_items_in_batch * self.accelerator.num_processes
+            loss = loss_total(*parts) / num_items_in_batch * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
