@@ -59,6 +59,7 @@ class Ours:
     def train(self, prepared):
         """The student side of one optimizer step (teacher forward inside): per micro-batch
         ``loss_sum / window tokens`` and backward, then the optimizer; the last sum and count."""
+        from axolotl_gold.data.transfer import to_device
         from axolotl_gold.scoring.loss import loss_sum
 
         from axolotl_gold.trainer.attention_backends import training_attention
@@ -66,7 +67,7 @@ class Ours:
         total = max(prepared.local_tokens, 1)
         self.own_grads()
         for micro in prepared.micro_batches:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in micro.items()}
+            batch = to_device(micro, self.device)
             with training_attention():  # as GoldTrainer.training_step
                 summed, tokens = loss_sum(self.student, self.teacher, batch, self.objective, fused=True)
                 (summed / total).backward()

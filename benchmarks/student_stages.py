@@ -60,11 +60,12 @@ def _micro_steps(ours, prepared, clock, total: int) -> None:
     """The window's micro-batches, stage by stage."""
     import torch
 
+    from axolotl_gold.data.transfer import to_device
     from axolotl_gold.scoring.forward import CompletionStates, completion_states
     from axolotl_gold.scoring.routing import objective_sum
 
     for micro in prepared.micro_batches:
-        batch = {k: v.to(ours.device, non_blocking=True) for k, v in micro.items()}
+        batch = to_device(micro, ours.device)
         with clock("student forward"):
             student = completion_states(ours.student, batch, use_head_bypass=True)
         trace = generations()
@@ -91,6 +92,7 @@ def unsynced_student_side(ours, prepared, teachers: list) -> float:
     launches ahead while the device runs), one before and one after. The teacher's states
     (``teachers``, one per micro-batch) were computed beforehand, so none of its time is in."""
     from axolotl_gold.scoring.forward import completion_states
+    from axolotl_gold.data.transfer import to_device
     from axolotl_gold.scoring.routing import objective_sum
     from axolotl_gold.scoring.timing import synchronize
     from axolotl_gold.trainer.attention_backends import training_attention
@@ -101,7 +103,7 @@ def unsynced_student_side(ours, prepared, teachers: list) -> float:
     ours.own_grads()
     with training_attention():
         for micro, teacher in zip(prepared.micro_batches, teachers):
-            batch = {k: v.to(ours.device, non_blocking=True) for k, v in micro.items()}
+            batch = to_device(micro, ours.device)
             student = completion_states(ours.student, batch, use_head_bypass=True)
             (objective_sum(ours.objective, student, teacher, batch) / total).backward()
     ours.optimizer.step()
@@ -114,11 +116,12 @@ def teacher_states(ours, prepared) -> list:
     """The teacher's completion states of each micro-batch (for ``unsynced_student_side``)."""
     import torch
 
+    from axolotl_gold.data.transfer import to_device
     from axolotl_gold.scoring.forward import completion_states
     from axolotl_gold.trainer.attention_backends import training_attention
 
     with torch.no_grad(), training_attention():
-        return [completion_states(ours.teacher, {k: v.to(ours.device) for k, v in micro.items()},
+        return [completion_states(ours.teacher, to_device(micro, ours.device),
                                   use_head_bypass=True) for micro in prepared.micro_batches]
 
 
@@ -219,9 +222,7 @@ def stage_table(ms: dict, floor: dict) -> str:
 def window_batches(ours, prepared, grouped: bool = False, multiple: int = 1) -> list:
     """The window's micro-batches as the slices were drawn (before ``group_by_length``) or
     grouped as ``prepare_window`` groups them, with widths rounded up to ``multiple``."""
-    import torch
-
-    from axolotl_gold.data.batching import group_by_length, merge_repeats
+    from axolotl_gold.data.batching import group_by_length, merge_repeats, weigh_rows
     from axolotl_gold.scoring.loss import teacher_scoring_batch
 
     merged = [merge_repeats(rows) for rows in prepared.window.slices]
@@ -229,7 +230,7 @@ def window_batches(ours, prepared, grouped: bool = False, multiple: int = 1) -> 
     for rows, counts in group_by_length(merged) if grouped else merged:
         batch = teacher_scoring_batch(rows, ours.pad, ours.objective, multiple=multiple)
         if any(c > 1 for c in counts):
-            batch["row_weights"] = torch.tensor(counts, dtype=torch.long)
+            weigh_rows(batch, counts)
         out.append(batch)
     return out
 

@@ -171,13 +171,14 @@ def run_window(prepared, student_call, teacher, world, objective, device, backwa
     import torch
     import torch.distributed as dist
 
+    from axolotl_gold.data.transfer import to_device
     from axolotl_gold.scoring.loss import loss_sum
 
     total = torch.tensor(prepared.local_tokens, device=device, dtype=torch.float32)
     if world > 1:
         dist.all_reduce(total)
     for micro in prepared.micro_batches:
-        batch = {k: v.to(device) for k, v in micro.items()}
+        batch = to_device(micro, device)
         with heads():
             summed, _ = loss_sum(student_call, teacher, batch, objective, fused=True)
             backward(summed / total * world)  # DeepSpeed averages gradients over processes

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from axolotl_gold.data.batching import Rollout
+from axolotl_gold.data.batching import Rollout, weigh_rows
 from axolotl_gold.data.transfer import to_device
 from axolotl_gold.scoring.loss import loss_sum, loss_total, scoring_batch
 from axolotl_gold.scoring.objectives import JsdObjective
@@ -24,7 +24,7 @@ def _batch(weights=None, nested=False):
             for p, c in ((5, 6), (9, 2), (7, 11), (3, 1))]
     batch = scoring_batch(rows, pad_id=0, multiple=4)
     if weights is not None:
-        batch["row_weights"] = torch.tensor(weights)
+        weigh_rows(batch, weights)  # as prepare_window does: the weights' groups found here
     if nested:  # what another tokenizer's teacher and teacher servers add
         batch["teacher"] = {"input_ids": batch["input_ids"].clone(), "names": ["a", "b"]}
         batch["teacher_names"] = ["a", "b", None, "a"]

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from axolotl_gold.data.batching import SCORED_POSITIONS, Rollout, completion_token_count
+from axolotl_gold.data.batching import SCORED_POSITIONS, WEIGHT_GROUPS, Rollout, completion_token_count, weigh_rows
 from axolotl_gold.scoring.loss import loss_sum, scoring_batch
 from axolotl_gold.scoring.objectives import JsdObjective
 
@@ -51,17 +51,27 @@ def test_host_positions_give_the_masks_loss_and_gradient(fused, weights):
     keyed = _batch(weights)
     masked = {k: v for k, v in keyed.items() if k != SCORED_POSITIONS}
     assert keyed[SCORED_POSITIONS].tolist() == (masked["completion_labels"] != -100).flatten().nonzero().flatten().tolist()
+    batches = [keyed, masked]
+    if weights is not None:  # as prepare_window weighs merged repeats: the groups found on the host
+        grouped = {k: v for k, v in keyed.items() if k != "row_weights"}
+        weigh_rows(grouped, weights)
+        # scored rows: row 0's 6 tokens (weight 1), row 1's 2 (3), row 2's 11 (1); row 3 has none
+        assert [(w, i.tolist()) for w, i in grouped[WEIGHT_GROUPS]] == [
+            (1, [0, 1, 2, 3, 4, 5, *range(8, 19)]), (3, [6, 7])]
+        assert completion_token_count(grouped) == 6 + 3 * 2 + 11
+        batches.append(grouped)
     results = []
-    for batch in (keyed, masked):
+    for batch in batches:
         student.zero_grad(set_to_none=True)
         total, count = loss_sum(student, teacher, batch, objective, fused)
         (total / count).backward()
         results.append((float(total), int(count), [p.grad.clone() for p in student.parameters()]))
-    (t1, c1, g1), (t2, c2, g2) = results
-    assert c1 == c2 == (19 if weights is None else 6 + 3 * 2 + 11)
-    assert t1 == pytest.approx(t2, rel=1e-12)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    (t1, c1, g1) = results[0]
+    for t2, c2, g2 in results[1:]:
+        assert c1 == c2 == (19 if weights is None else 6 + 3 * 2 + 11)
+        assert t1 == pytest.approx(t2, rel=1e-12)
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_the_keyed_batch_selects_and_counts_without_a_boolean_index_or_host_read():

@@ -140,12 +140,41 @@ def scored_row_weights(weights: torch.Tensor, batch: dict) -> torch.Tensor:
     return scored_rows(weights.to(labels.device)[:, None].expand_as(labels), batch)
 
 
+WEIGHT_GROUPS = "scored_weight_groups"
+
+
+def weigh_rows(batch: dict, counts: list[int]) -> None:
+    """Row ``i`` of ``batch`` counts ``counts[i]`` times (merged repeats): its ``row_weights``,
+    and, found here on the host, ``WEIGHT_GROUPS``: for each distinct weight (ascending) the
+    indices into the scored rows (``scored_rows``' order) of the tokens with that weight, which
+    the objectives select without waiting for the device (``weight_groups``)."""
+    weights = torch.tensor(counts, dtype=torch.long)
+    batch["row_weights"] = weights
+    labels = batch["completion_labels"]
+    batch[WEIGHT_GROUPS] = _groups(weights.to(labels.device)[:, None].expand_as(labels)[labels != -100])
+
+
+def _groups(token_weights: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    return [(int(w), (token_weights == w).nonzero().squeeze(1)) for w in token_weights.unique().tolist()]
+
+
+def weight_groups(batch: dict) -> list[tuple[int, torch.Tensor]]:
+    """``(weight, indices into the scored rows)`` per distinct ``row_weights`` value, ascending:
+    the host's from ``weigh_rows``, else found from the batch (a wait on a device)."""
+    groups = batch.get(WEIGHT_GROUPS)
+    if groups is None:
+        groups = _groups(scored_row_weights(batch["row_weights"], batch))
+    return groups
+
+
 def completion_token_count(batch: dict) -> int:
     """Completion tokens a batch scores, each row counted ``row_weights`` times (if set)."""
     weights = batch.get("row_weights")
     positions = batch.get(SCORED_POSITIONS)
     if weights is None and positions is not None:
         return int(positions.shape[0])  # the shape is the host's: no wait on the device
+    if weights is not None and WEIGHT_GROUPS in batch:  # the host's groups: their shapes
+        return sum(w * int(index.shape[0]) for w, index in batch[WEIGHT_GROUPS])
     per_row = (batch["completion_labels"] != -100).sum(dim=1)
     if weights is not None:
         per_row = per_row * weights.to(per_row.device)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from axolotl_gold.config.schema import LOSS_CHUNK_SIZE
-from axolotl_gold.data.batching import completion_token_count, scored_row_weights, scored_rows
+from axolotl_gold.data.batching import completion_token_count, scored_rows, weight_groups
 from axolotl_gold.losses import fused_jsd_loss_sum, generalized_jsd_token_loss
 from axolotl_gold.scoring.forward import CompletionStates, first_rows
 
@@ -51,15 +51,15 @@ class JsdObjective:
         weights = batch.get("row_weights")
         if weights is None:
             return self._sum(student, teacher, s_rows, t_rows)
-        token_weights = scored_row_weights(weights, batch)
-        distinct = token_weights.unique().tolist()
-        if len(distinct) <= 1:
-            scale = distinct[0] if distinct else 1
+        groups = weight_groups(batch)
+        if len(groups) <= 1:
+            scale = groups[0][0] if groups else 1
             return scale * self._sum(student, teacher, s_rows, t_rows)
         total = 0
-        for w in distinct:
-            keep = token_weights == w
-            total = total + w * self._sum(student, teacher, s_rows[keep], t_rows[keep])
+        for w, index in groups:
+            index = index.to(s_rows.device)
+            total = total + w * self._sum(student, teacher, s_rows.index_select(0, index),
+                                          t_rows.index_select(0, index))
         return total
 
     def _sum(self, student, teacher, s_rows, t_rows) -> torch.Tensor:

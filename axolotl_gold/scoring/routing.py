@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from axolotl_gold.data.batching import SCORED_POSITIONS
+from axolotl_gold.data.batching import SCORED_POSITIONS, WEIGHT_GROUPS
 from axolotl_gold.scoring.forward import CompletionStates
 
 
@@ -36,8 +36,8 @@ def take_rows(batch: dict, rows: list[int]) -> dict:
     n = batch_rows(batch)
     out = {}
     for key, value in batch.items():
-        if key == SCORED_POSITIONS:  # flat positions of the whole batch: the sub-batch
-            continue  # selects its scored rows by its labels' mask
+        if key in (SCORED_POSITIONS, WEIGHT_GROUPS):  # flat positions of the whole batch: the
+            continue  # sub-batch finds its own from its labels' mask
         if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n:
             out[key] = value[torch.as_tensor(rows, dtype=torch.long, device=value.device)]
         elif isinstance(value, list) and len(value) == n:

@@ -12,7 +12,7 @@ from time import perf_counter
 
 import torch
 
-from axolotl_gold.data.batching import Rollout, group_by_length, merge_repeats
+from axolotl_gold.data.batching import Rollout, group_by_length, merge_repeats, weigh_rows
 from axolotl_gold.rollouts.engines.base import RolloutEngine
 from axolotl_gold.rollouts.window import Window, fill_window, generation_seed
 from axolotl_gold.scoring.loss import teacher_scoring_batch
@@ -72,7 +72,7 @@ def prepare_window(
     for rows, counts in group_by_length([merge_repeats(rows) for rows in window.slices]):
         batch = teacher_scoring_batch(rows, pad_id, objective, vision, width_multiple)
         if any(c > 1 for c in counts):
-            batch["row_weights"] = torch.tensor(counts, dtype=torch.long)
+            weigh_rows(batch, counts)
         micro_batches.append(batch)
     local = sum(int(objective.count(m)) for m in micro_batches)
     return PreparedWindow(window, micro_batches, local, seconds)
