@@ -74,7 +74,10 @@ def _micro_steps(ours, prepared, clock, total: int) -> None:
         trace("teacher forward")
         hidden = student.values.detach().requires_grad_()
         with clock("loss"):
-            loss = objective_sum(ours.objective, CompletionStates(hidden, student.head), teacher, batch) / total
+            # the student's states with the loss's own leaf (its compute dtype kept: a float32 head
+            # under bf16 autocast computes in bf16, as in the trainer)
+            states = CompletionStates(hidden, student.head, student.compute_dtype)
+            loss = objective_sum(ours.objective, states, teacher, batch) / total
         trace("loss")
         with clock("loss backward"):
             loss.backward()
