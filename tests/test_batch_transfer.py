@@ -97,3 +97,13 @@ def test_a_micro_step_queues_without_waiting_for_the_device(weights):
     assert not done.query(), "the micro-step waited for the device"
     torch.cuda.synchronize()
     assert torch.isfinite(loss) and all(p.grad is not None for p in student.parameters())
+
+
+def test_per_row_weights_are_read_from_the_hosts_list():
+    """The per-row objectives (ULD) read ``weigh_rows``' host list, never the device tensor."""
+    from axolotl_gold.scoring.objectives import UldObjective
+
+    batch = _batch([1, 3, 1, 2])
+    batch["row_weights"] = batch["row_weights"].to("meta")  # reading its values would raise
+    batch["uld_student_groups"] = [[[0]], [[0], [1]], [], [[0]]]
+    assert UldObjective(inputs=None, config=None).count(batch) == 1 * 1 + 3 * 2 + 0 + 2 * 1

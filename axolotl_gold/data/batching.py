@@ -141,15 +141,18 @@ def scored_row_weights(weights: torch.Tensor, batch: dict) -> torch.Tensor:
 
 
 WEIGHT_GROUPS = "scored_weight_groups"
+ROW_COUNTS = "row_counts"  # ``row_weights`` as a host list (split by rows like any per-row list)
 
 
 def weigh_rows(batch: dict, counts: list[int]) -> None:
     """Row ``i`` of ``batch`` counts ``counts[i]`` times (merged repeats): its ``row_weights``,
     and, found here on the host, ``WEIGHT_GROUPS``: for each distinct weight (ascending) the
     indices into the scored rows (``scored_rows``' order) of the tokens with that weight, which
-    the objectives select without waiting for the device (``weight_groups``)."""
+    the objectives select without waiting for the device (``weight_groups``), and ``ROW_COUNTS``,
+    the weights as a list (the per-row objectives read them on the host)."""
     weights = torch.tensor(counts, dtype=torch.long)
     batch["row_weights"] = weights
+    batch[ROW_COUNTS] = [int(c) for c in counts]
     labels = batch["completion_labels"]
     batch[WEIGHT_GROUPS] = _groups(weights.to(labels.device)[:, None].expand_as(labels)[labels != -100])
 

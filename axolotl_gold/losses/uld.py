@@ -107,6 +107,16 @@ class ULDConfig:
             raise ValueError("chunk_size must be a positive number of aligned positions.")
 
 
+def queued_copy(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device``. A host tensor goes to CUDA through page-locked memory with
+    ``non_blocking``: a blocking copy from pageable memory would wait for everything the device
+    has queued (the models' forwards), once per tensor."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 # --------------------------------------------------------------------------------------------
 # Vocabulary mapping (hybrid ULD)
 
@@ -120,7 +130,7 @@ class VocabMapping:
     teacher_ids: torch.Tensor
 
     def to(self, device) -> VocabMapping:
-        return VocabMapping(self.student_ids.to(device), self.teacher_ids.to(device))
+        return VocabMapping(queued_copy(self.student_ids, device), queued_copy(self.teacher_ids, device))
 
     def __len__(self) -> int:
         return int(self.teacher_ids.numel())
@@ -166,7 +176,7 @@ class GroupIndex:
         return int(self.base_row.numel())
 
     def to(self, device) -> GroupIndex:
-        return GroupIndex(*(t.to(device) for t in self._tensors()))
+        return GroupIndex(*(queued_copy(t, device) for t in self._tensors()))
 
     def _tensors(self):
         return self.base_row, self.base_id, self.extra_pos, self.extra_row, self.extra_id

@@ -25,6 +25,7 @@ from axolotl_gold.losses.uld import (
     _weighted,
     _upcast,
     LOG_MIN_PROB,
+    queued_copy,
 )
 
 # Chunked path. A chunk's rows are laid out as [its positions' base rows, then its extra rows]
@@ -48,14 +49,16 @@ def _auto_chunk_size(vocab: int) -> int:
     return max(16, 2 ** int(math.log2(max(1, _CHUNK_LOGITS // vocab))))
 
 
-def _chunk_side(index: GroupIndex, p0: int, p1: int, device) -> _ChunkSide:
+def _chunk_side(index: GroupIndex, on_device: GroupIndex, p0: int, p1: int) -> _ChunkSide:
+    """The rows positions ``p0:p1`` read: their bounds found in the host's ``index``, the
+    tensors sliced from its copy ``on_device`` (copied once per call, not per chunk)."""
     p1 = min(p1, index.num_positions)
     e0, e1 = torch.searchsorted(index.extra_pos, torch.tensor([p0, p1])).tolist()
     return _ChunkSide(
-        rows=torch.cat([index.base_row[p0:p1], index.extra_row[e0:e1]]).to(device),
-        base_id=index.base_id[p0:p1].to(device),
-        extra_pos=(index.extra_pos[e0:e1] - p0).to(device),
-        extra_id=index.extra_id[e0:e1].to(device),
+        rows=torch.cat([on_device.base_row[p0:p1], on_device.extra_row[e0:e1]]),
+        base_id=on_device.base_id[p0:p1],
+        extra_pos=on_device.extra_pos[e0:e1] - p0,
+        extra_id=on_device.extra_id[e0:e1],
     )
 
 
@@ -128,11 +131,11 @@ class _ChunkedULD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        # The usual upstream gradient is exactly 1: then hand the stored gradients over without
-        # another lm_head-sized copy (the check costs one device sync).
-        if not bool(grad_out == 1):
-            grad_h = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-            grad_w = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
+        # Scaled into new tensors (the stored ones stay for a retained graph's next backward).
+        # The trainer's upstream gradient is 1 / the window's count, never 1: skipping the copy
+        # when it is 1 would read it on the host, a wait for the device each micro-step.
+        grad_h = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        grad_w = grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None
         return grad_h, grad_w, None, None, None, None, None, None, None
 
 
@@ -224,17 +227,19 @@ def uld_loss_sum(
 
     chunk_size = config.chunk_size or _auto_chunk_size(max(student_weight.size(0), teacher_weight.size(0)))
     device = s_flat.device
+    s_on, t_on = s_index.to(device), t_index.to(device)  # the host's indexes, queued behind the forwards
     chunks = [
-        (_chunk_side(s_index, p0, p0 + chunk_size, device), _chunk_side(t_index, p0, p0 + chunk_size, device))
+        (_chunk_side(s_index, s_on, p0, p0 + chunk_size), _chunk_side(t_index, t_on, p0, p0 + chunk_size))
         for p0 in range(0, s_index.num_positions, chunk_size)
     ]
     unmatched = None
     if mapping is not None:
-        mapping = mapping.to(s_flat.device)
+        # found where the mapping is (the host's: its max and nonzero read no device), then copied
         unmatched = (
-            _unmatched_ids(mapping.student_ids, student_weight.size(0)),
-            _unmatched_ids(mapping.teacher_ids, teacher_weight.size(0)),
+            queued_copy(_unmatched_ids(mapping.student_ids, student_weight.size(0)), device),
+            queued_copy(_unmatched_ids(mapping.teacher_ids, teacher_weight.size(0)), device),
         )
+        mapping = mapping.to(device)
     loss = _ChunkedULD.apply(
         s_flat, student_weight, t_flat.detach(), teacher_weight.detach(), chunks, config, mapping, unmatched,
         compute_dtype,

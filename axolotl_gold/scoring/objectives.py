@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from axolotl_gold.config.schema import LOSS_CHUNK_SIZE
-from axolotl_gold.data.batching import completion_token_count, scored_rows, weight_groups
+from axolotl_gold.data.batching import ROW_COUNTS, completion_token_count, scored_rows, weight_groups
 from axolotl_gold.losses import fused_jsd_loss_sum, generalized_jsd_token_loss
 from axolotl_gold.scoring.forward import CompletionStates, first_rows
 
@@ -168,4 +168,5 @@ def _row_weights(batch: dict) -> list[int]:
     weights = batch.get("row_weights")
     if weights is None:
         return [1] * len(batch["uld_student_groups"])
-    return [int(w) for w in weights.tolist()]
+    counts = batch.get(ROW_COUNTS)  # the host's list (``weigh_rows``): no read of a device tensor
+    return list(counts) if counts is not None else [int(w) for w in weights.tolist()]

@@ -575,3 +575,32 @@ def test_float32_master_head_computed_in_bf16():
     assert ours_grad.dtype == torch.float32
     torch.testing.assert_close(ours, cast)
     assert float((ours_grad - cast_grad).norm() / cast_grad.norm()) < 5e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="waits on a device need one")
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_the_chunked_loss_queues_without_waiting_for_the_device(hybrid):
+    """The host's group indexes and the vocabulary mapping's unmatched ids are copied to the
+    device once a call, without a wait (``queued_copy``), and backward scales without reading
+    its upstream gradient: a long kernel queued before the loss is still running when forward
+    and backward have been queued."""
+    from axolotl_gold.losses.uld import VocabMapping
+
+    d = _batch(3, batch=3, dtype=torch.float32)
+    cuda = {k: (v.detach().cuda().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+            for k, v in d.items()}
+    mapping = (VocabMapping(student_ids=torch.tensor([0, 5, 9, 17, 40]), teacher_ids=torch.tensor([1, 2, 3, 20, 28]))
+               if hybrid else None)
+    cfg = ULDConfig(chunk_size=2, hybrid_beta=0.3, crossentropy_weight=0.1)
+    args = (cuda["s_hidden"], cuda["s_weight"], cuda["t_hidden"], cuda["t_weight"],
+            d["s_ids"].tolist(), d["t_ids"].tolist(), d["s_groups"], d["t_groups"], cfg, mapping)
+    uld_loss_sum(*args)[0].backward()  # warm
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(3e9))
+    done = torch.cuda.Event()
+    done.record()
+    total, _ = uld_loss_sum(*args)
+    (total / 7).backward()
+    assert not done.query(), "the ULD loss waited for the device"
+    torch.cuda.synchronize()
+    assert torch.isfinite(total)
