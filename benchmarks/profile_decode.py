@@ -16,6 +16,9 @@ The 0.5B-shaped student of ``bench_vs_reference.py`` (Qwen2: 24 layers, hidden 8
 - the lm_head matmul alone, and the weight-read floor (bytes of weights and KV cache
   at the device's measured copy bandwidth);
 - the top CUDA kernels of a few eager decode steps (torch.profiler).
+
+``--axolotl-dtypes``: the same model with Axolotl's float32 embeddings / head / norms under bf16
+autocast (``axolotl_dtypes``), as the student is during `axolotl train`'s generation.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ def parse_args(argv=None):
                    help="the engine with compile_decode alone (no HF sdpa / grouped eager engine rows)")
     p.add_argument("--attention", choices=("both", "kernel", "tensor"), default="both",
                    help="grouped decode attention: the Triton kernel (decode_kernel.py), the tensor version, or a row each")
+    p.add_argument("--axolotl-dtypes", action="store_true",
+                   help="embeddings, tied head and norms float32 under bf16 autocast, as `axolotl train` runs a bf16 "
+                        "full fine-tune (the trainer's generation ran ~0.3 ms a step slower than this benchmark's bf16 model)")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -154,13 +160,30 @@ def build(args, device: str = "cuda"):
     return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
 
 
+def axolotl_dtypes(model) -> None:
+    """The student as `axolotl train` loads a bf16 full fine-tune with sdpa: the embeddings (and
+    the head tied to them) and every module named ``*norm*`` in float32
+    (``ModelLoader._convert_embedding_modules_dtype``); the caller runs it under bf16 autocast, as
+    Accelerate does. The residual stream is then float32 through every layer."""
+    for name, module in model.named_modules():
+        if ("norm" in name or name.endswith(("embed_tokens", "lm_head"))) and hasattr(module, "weight"):
+            module.to(torch.float32)
+
+
 def main(argv=None) -> dict:
+    args = parse_args(argv)
+    model = build(args)
+    if args.axolotl_dtypes:
+        axolotl_dtypes(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.axolotl_dtypes):
+        return _measure(args, model)
+
+
+def _measure(args, model) -> dict:
     from axolotl_gold.rollouts.engines.base import SamplingSettings
     from axolotl_gold.rollouts.engines.noise import row_seeds, row_uniforms
     from axolotl_gold.rollouts.engines.static import StaticCacheEngine, CompiledStep, DecodeStep, RowState, sample_tokens
 
-    args = parse_args(argv)
-    model = build(args)
     vocab = args.vocab
     pad, eos = vocab - 3, vocab - 1
     sampling = SamplingSettings(max_new_tokens=args.new, temperature=args.temperature, top_p=args.top_p)

@@ -18,6 +18,8 @@
 #            graphs under FSDP2 at world size 1); GOLD_KERNEL_TESTS overrides the files,
 #            GOLD_KERNEL_TESTS_K the -k expression
 #   decode   benchmarks/profile_decode.py --only-compile (0.5B shape: Triton / tensor attention)
+#   decode-axolotl  profile_decode.py --only-compile --attention kernel --axolotl-dtypes (the student's dtypes
+#            in `axolotl train`: float32 embeddings / head / norms under bf16 autocast; beside `decode`)
 #   decode360  benchmarks/profile_decode.py --only-compile at SmolLM2-360M's shape
 #   student-ragged  profile_student_step.py --ragged, default allocator then expandable segments
 #            (why the ragged windows' student and teacher sides ran ~2x slower than forced; the
@@ -112,6 +114,11 @@ if [[ $want == *,decode,* ]]; then
   timeout 240 python3 benchmarks/profile_decode.py --only-compile --json "$OUT/profile_decode.json" \
     > "$OUT/profile_decode.txt" 2>&1
   grep "^|" "$OUT/profile_decode.txt" || tail -20 "$OUT/profile_decode.txt"
+fi
+if [[ $want == *,decode-axolotl,* ]]; then  # the same with Axolotl's float32 embeddings / head / norms
+  timeout 240 python3 benchmarks/profile_decode.py --only-compile --attention kernel --axolotl-dtypes \
+    --json "$OUT/profile_decode_axolotl.json" > "$OUT/profile_decode_axolotl.txt" 2>&1
+  grep "^|" "$OUT/profile_decode_axolotl.txt" || tail -20 "$OUT/profile_decode_axolotl.txt"
 fi
 if [[ $want == *,nucleus,* ]]; then
   python3 benchmarks/bench_nucleus.py --json "$OUT/bench_nucleus.json" 2>&1 | grep "^|"

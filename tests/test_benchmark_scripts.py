@@ -342,3 +342,23 @@ def test_bench_attention_layout_times_each_layout_and_names_its_kernels(tmp_path
 
     mask = layout.left_padded_mask(2, 8, "cpu")
     assert mask.shape == (2, 1, 8, 8) and mask[0, 0].sum() == sum(range(1, 5))  # 4 real tokens, causal
+
+
+def test_profile_decode_axolotl_dtypes_upcasts_what_axolotls_loader_does():
+    """--axolotl-dtypes: embeddings (the tied head with them) and every ``*norm*`` float32, as
+    ``ModelLoader._convert_embedding_modules_dtype`` leaves a bf16 full fine-tune with sdpa; the
+    layers' projections stay bf16."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_decode
+
+    args = profile_decode.parse_args(["--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2",
+                                      "--intermediate", "128", "--vocab", "300", "--axolotl-dtypes"])
+    assert args.axolotl_dtypes
+    model = profile_decode.build(args, "cpu").to(torch.bfloat16)
+    profile_decode.axolotl_dtypes(model)
+    upcast = {n for n, p in model.named_parameters() if p.dtype == torch.float32}
+    assert upcast == {"model.embed_tokens.weight", "model.norm.weight"} | {
+        f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")}
+    assert model.lm_head.weight is model.model.embed_tokens.weight
