@@ -150,11 +150,9 @@ def weigh_rows(batch: dict, counts: list[int]) -> None:
     indices into the scored rows (``scored_rows``' order) of the tokens with that weight, which
     the objectives select without waiting for the device (``weight_groups``), and ``ROW_COUNTS``,
     the weights as a list (the per-row objectives read them on the host)."""
-    weights = torch.tensor(counts, dtype=torch.long)
-    batch["row_weights"] = weights
+    batch["row_weights"] = torch.tensor(counts, dtype=torch.long)
     batch[ROW_COUNTS] = [int(c) for c in counts]
-    labels = batch["completion_labels"]
-    batch[WEIGHT_GROUPS] = _groups(weights.to(labels.device)[:, None].expand_as(labels)[labels != -100])
+    batch[WEIGHT_GROUPS] = _groups(scored_row_weights(batch["row_weights"], batch))
 
 
 def _groups(token_weights: torch.Tensor) -> list[tuple[int, torch.Tensor]]:

@@ -19,11 +19,9 @@ def to_device(value, device: torch.device | str):
     until the copy has run), then copied with ``non_blocking``: no wait on the device."""
     device = torch.device(device)
     if isinstance(value, torch.Tensor):
-        if value.device == device or (device.index is None and value.device.type == device.type):
-            return value
         if device.type == "cuda" and value.device.type == "cpu":
             return value.pin_memory().to(device, non_blocking=True)
-        return value.to(device)
+        return value.to(device)  # itself when it is there already
     if isinstance(value, dict):
         return {key: to_device(item, device) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
