@@ -53,6 +53,9 @@ def parse_args(argv=None):
                    help="also the engine with compile_decode (torch.compile of the decode step, captured)")
     p.add_argument("--only-compile", action="store_true",
                    help="the engine with compile_decode alone (no HF sdpa / grouped eager engine rows)")
+    p.add_argument("--compile-modes", default="default",
+                   help="comma-separated torch.compile modes of the compiled rows (default: its default; "
+                        "max-autotune-no-cudagraphs: GEMMs tuned, the engine captures the step itself)")
     p.add_argument("--attention", choices=("both", "kernel", "tensor"), default="both",
                    help="grouped decode attention: the Triton kernel (decode_kernel.py), the tensor version, or a row each")
     p.add_argument("--axolotl-dtypes", action="store_true",
@@ -139,11 +142,37 @@ def attention_rows(rows, args, total: int) -> None:
     rows["one layer's decode attention, max |kernel - tensor version|"] = difference.abs().max().item()
 
 
-def variant_label(grouped: bool, compiled: bool, kernel: bool) -> str:
+def emit_step(args, model, sampling, pad: int, eos: int, seeds: torch.Tensor, logits: torch.Tensor):
+    """Everything of a token step after the forward (``StaticCacheEngine._emit``: EOS
+    suppression, uniforms, sampling, recording, stop flags) on ``logits``, as a callable
+    for ``graph_timed``; and the ``RowState`` it records into."""
+    from axolotl_gold.rollouts.engines.static import RowState, StaticCacheEngine
+
+    device = logits.device
+    emitter = StaticCacheEngine(lambda: model, sampling, pad, {eos}, min_new_tokens=args.new)
+    state = RowState(pad, args.new, seeds, [eos], device, args.batch)
+    state.assign(torch.arange(args.batch, device=device), torch.arange(args.batch, device=device))
+    fed = SimpleNamespace(steps=torch.zeros(args.batch, dtype=torch.long, device=device),
+                          tokens=torch.zeros(args.batch, 1, dtype=torch.long, device=device))
+    return (lambda: emitter._emit(logits.clone(), fed, state)), state
+
+
+def decode_variants(args) -> list[tuple[bool, bool, bool, str | None]]:
+    """The engine rows ``(grouped, compiled, kernel, compile mode)`` the arguments ask for."""
+    kernels = {"both": (False, True), "kernel": (True,), "tensor": (False,)}[args.attention]
+    modes = [None if m == "default" else m for m in args.compile_modes.split(",")]
+    compiled_rows = [(True, True, k, m) for m in modes for k in kernels]
+    if args.only_compile:
+        return compiled_rows
+    eager = [(False, False, False, None)] + [(True, False, k, None) for k in kernels]
+    return eager + (compiled_rows if args.compile else [])
+
+
+def variant_label(grouped: bool, compiled: bool, kernel: bool, mode: str | None = None) -> str:
     if not grouped:
         return "HF sdpa (repeat_kv)"
     name = "grouped, Triton kernel" if kernel else "grouped, tensor version"
-    return name + (" + torch.compile" if compiled else "")
+    return name + (f" + torch.compile{f' ({mode})' if mode else ''}" if compiled else "")
 
 
 def build(args, device: str = "cuda"):
@@ -182,7 +211,7 @@ def main(argv=None) -> dict:
 def _measure(args, model) -> dict:
     from axolotl_gold.rollouts.engines.base import SamplingSettings
     from axolotl_gold.rollouts.engines.noise import row_seeds, row_uniforms
-    from axolotl_gold.rollouts.engines.static import StaticCacheEngine, CompiledStep, DecodeStep, RowState, sample_tokens
+    from axolotl_gold.rollouts.engines.static import StaticCacheEngine, CompiledStep, DecodeStep, sample_tokens
 
     vocab = args.vocab
     pad, eos = vocab - 3, vocab - 1
@@ -191,21 +220,17 @@ def _measure(args, model) -> dict:
     prompts = [torch.randint(0, vocab - 10, (args.prompt,), generator=g).tolist() for _ in range(args.batch)]
     rows = _Rows()
 
-    kernels = {"both": (False, True), "kernel": (True,), "tensor": (False,)}[args.attention]
-    compiled_rows = [(True, True, k) for k in kernels]
-    variants = [(False, False, False)] + [(True, False, k) for k in kernels] + (compiled_rows if args.compile else [])
-    if args.only_compile:
-        variants = compiled_rows
-    for grouped, compiled, kernel in variants:
+    variants = decode_variants(args)
+    for grouped, compiled, kernel, mode in variants:
         engine = StaticCacheEngine(
             lambda: model, sampling, pad, {eos}, min_new_tokens=args.new, grouped_attention=grouped,
-            decode_kernel=kernel, compile_decode=compiled,
+            decode_kernel=kernel, compile_decode=compiled, compile_mode=mode,
         )
         with torch.no_grad():
             start = time.perf_counter()
             engine.generate(prompts, seed=0)  # warm-up (allocator, kernels; the compile)
             torch.cuda.synchronize()
-            label = variant_label(grouped, compiled, kernel)
+            label = variant_label(grouped, compiled, kernel, mode)
             if compiled:
                 rows[f"first engine call, s (compiles once per shape), {label}"] = time.perf_counter() - start
             start = time.perf_counter()
@@ -218,13 +243,13 @@ def _measure(args, model) -> dict:
         width, total = args.prompt, args.prompt + args.new
         ids = torch.tensor(prompts, device="cuda")
         mask = torch.ones_like(ids)
-        for grouped, compiled, kernel in variants:
+        for grouped, compiled, kernel, mode in variants:
             decode = DecodeStep(model, args.batch, total, "cuda", grouped, kernel)
             decode.reset()
             decode.prefill(ids, mask)
             rewind(decode.cache, decode, width)
-            _, graph, _ = engine._first_step_and_capture(CompiledStep(decode) if compiled else decode)
-            label = variant_label(grouped, compiled, kernel)
+            _, graph, _ = engine._first_step_and_capture(CompiledStep(decode, mode) if compiled else decode)
+            label = variant_label(grouped, compiled, kernel, mode)
             rows[f"decode graph replay (forward), ms, {label}"] = replay_ms(graph, decode.cache, decode, width, args.new)
             del graph, decode
         attention_rows(rows, args, total)
@@ -250,11 +275,8 @@ def _measure(args, model) -> dict:
         rows["row uniforms (counter hash), captured, ms"] = graph_timed(lambda: row_uniforms(seeds, step), 200)
         # everything of a token step after the forward: EOS suppression (min_new_tokens),
         # uniforms, sampling, recording, stop flags
-        emitter = StaticCacheEngine(lambda: model, sampling, pad, {eos}, min_new_tokens=args.new)
-        state = RowState(pad, args.new, seeds, [eos], "cuda")
-        fed = SimpleNamespace(step=step, tokens=torch.zeros(args.batch, 1, dtype=torch.long, device="cuda"))
-        rows["token step after the forward (StaticCacheEngine._emit), captured, ms"] = graph_timed(
-            lambda: emitter._emit(logits.clone(), fed, state), 200)
+        emit, _ = emit_step(args, model, sampling, pad, eos, seeds, logits)
+        rows["token step after the forward (StaticCacheEngine._emit), captured, ms"] = graph_timed(emit, 200)
         greedy = SamplingSettings(max_new_tokens=1, temperature=0.0)
         rows["sampling greedy (argmax), ms"] = timed(lambda: sample_tokens(logits.float(), greedy, None), 100)
         hidden = torch.randn(args.batch, args.hidden, device="cuda", dtype=torch.bfloat16)
@@ -272,24 +294,26 @@ def _measure(args, model) -> dict:
         from torch.profiler import ProfilerActivity, profile
 
         # the kernels of 10 decode steps, not captured (device times; launch gaps excluded):
-        # compiled as the engine runs them when any compiled variant ran, else eager
-        grouped, compiled, kernel = variants[-1]
-        decode = DecodeStep(model, args.batch, total, "cuda", grouped, kernel)
-        decode.reset()
-        decode.prefill(ids, mask)
-        step = CompiledStep(decode) if compiled else decode
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()  # 13 steps in all: well inside the cache
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
+        # of each compiled variant as the engine runs it when any ran, else of the last (eager)
+        for grouped, compiled, kernel, mode in [v for v in variants if v[1]] or variants[-1:]:
+            decode = DecodeStep(model, args.batch, total, "cuda", grouped, kernel)
+            decode.reset()
+            decode.prefill(ids, mask)
+            step = CompiledStep(decode, mode) if compiled else decode
+            for _ in range(3):
                 step()
-            torch.cuda.synchronize()
-        averages = prof.key_averages()
-        rows[f"kernels' device time per decode step (not captured), ms, {variant_label(grouped, compiled, kernel)}"] = (
-            sum(e.self_device_time_total for e in averages) / 10 / 1e3)
-        rows["kernel launches per decode step"] = sum(e.count for e in averages) / 10
-    print(averages.table(sort_by="self_device_time_total", row_limit=25))
+            torch.cuda.synchronize()  # 13 steps in all: well inside the cache
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    step()
+                torch.cuda.synchronize()
+            averages = prof.key_averages()
+            label = variant_label(grouped, compiled, kernel, mode)
+            rows[f"kernels' device time per decode step (not captured), ms, {label}"] = (
+                sum(e.self_device_time_total for e in averages) / 10 / 1e3)
+            rows[f"kernel launches per decode step, {label}"] = sum(e.count for e in averages) / 10
+            print(f"kernels, {label}:")
+            print(averages.table(sort_by="self_device_time_total", row_limit=25))
     width_name = max(map(len, rows))
     print(f"\n| {'measure'.ljust(width_name)} | value |\n| {'-' * width_name} | ----- |")
     for name, value in rows.items():

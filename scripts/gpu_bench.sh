@@ -17,7 +17,9 @@
 #            sampling, the fused JSD's Triton path, the head's compute dtype; the static engine's
 #            graphs under FSDP2 at world size 1); GOLD_KERNEL_TESTS overrides the files,
 #            GOLD_KERNEL_TESTS_K the -k expression
-#   decode   benchmarks/profile_decode.py --only-compile (0.5B shape: Triton / tensor attention)
+#   decode   benchmarks/profile_decode.py --only-compile (0.5B shape: Triton / tensor attention; GOLD_DECODE_ARGS
+#            adds arguments, e.g. "--attention kernel --compile-modes default,max-autotune-no-cudagraphs";
+#            GOLD_DECODE_S seconds, 240)
 #   decode-axolotl  profile_decode.py --only-compile --attention kernel --axolotl-dtypes (the student's dtypes
 #            in `axolotl train`: float32 embeddings / head / norms under bf16 autocast; beside `decode`)
 #   decode360  benchmarks/profile_decode.py --only-compile at SmolLM2-360M's shape
@@ -111,8 +113,8 @@ if [[ $want == *,cli-memory,* ]]; then
   done
 fi
 if [[ $want == *,decode,* ]]; then
-  timeout 240 python3 benchmarks/profile_decode.py --only-compile --json "$OUT/profile_decode.json" \
-    > "$OUT/profile_decode.txt" 2>&1
+  timeout "${GOLD_DECODE_S:-240}" python3 benchmarks/profile_decode.py --only-compile ${GOLD_DECODE_ARGS:-} \
+    --json "$OUT/profile_decode.json" > "$OUT/profile_decode.txt" 2>&1
   grep "^|" "$OUT/profile_decode.txt" || tail -20 "$OUT/profile_decode.txt"
 fi
 if [[ $want == *,decode-axolotl,* ]]; then  # the same with Axolotl's float32 embeddings / head / norms

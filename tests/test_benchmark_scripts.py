@@ -362,3 +362,35 @@ def test_profile_decode_axolotl_dtypes_upcasts_what_axolotls_loader_does():
     assert upcast == {"model.embed_tokens.weight", "model.norm.weight"} | {
         f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")}
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_profile_decode_times_the_engines_own_token_step_after_the_forward():
+    """``emit_step`` drives ``StaticCacheEngine._emit`` with the engine's own ``RowState`` (a
+    changed signature of either broke the GPU run after its compiles): each call records one
+    token per row at the row's step, never the EOS ``min_new_tokens`` suppresses, and the
+    variants the arguments ask for carry their compile mode."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_decode
+    from axolotl_gold.rollouts.engines.base import SamplingSettings
+    from axolotl_gold.rollouts.engines.noise import row_seeds
+
+    args = profile_decode.parse_args(["--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
+                                      "--intermediate", "64", "--vocab", "50", "--batch", "3", "--new", "4"])
+    model = profile_decode.build(args, "cpu")
+    sampling = SamplingSettings(max_new_tokens=args.new, temperature=args.temperature, top_p=args.top_p)
+    logits = torch.zeros(args.batch, args.vocab)
+    logits[:, args.vocab - 1] = 30.0  # the EOS would win every draw were it not suppressed
+    emit, state = profile_decode.emit_step(args, model, sampling, args.vocab - 3, args.vocab - 1,
+                                           row_seeds(0, torch.arange(args.batch)), logits)
+    emit()
+    first = state.generated[:, 0]
+    assert ((first >= 0) & (first < args.vocab - 1)).all() and not state.finished.any()
+    assert (state.generated[:, 1:] == args.vocab - 3).all()
+
+    modes = profile_decode.parse_args(["--only-compile", "--attention", "kernel",
+                                       "--compile-modes", "default,max-autotune-no-cudagraphs"])
+    assert profile_decode.decode_variants(modes) == [(True, True, True, None),
+                                                     (True, True, True, "max-autotune-no-cudagraphs")]
+    assert "max-autotune-no-cudagraphs" in profile_decode.variant_label(True, True, True, "max-autotune-no-cudagraphs")

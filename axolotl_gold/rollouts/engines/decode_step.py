@@ -164,12 +164,13 @@ _COMPILED = {}
 RECOMPILE_LIMIT = 64
 
 
-def compiled_decode_forward():
+def compiled_decode_forward(mode: str | None = None):
     """``decode_forward`` through ``torch.compile`` (static shapes: one compile per batch
-    and cache-length bucket), made once per process."""
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(decode_forward, dynamic=False)
-    return _COMPILED["fn"]
+    and cache-length bucket), made once per process and ``mode`` (torch.compile's; the
+    engine captures the step itself, so a mode's own CUDA graphs are not wanted)."""
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(decode_forward, dynamic=False, mode=mode)
+    return _COMPILED[mode]
 
 
 def decode_compile_limits():
@@ -182,14 +183,14 @@ def decode_compile_limits():
 
 
 class CompiledStep:
-    """Calls a ``DecodeStep``'s forward through ``compiled_decode_forward``."""
+    """Calls a ``DecodeStep``'s forward through ``compiled_decode_forward`` (``mode``: torch.compile's)."""
 
-    def __init__(self, decode: DecodeStep):
-        self.decode = decode
+    def __init__(self, decode: DecodeStep, mode: str | None = None):
+        self.decode, self.mode = decode, mode
 
     def __call__(self) -> torch.Tensor:
         with self.decode.attention(), decode_compile_limits():
-            return compiled_decode_forward()(self.decode)
+            return compiled_decode_forward(self.mode)(self.decode)
 
 
 class RowState:

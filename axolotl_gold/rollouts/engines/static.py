@@ -105,7 +105,8 @@ class StaticCacheEngine(HFGenerateEngine):
     device the loop runs eagerly. ``compile_decode`` (CUDA only) runs the decode step
     through ``torch.compile`` before capturing it: cache columns rounded up to
     ``COMPILE_COLUMNS``, rows compacted to power-of-two buckets, and the step's buffers
-    kept between calls per bucket, so a run compiles once per bucket.
+    kept between calls per bucket, so a run compiles once per bucket; ``compile_mode`` is
+    torch.compile's (None: its default; ``max-autotune-no-cudagraphs`` tunes the GEMMs).
     """
 
     def __init__(
@@ -122,6 +123,7 @@ class StaticCacheEngine(HFGenerateEngine):
         decode_kernel: bool = True,
         compact_finished: bool = True,
         compile_decode: bool = False,
+        compile_mode: str | None = None,
         refill_slots: bool = True,
         generate_kwargs: dict | None = None,
     ):
@@ -136,6 +138,7 @@ class StaticCacheEngine(HFGenerateEngine):
         self.decode_kernel = decode_kernel
         self.compact_finished = compact_finished
         self.compile_decode = compile_decode
+        self.compile_mode = compile_mode
         self.refill_slots = refill_slots
         self.compactions = 0
         self.refills = 0  # prompts started in a slot another prompt had stopped in
@@ -283,7 +286,7 @@ class StaticCacheEngine(HFGenerateEngine):
 
     def _token_step(self, decode: DecodeStep, rows: RowState, compiling: bool) -> Callable[[], None]:
         """One whole token step on static buffers: the decode forward, then ``_emit``."""
-        forward = CompiledStep(decode) if compiling else decode
+        forward = CompiledStep(decode, self.compile_mode) if compiling else decode
 
         def step() -> None:
             self._emit(forward(), decode, rows)
