@@ -27,8 +27,11 @@ import argparse
 import json
 import time
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
+
+from axolotl_gold.rollouts.engines.fused_projections import fused_projections
 
 
 def add_shape_args(p: argparse.ArgumentParser) -> None:
@@ -56,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--compile-modes", default="default",
                    help="comma-separated torch.compile modes of the compiled rows (default: its default; "
                         "max-autotune-no-cudagraphs: GEMMs tuned, the engine captures the step itself)")
+    p.add_argument("--fuse-projections", choices=("off", "on", "both"), default="off",
+                   help="compiled rows with each layer's q/k/v and gate/up projections as one GEMM each "
+                        "(StaticCacheEngine fuse_projections), without, or a row each")
     p.add_argument("--attention", choices=("both", "kernel", "tensor"), default="both",
                    help="grouped decode attention: the Triton kernel (decode_kernel.py), the tensor version, or a row each")
     p.add_argument("--axolotl-dtypes", action="store_true",
@@ -157,22 +163,32 @@ def emit_step(args, model, sampling, pad: int, eos: int, seeds: torch.Tensor, lo
     return (lambda: emitter._emit(logits.clone(), fed, state)), state
 
 
-def decode_variants(args) -> list[tuple[bool, bool, bool, str | None]]:
-    """The engine rows ``(grouped, compiled, kernel, compile mode)`` the arguments ask for."""
+class Variant(NamedTuple):
+    grouped: bool
+    compiled: bool
+    kernel: bool
+    mode: str | None = None  # torch.compile's
+    fused: bool = False  # fuse_projections
+
+
+def decode_variants(args) -> list[Variant]:
+    """The engine rows the arguments ask for."""
     kernels = {"both": (False, True), "kernel": (True,), "tensor": (False,)}[args.attention]
     modes = [None if m == "default" else m for m in args.compile_modes.split(",")]
-    compiled_rows = [(True, True, k, m) for m in modes for k in kernels]
+    fuse = {"off": (False,), "on": (True,), "both": (False, True)}[args.fuse_projections]
+    compiled_rows = [Variant(True, True, k, m, f) for m in modes for f in fuse for k in kernels]
     if args.only_compile:
         return compiled_rows
-    eager = [(False, False, False, None)] + [(True, False, k, None) for k in kernels]
+    eager = [Variant(False, False, False)] + [Variant(True, False, k) for k in kernels]
     return eager + (compiled_rows if args.compile else [])
 
 
-def variant_label(grouped: bool, compiled: bool, kernel: bool, mode: str | None = None) -> str:
+def variant_label(grouped: bool, compiled: bool, kernel: bool, mode: str | None = None, fused: bool = False) -> str:
     if not grouped:
         return "HF sdpa (repeat_kv)"
     name = "grouped, Triton kernel" if kernel else "grouped, tensor version"
-    return name + (f" + torch.compile{f' ({mode})' if mode else ''}" if compiled else "")
+    name += f" + torch.compile{f' ({mode})' if mode else ''}" if compiled else ""
+    return name + (" + fused projections" if fused else "")
 
 
 def build(args, device: str = "cuda"):
@@ -221,16 +237,17 @@ def _measure(args, model) -> dict:
     rows = _Rows()
 
     variants = decode_variants(args)
-    for grouped, compiled, kernel, mode in variants:
+    for variant in variants:
+        grouped, compiled, kernel, mode, fused = variant
         engine = StaticCacheEngine(
             lambda: model, sampling, pad, {eos}, min_new_tokens=args.new, grouped_attention=grouped,
-            decode_kernel=kernel, compile_decode=compiled, compile_mode=mode,
+            decode_kernel=kernel, compile_decode=compiled, compile_mode=mode, fuse_projections=fused,
         )
         with torch.no_grad():
             start = time.perf_counter()
             engine.generate(prompts, seed=0)  # warm-up (allocator, kernels; the compile)
             torch.cuda.synchronize()
-            label = variant_label(grouped, compiled, kernel, mode)
+            label = variant_label(*variant)
             if compiled:
                 rows[f"first engine call, s (compiles once per shape), {label}"] = time.perf_counter() - start
             start = time.perf_counter()
@@ -243,14 +260,16 @@ def _measure(args, model) -> dict:
         width, total = args.prompt, args.prompt + args.new
         ids = torch.tensor(prompts, device="cuda")
         mask = torch.ones_like(ids)
-        for grouped, compiled, kernel, mode in variants:
+        for variant in variants:
+            grouped, compiled, kernel, mode, fused = variant
             decode = DecodeStep(model, args.batch, total, "cuda", grouped, kernel)
             decode.reset()
             decode.prefill(ids, mask)
             rewind(decode.cache, decode, width)
-            _, graph, _ = engine._first_step_and_capture(CompiledStep(decode, mode) if compiled else decode)
-            label = variant_label(grouped, compiled, kernel, mode)
-            rows[f"decode graph replay (forward), ms, {label}"] = replay_ms(graph, decode.cache, decode, width, args.new)
+            with fused_projections(model, fused):
+                _, graph, _ = engine._first_step_and_capture(CompiledStep(decode, mode) if compiled else decode)
+                rows[f"decode graph replay (forward), ms, {variant_label(*variant)}"] = replay_ms(
+                    graph, decode.cache, decode, width, args.new)
             del graph, decode
         attention_rows(rows, args, total)
         logits = torch.randn(args.batch, vocab, device="cuda", dtype=torch.bfloat16)
@@ -295,20 +314,21 @@ def _measure(args, model) -> dict:
 
         # the kernels of 10 decode steps, not captured (device times; launch gaps excluded):
         # of each compiled variant as the engine runs it when any ran, else of the last (eager)
-        for grouped, compiled, kernel, mode in [v for v in variants if v[1]] or variants[-1:]:
-            decode = DecodeStep(model, args.batch, total, "cuda", grouped, kernel)
+        for variant in [v for v in variants if v.compiled] or variants[-1:]:
+            decode = DecodeStep(model, args.batch, total, "cuda", variant.grouped, variant.kernel)
             decode.reset()
             decode.prefill(ids, mask)
-            step = CompiledStep(decode, mode) if compiled else decode
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()  # 13 steps in all: well inside the cache
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
+            step = CompiledStep(decode, variant.mode) if variant.compiled else decode
+            with fused_projections(model, variant.fused):
+                for _ in range(3):
                     step()
-                torch.cuda.synchronize()
+                torch.cuda.synchronize()  # 13 steps in all: well inside the cache
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(10):
+                        step()
+                    torch.cuda.synchronize()
             averages = prof.key_averages()
-            label = variant_label(grouped, compiled, kernel, mode)
+            label = variant_label(*variant)
             rows[f"kernels' device time per decode step (not captured), ms, {label}"] = (
                 sum(e.self_device_time_total for e in averages) / 10 / 1e3)
             rows[f"kernel launches per decode step, {label}"] = sum(e.count for e in averages) / 10

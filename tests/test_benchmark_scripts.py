@@ -389,8 +389,11 @@ def test_profile_decode_times_the_engines_own_token_step_after_the_forward():
     assert ((first >= 0) & (first < args.vocab - 1)).all() and not state.finished.any()
     assert (state.generated[:, 1:] == args.vocab - 3).all()
 
-    modes = profile_decode.parse_args(["--only-compile", "--attention", "kernel",
+    modes = profile_decode.parse_args(["--only-compile", "--attention", "kernel", "--fuse-projections", "both",
                                        "--compile-modes", "default,max-autotune-no-cudagraphs"])
-    assert profile_decode.decode_variants(modes) == [(True, True, True, None),
-                                                     (True, True, True, "max-autotune-no-cudagraphs")]
-    assert "max-autotune-no-cudagraphs" in profile_decode.variant_label(True, True, True, "max-autotune-no-cudagraphs")
+    variants = profile_decode.decode_variants(modes)
+    assert variants == [(True, True, True, None, False), (True, True, True, None, True),
+                        (True, True, True, "max-autotune-no-cudagraphs", False),
+                        (True, True, True, "max-autotune-no-cudagraphs", True)]
+    labels = [profile_decode.variant_label(*v) for v in variants]
+    assert len(set(labels)) == 4 and "max-autotune-no-cudagraphs" in labels[3] and "fused" in labels[3]

@@ -60,6 +60,7 @@ from axolotl_gold.rollouts.engines.base import SamplingSettings, trim_completion
 from axolotl_gold.rollouts.engines.hf import HFGenerateEngine, _to_model
 from axolotl_gold.rollouts.engines.noise import row_seeds, row_uniforms
 from axolotl_gold.rollouts.engines.decode_step import CompiledStep, DecodeStep, RowState
+from axolotl_gold.rollouts.engines.fused_projections import fused_projections
 from axolotl_gold.rollouts.engines.sampling import filter_logits, sample_tokens  # noqa: F401 (re-exported)
 from axolotl_gold.rollouts.engines.slots import COMPILE_MIN_ROWS, SlotQueue, compiled_rows  # noqa: F401 (re-exported)
 from axolotl_gold.rollouts.engines.static_support import autocast_head, blocker, position_blocker, precast_head
@@ -107,6 +108,8 @@ class StaticCacheEngine(HFGenerateEngine):
     ``COMPILE_COLUMNS``, rows compacted to power-of-two buckets, and the step's buffers
     kept between calls per bucket, so a run compiles once per bucket; ``compile_mode`` is
     torch.compile's (None: its default; ``max-autotune-no-cudagraphs`` tunes the GEMMs).
+    ``fuse_projections``: the decode steps run each layer's q/k/v and gate/up projections as
+    one GEMM each on a copy of their weights (``fused_projections``; memory for the copies).
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class StaticCacheEngine(HFGenerateEngine):
         compact_finished: bool = True,
         compile_decode: bool = False,
         compile_mode: str | None = None,
+        fuse_projections: bool = False,
         refill_slots: bool = True,
         generate_kwargs: dict | None = None,
     ):
@@ -139,6 +143,7 @@ class StaticCacheEngine(HFGenerateEngine):
         self.compact_finished = compact_finished
         self.compile_decode = compile_decode
         self.compile_mode = compile_mode
+        self.fuse_projections = fuse_projections
         self.refill_slots = refill_slots
         self.compactions = 0
         self.refills = 0  # prompts started in a slot another prompt had stopped in
@@ -219,7 +224,8 @@ class StaticCacheEngine(HFGenerateEngine):
             while max_new == 1 and queue.waiting:  # token 0 is all: prefills only
                 self._start(model, prompts, decode, rows, queue.start(range(batch)))
         if max_new > 1:
-            with precast_head(model, probe.autocast_dtype):  # a float32 head under autocast: cast once
+            # a float32 head under autocast: cast once; projections on one input: one GEMM
+            with precast_head(model, probe.autocast_dtype), fused_projections(model, self.fuse_projections):
                 self._decode_tokens(model, prompts, decode, rows, queue, device, compiling, total)
         self.token_steps += queue.count
         self.row_steps += queue.row_steps
