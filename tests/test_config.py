@@ -87,6 +87,8 @@ def test_torch_compile_with_and_without_cuda_graphs_is_accepted(tiny_pair, tmp_p
         ({"gold_generation_rows": 2.5}, r"`gold_generation_rows` must be a whole number >= 1"),
         ({"gold_rollout_compile": True, "gold_generation_engine": "hf"}, r"`gold_generation_engine: hf`.*remove `gold_rollout_compile`"),
         ({"gold_rollout_compile": True, "use_vllm": True}, r"`use_vllm: true`.*remove `gold_rollout_compile`"),
+        ({"gold_rollout_fuse_projections": True, "gold_generation_engine": "hf"},
+         r"`gold_generation_engine: hf`.*remove `gold_rollout_fuse_projections`"),
     ],
 )
 def test_bad_config_fails_with_the_key(tiny_pair, tmp_path, overrides, pattern):

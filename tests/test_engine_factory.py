@@ -52,3 +52,17 @@ def test_auto_picks_the_static_engine_on_cuda_for_text_sharded_or_not(lockstep):
     vision = GoldSettings.from_cfg({"teacher_model": "t", "processor_type": "AutoProcessor",
                                     "skip_prepare_dataset": True})
     assert type(build_engines(vision, ctx, pad_id=0, stop_ids={1})[0]) is HFGenerateEngine  # images: auto = HF
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_fused_projections_are_the_students_static_engines_alone(lockstep):
+    """``gold_rollout_fuse_projections`` reaches the student's static engine; the teacher's
+    (``seq_kd``) samples without the copies, whichever engine it gets."""
+    settings = GoldSettings.from_cfg({"teacher_model": "t", "seq_kd": True, "gold_generation_engine": "static",
+                                      "gold_rollout_fuse_projections": True, "gold_rollout_compile": True})
+    student, teacher = build_engines(settings, _ctx(teacher_samples_in_lockstep=lockstep), pad_id=0, stop_ids={1})
+    assert student.fuse_projections and student.compile_decode
+    assert not getattr(teacher, "fuse_projections", False)
+    plain = build_engines(GoldSettings.from_cfg({"teacher_model": "t", "gold_generation_engine": "static"}),
+                          _ctx(), pad_id=0, stop_ids={1})[0]
+    assert not plain.fuse_projections and not plain.compile_decode

@@ -105,6 +105,7 @@ class GoldSettings:
     uld: UldSettings
     generation_engine: str
     rollout_compile: bool  # the static engine's decode step through torch.compile
+    rollout_fuse_projections: bool  # the static engine's decode step: q/k/v and gate/up as one GEMM each
     generation_rows: int | None  # rows the local engines decode at once (None: as many as fit)
     vision: bool  # a vision-language student (``processor_type`` set)
     train_vision_tower: bool
@@ -189,6 +190,7 @@ class GoldSettings:
             ),
             generation_engine=str(get("gold_generation_engine")),
             rollout_compile=bool(get("gold_rollout_compile")),
+            rollout_fuse_projections=bool(get("gold_rollout_fuse_projections")),
             generation_rows=get("gold_generation_rows"),
             vision=bool(cfg.get("processor_type")),
             train_vision_tower=bool(get("gold_train_vision_tower")),

@@ -133,8 +133,9 @@ def validate_gold_settings(data: dict) -> None:
         )
 
     validate_teacher_servers(data)
-    if data.get("gold_rollout_compile"):
-        _validate_rollout_compile(data)
+    for key in ("gold_rollout_compile", "gold_rollout_fuse_projections"):
+        if data.get(key):
+            _validate_static_engine_key(data, key)
     _validate_teacher_placement(data)
     if data.get("fsdp") or data.get("fsdp_config") or data.get("fsdp_version"):
         validate_fsdp(data)
@@ -229,10 +230,9 @@ def _validate_teacher_placement(data: dict) -> None:
         )
 
 
-def _validate_rollout_compile(data: dict) -> None:
-    """``gold_rollout_compile`` compiles the static engine's decode step: refused where
-    that engine does not sample."""
-    engine = "the static engine"
+def _validate_static_engine_key(data: dict, key: str) -> None:
+    """``gold_rollout_compile`` / ``gold_rollout_fuse_projections`` change the static engine's
+    decode step: refused where that engine does not sample."""
     if data.get("gold_generation_engine") == "hf":
         blocker = "`gold_generation_engine: hf` (HF generate samples)"
     elif data.get("use_vllm"):
@@ -243,8 +243,8 @@ def _validate_rollout_compile(data: dict) -> None:
     else:
         return
     raise GoldConfigError(
-        f"`gold_rollout_compile: true` compiles {engine}'s decode step, which does not run with "
-        f"{blocker}: remove `gold_rollout_compile`."
+        f"`{key}: true` changes the static engine's decode step, which does not run with "
+        f"{blocker}: remove `{key}`."
     )
 
 

@@ -108,6 +108,10 @@ def all_cases() -> list[Case]:
         Case("attn-flash", {"flash_attention": True}, flash=True),
         Case("compile-full", {"gold_rollout_compile": True}),
         Case("compile-lora", {**LORA, "gold_rollout_compile": True}),
+        # the decode step's q/k/v and gate/up as one GEMM each (rollouts/engines/fused_projections.py),
+        # compiled and captured, beside Accelerate's compiled student
+        Case("fused-compile-full", {"gold_rollout_compile": True, "gold_rollout_fuse_projections": True,
+                                    "torch_compile": True}),
         # Axolotl's torch_compile: Accelerate compiles the student for the training forward and
         # backward (the engines keep the plain model); with the compiled decode step beside it
         Case("torch-compile-full", {"torch_compile": True}),

@@ -110,15 +110,18 @@ def build_engines(
             enforce_eager=vllm.enforce_eager,
         )
     else:
-        if settings.rollout_compile and local is StaticCacheEngine:
-            kwargs["compile_decode"] = True
+        if local is StaticCacheEngine:
+            kwargs["compile_decode"] = settings.rollout_compile
+            kwargs["fuse_projections"] = settings.rollout_fuse_projections
         student = local(ctx.get_student, sampling, pad_id, stop_ids, **_no_lockstep(kwargs))
     teacher = None
     if settings.seq_kd and ctx.teacher_samples_in_lockstep:
         # ZeRO-3's teacher gathers its shards in its forwards while it samples (collectives
         # that no CUDA graph may capture): HF generate, every process in step
         kwargs.pop("compile_decode", None)
+        kwargs.pop("fuse_projections", None)
         teacher = HFGenerateEngine(ctx.get_teacher, sampling, pad_id, stop_ids, **kwargs)
-    elif settings.seq_kd:
+    elif settings.seq_kd:  # the student's engine alone fuses projections (the copies' memory)
+        kwargs.pop("fuse_projections", None)
         teacher = local(ctx.get_teacher, sampling, pad_id, stop_ids, **_no_lockstep(kwargs))
     return student, teacher
