@@ -190,7 +190,9 @@ class GoldSettings:
             ),
             generation_engine=str(get("gold_generation_engine")),
             rollout_compile=bool(get("gold_rollout_compile")),
-            rollout_fuse_projections=bool(get("gold_rollout_fuse_projections")),
+            rollout_fuse_projections=bool(
+                get("gold_rollout_compile") if get("gold_rollout_fuse_projections") is None
+                else get("gold_rollout_fuse_projections")),
             generation_rows=get("gold_generation_rows"),
             vision=bool(cfg.get("processor_type")),
             train_vision_tower=bool(get("gold_train_vision_tower")),
