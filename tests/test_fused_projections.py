@@ -114,3 +114,24 @@ def test_static_engine_with_fused_projections_matches_generate(device):
             layer.mlp.gate_proj.weight.mul_(1.5)
     assert fast.generate(prompts, seed=0) == hf.generate(prompts, seed=0)
     assert all(type(layer.mlp.gate_proj) is nn.Linear for layer in model.model.layers)
+
+
+def test_groups_are_made_anew_when_the_projections_are_replaced_or_cast():
+    """Kept groups stand for the modules they were made from: a projection wrapped later (peft)
+    is not put back by the stand-ins, and a model cast to another dtype gets copies in it."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _model()
+    ids = torch.randint(2, VOCAB, (2, 6))
+    assert len(fused_groups(model)) == 4
+    model.to(torch.float64)
+    with torch.no_grad(), fused_projections(model):
+        assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float64
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        expected = peft_model(ids.clone()).logits
+        with fused_projections(model):
+            assert type(model.model.layers[0].self_attn.q_proj).__name__ != "_First"
+            fused = peft_model(ids.clone()).logits
+    assert {tuple(names) for _, names, _ in fused_groups(model)} == {("gate_proj", "up_proj")}
+    torch.testing.assert_close(fused, expected)

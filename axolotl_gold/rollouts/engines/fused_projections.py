@@ -106,9 +106,21 @@ def _build(model) -> list[tuple[nn.Module, list[str], list[nn.Module]]]:
     return found
 
 
+def _current(group) -> bool:
+    """Whether a kept group still stands for its parent's projections: the same modules (not
+    since replaced, e.g. wrapped by peft), weights of the copy's dtype, device and shape."""
+    parent, names, stand_ins = group
+    first = stand_ins[0]
+    linears = [getattr(parent, name, None) for name in names]
+    return all(m is kept for m, kept in zip(linears, first.linears)) and _groupable(linears) and (
+        first.weight.dtype == linears[0].weight.dtype and first.weight.device == linears[0].weight.device
+        and first.sizes == [m.out_features for m in linears])
+
+
 def fused_groups(model) -> list:
-    """The model's groups (made on first use, kept while the model lives)."""
-    if model not in _FUSED:
+    """The model's groups: made on first use and kept while the model lives and its
+    projections stay the same modules of the same dtype and device (else made anew)."""
+    if model not in _FUSED or not all(map(_current, _FUSED[model])):
         _FUSED[model] = _build(model)
     return _FUSED[model]
 
