@@ -91,9 +91,9 @@ def parse_args(argv):
     p.add_argument("--nan-inf-filter", action="store_true",
                    help="HF's logging_nan_inf_filter back on in `axolotl train` (a host read of each "
                         "micro-step's loss; the GOLD trainer turns it off)")
-    p.add_argument("--fuse-projections", action="store_true",
-                   help="`axolotl train` with `gold_rollout_fuse_projections: true` (the decode step's q/k/v and "
-                        "gate/up projections as one GEMM each)")
+    p.add_argument("--fuse-projections", choices=("default", "on", "off"), default="default",
+                   help="`axolotl train` with `gold_rollout_fuse_projections` true / false (the decode step's q/k/v "
+                        "and gate/up projections as one GEMM each); default: unset (as `gold_rollout_compile`)")
     p.add_argument("--memory-at-peak", action="store_true",
                    help="CUDA: record the allocator during `axolotl train`'s first measured step; print what is alive at its peak")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "gold_bench_models"))
@@ -219,8 +219,8 @@ def write_config(own, args, bvr, models: Path, work: Path) -> Path:
         cfg["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if args.compile:
         cfg["gold_rollout_compile"] = True
-    if own.fuse_projections:
-        cfg["gold_rollout_fuse_projections"] = True
+    if own.fuse_projections != "default":
+        cfg["gold_rollout_fuse_projections"] = own.fuse_projections == "on"
     if own.student_compile:
         cfg["torch_compile"] = True
         if own.student_compile != "default":

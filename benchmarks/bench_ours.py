@@ -37,7 +37,8 @@ class Ours:
         forced = 0 if args.ragged else args.completion
         if variant == "ours-fast":
             engine = StaticCacheEngine(get, sampling, self.pad, stops, min_new_tokens=forced,
-                                       compile_decode=args.compile, batch_size=args.generation_rows)
+                                       compile_decode=args.compile, batch_size=args.generation_rows,
+                                       fuse_projections=args.compile)  # as the config's default follows compile
         elif variant == "ours-hf-static":
             engine = HFGenerateEngine(get, sampling, self.pad, stops, min_new_tokens=forced,
                                       generate_kwargs={"cache_implementation": "static"})

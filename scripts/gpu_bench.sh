@@ -9,8 +9,8 @@
 #   cli-sync bench_cli.py --compile --skip-plain --student-compile reduce-overhead with HF's
 #            logging_nan_inf_filter on (--nan-inf-filter), then off (the trainer's default): what its host
 #            read of each micro-step's loss costs the graphed step (GOLD_CLI_STEPS measured steps, 2; GOLD_CLI_S s each, 300)
-#   cli-fused  bench_cli.py --compile --skip-plain --student-compile reduce-overhead without, then with
-#            --fuse-projections (gold_rollout_fuse_projections; GOLD_CLI_S s each, 270)
+#   cli-fused  bench_cli.py --compile --skip-plain --student-compile reduce-overhead with --fuse-projections off,
+#            then on (gold_rollout_fuse_projections; on is the default with --compile; GOLD_CLI_S s each, 270)
 #   cli-profile  bench_cli.py --compile --skip-plain --student-compile reduce-overhead (GOLD_CLI_MODE) --profile-step:
 #            one more `axolotl train` step under torch.profiler, its idle gaps and host waits (step_profile.py)
 #   cli-memory  bench_cli.py --compile --memory-at-peak --skip-plain at loss chunk 2048, 1024 (the
@@ -104,7 +104,7 @@ fi
 if [[ $want == *,cli-fused,* ]]; then  # `axolotl train`, graphed student: the decode's projections unfused, then fused
   for fused in off on; do
     timeout "${GOLD_CLI_S:-270}" python3 benchmarks/bench_cli.py --compile --warmup 1 --steps "${GOLD_CLI_STEPS:-2}" --skip-plain \
-      --student-compile reduce-overhead $([ $fused = on ] && echo --fuse-projections) \
+      --student-compile reduce-overhead --fuse-projections $fused \
       --json "$OUT/bench_cli_fused_$fused.json" > "$OUT/bench_cli_fused_$fused.txt" 2>&1
     echo "fused projections: $fused"; grep -E "^\||failed" "$OUT/bench_cli_fused_$fused.txt" | head -4 || tail -30 "$OUT/bench_cli_fused_$fused.txt"
     python3 -c "import json,sys; print({k: v for k, v in json.load(open(sys.argv[1]))['axolotl train'].items() if k.endswith('_s')})" "$OUT/bench_cli_fused_$fused.json"

@@ -38,13 +38,14 @@ def test_real_sizes_runs_a_quantized_teacher_beside_a_lora_student(tmp_path):
 
 def test_bench_cli_runs_the_plain_loop_and_axolotl_train(tmp_path):
     out = tmp_path / "bench_cli.json"
-    _run(["benchmarks/bench_cli.py", "--tiny", "--device", "cpu", "--compile", "--steps", "2",
+    _run(["benchmarks/bench_cli.py", "--tiny", "--device", "cpu", "--compile", "--steps", "2", "--fuse-projections", "off",
           "--cache-dir", str(tmp_path / "models"), "--workdir", str(tmp_path / "work"), "--json", str(out)], tmp_path)
     rows = json.loads(out.read_text())
     for name in ("plain loop", "axolotl train"):
         assert "error" not in rows[name], rows[name]
         assert rows[name]["tokens_per_s"] > 0
-    assert "gold_rollout_compile: true" in (tmp_path / "work" / "cfg.yaml").read_text()
+    config = (tmp_path / "work" / "cfg.yaml").read_text()
+    assert "gold_rollout_compile: true" in config and "gold_rollout_fuse_projections: false" in config
 
 
 def _table_rows(stdout: str, first_cell: str) -> list[list[str]]:
