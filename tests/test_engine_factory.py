@@ -69,6 +69,11 @@ def test_fused_projections_are_the_students_static_engines_alone(lockstep):
     # unset, it follows gold_rollout_compile (the knob for a fast decode); false turns it off
     for keys, fused in (({"gold_rollout_compile": True}, True),
                         ({"gold_rollout_compile": True, "gold_rollout_fuse_projections": False}, False),
-                        ({"gold_rollout_fuse_projections": True}, True)):
+                        ({"gold_rollout_fuse_projections": True}, True),
+                        # a sharded student: each process would hold whole copies beside its shard
+                        ({"gold_rollout_compile": True, "fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}}, False),
+                        ({"gold_rollout_compile": True, "deepspeed": {"zero_optimization": {"stage": 3}}}, False),
+                        ({"gold_rollout_compile": True, "deepspeed": {"zero_optimization": {"stage": 3}},
+                          "gold_rollout_fuse_projections": True}, True)):
         settings = GoldSettings.from_cfg({"teacher_model": "t", "gold_generation_engine": "static", **keys})
         assert build_engines(settings, _ctx(), pad_id=0, stop_ids={1})[0].fuse_projections is fused

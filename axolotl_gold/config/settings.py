@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 from axolotl_gold.config.errors import GoldConfigError
 from axolotl_gold.config.schema import setting
+from axolotl_gold.config.sharding_checks import fsdp_version, zero_stage
 from axolotl_gold.config.validation import graphed_compile
 
 
@@ -190,9 +191,7 @@ class GoldSettings:
             ),
             generation_engine=str(get("gold_generation_engine")),
             rollout_compile=bool(get("gold_rollout_compile")),
-            rollout_fuse_projections=bool(
-                get("gold_rollout_compile") if get("gold_rollout_fuse_projections") is None
-                else get("gold_rollout_fuse_projections")),
+            rollout_fuse_projections=fuse_projections(cfg, get("gold_rollout_fuse_projections")),
             generation_rows=get("gold_generation_rows"),
             vision=bool(cfg.get("processor_type")),
             train_vision_tower=bool(get("gold_train_vision_tower")),
@@ -256,3 +255,13 @@ def scoring_width_multiple(cfg) -> int:
     if value is not None:
         return int(value)
     return GRAPHED_WIDTH_MULTIPLE if graphed_compile(cfg.get("torch_compile"), cfg.get("torch_compile_mode")) else 1
+
+
+def fuse_projections(cfg, value) -> bool:
+    """``gold_rollout_fuse_projections``; unset, as ``gold_rollout_compile`` (the knob for a
+    fast decode), except for a sharded student (ZeRO-3, FSDP): each process would hold a whole
+    copy of the grouped weights beside its shard (set it true to have them anyway)."""
+    if value is not None:
+        return bool(value)
+    sharded = zero_stage(cfg.get("deepspeed")) == 3 or fsdp_version(cfg) is not None or bool(cfg.get("fsdp_config"))
+    return bool(cfg.get("gold_rollout_compile")) and not sharded
