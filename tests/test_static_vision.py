@@ -95,3 +95,20 @@ def test_cuda_graph_decode_with_images_matches_generate(tiny_vlms):
     engine = StaticCacheEngine(lambda: model, GREEDY, encoder.pad_id, eos)
     assert engine.generate(prompts, 0, model_inputs=inputs) == expected
     assert engine.graphs_captured == 1 and engine.fallbacks == 0
+
+
+def test_fused_projections_serve_the_text_decoder_alone_with_images(tiny_vlms):
+    """A vision-language student's fused decode (``fuse_projections``): the language model's
+    projections are grouped, the vision tower's (CLIP's q/k/v, run only in the prefill) are not,
+    and greedy output with images equals HF generate."""
+    from axolotl_gold.rollouts.engines.fused_projections import fused_groups
+
+    encoder, model, prompts, inputs = _setup(tiny_vlms, "student")
+    eos = {encoder.tokenizer.eos_token_id}
+    vision = {id(m) for m in model.model.vision_tower.modules()}
+    assert any(hasattr(m, "q_proj") for m in model.model.vision_tower.modules())  # the case under test
+    groups = fused_groups(model)
+    assert groups and not any(id(parent) in vision for parent, _, _ in groups)
+    expected = HFGenerateEngine(lambda: model, GREEDY, encoder.pad_id, eos).generate(prompts, 0, model_inputs=inputs)
+    engine = StaticCacheEngine(lambda: model, GREEDY, encoder.pad_id, eos, fuse_projections=True)
+    assert engine.generate(prompts, 0, model_inputs=inputs) == expected

@@ -91,11 +91,20 @@ def _groupable(linears: list) -> bool:
     )
 
 
+def _decoder(model) -> nn.Module:
+    """The text decoder the decode steps run (a vision-language model's vision tower only
+    runs in the prompt's prefill: no copies for it)."""
+    try:
+        return model.get_decoder()
+    except (AttributeError, NotImplementedError, TypeError):
+        return model
+
+
 def _build(model) -> list[tuple[nn.Module, list[str], list[nn.Module]]]:
-    """Per group found: its parent module, the projections' names, and the modules that stand
-    in for them."""
+    """Per group found in the text decoder: its parent module, the projections' names, and
+    the modules that stand in for them."""
     found = []
-    for parent in model.modules():
+    for parent in _decoder(model).modules():
         for names in GROUPS:
             linears = [getattr(parent, name, None) for name in names]
             if isinstance(linears[0], (_First, _Rest)) or not _groupable(linears):
