@@ -171,6 +171,18 @@ class Variant(NamedTuple):
     fused: bool = False  # fuse_projections
 
 
+def kernel_lines(averages, steps: int, limit: int = 40) -> str:
+    """The kernels of ``steps`` profiled steps, longest total first, with their whole names
+    (the table cuts them at 55 characters: inductor's fused kernels are told apart by the ops
+    their names list): launches a step, microseconds a launch, milliseconds a step."""
+    rows = sorted((e for e in averages if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    lines = ["| launches a step | us a launch | ms a step | kernel |", "| ---: | ---: | ---: | --- |"]
+    for e in rows[:limit]:
+        lines.append(f"| {e.count / steps:.1f} | {e.self_device_time_total / e.count:.2f} | "
+                     f"{e.self_device_time_total / steps / 1e3:.3f} | `{e.key}` |")
+    return "\n".join(lines)
+
+
 def decode_variants(args) -> list[Variant]:
     """The engine rows the arguments ask for."""
     kernels = {"both": (False, True), "kernel": (True,), "tensor": (False,)}[args.attention]
@@ -334,6 +346,7 @@ def _measure(args, model) -> dict:
             rows[f"kernel launches per decode step, {label}"] = sum(e.count for e in averages) / 10
             print(f"kernels, {label}:")
             print(averages.table(sort_by="self_device_time_total", row_limit=25))
+            print(kernel_lines(averages, steps=10))
     width_name = max(map(len, rows))
     print(f"\n| {'measure'.ljust(width_name)} | value |\n| {'-' * width_name} | ----- |")
     for name, value in rows.items():

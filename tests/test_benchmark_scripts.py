@@ -398,3 +398,21 @@ def test_profile_decode_times_the_engines_own_token_step_after_the_forward():
                         (True, True, True, "max-autotune-no-cudagraphs", True)]
     labels = [profile_decode.variant_label(*v) for v in variants]
     assert len(set(labels)) == 4 and "max-autotune-no-cudagraphs" in labels[3] and "fused" in labels[3]
+
+
+def test_profile_decode_lists_whole_kernel_names_per_step():
+    """The kernel list keeps inductor's long fused names whole and divides by the steps."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_decode
+
+    name = "triton_poi_fused__to_copy_add_cat_cos_expand_minimum_mul_neg_sin_slice_unsqueeze_0"
+    events = [SimpleNamespace(key=name, count=480, self_device_time_total=1940.0),
+              SimpleNamespace(key="gemm", count=240, self_device_time_total=2400.0),
+              SimpleNamespace(key="cpu only", count=5, self_device_time_total=0.0)]
+    text = profile_decode.kernel_lines(events, steps=10)
+    lines = text.splitlines()
+    assert lines[2] == "| 24.0 | 10.00 | 0.240 | `gemm` |"
+    assert lines[3] == f"| 48.0 | 4.04 | 0.194 | `{name}` |"
+    assert "cpu only" not in text
