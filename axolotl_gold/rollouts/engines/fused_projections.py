@@ -139,17 +139,17 @@ def fused_projections(model, enabled: bool = True):
     """Within the block (no gradients), each group of projections on one input is one GEMM on
     a copy of the weights taken on entry; the original modules are back on exit."""
     groups = fused_groups(model) if enabled else []
-    originals = []
+    installed = []  # the originals are each group's ``linears`` (``fused_groups`` checked them)
     try:
-        for parent, names, stand_ins in groups:
+        for group in groups:
+            parent, names, stand_ins = group
             stand_ins[0].refresh()
-            originals.append((parent, names, [getattr(parent, n) for n in names]))
+            installed.append(group)
             for name, module in zip(names, stand_ins):
                 parent._modules[name] = module
         yield len(groups)
     finally:
-        for parent, names, modules in originals:
-            for name, module in zip(names, modules):
+        for parent, names, stand_ins in installed:
+            for name, module in zip(names, stand_ins[0].linears):
                 parent._modules[name] = module
-        for _, _, stand_ins in groups:
             stand_ins[0].shared.input, stand_ins[0].shared.outputs = None, ()
