@@ -10,7 +10,8 @@
 #            logging_nan_inf_filter on (--nan-inf-filter), then off (the trainer's default): what its host
 #            read of each micro-step's loss costs the graphed step (GOLD_CLI_STEPS measured steps, 2; GOLD_CLI_S s each, 300)
 #   cli-fused  bench_cli.py --compile --skip-plain --student-compile reduce-overhead with --fuse-projections off,
-#            then on (gold_rollout_fuse_projections; on is the default with --compile; GOLD_CLI_S s each, 270)
+#            then on (gold_rollout_fuse_projections; on is the default with --compile; GOLD_CLI_S s each, 270;
+#            GOLD_CLI_FUSED: which of them, "off on")
 #   cli-profile  bench_cli.py --compile --skip-plain --student-compile reduce-overhead (GOLD_CLI_MODE) --profile-step:
 #            one more `axolotl train` step under torch.profiler, its idle gaps and host waits (step_profile.py)
 #   cli-memory  bench_cli.py --compile --memory-at-peak --skip-plain at loss chunk 2048, 1024 (the
@@ -22,6 +23,8 @@
 #   decode   benchmarks/profile_decode.py --only-compile (0.5B shape: Triton / tensor attention; GOLD_DECODE_ARGS
 #            adds arguments, e.g. "--attention kernel --compile-modes default,max-autotune-no-cudagraphs";
 #            GOLD_DECODE_S seconds, 240)
+#   decode-base  the same from .clean/base.tar (`git archive <commit> -o .clean/base.tar`): an earlier
+#            tree's decode, before `decode`'s after, on one machine
 #   decode-axolotl  profile_decode.py --only-compile --attention kernel --axolotl-dtypes (the student's dtypes
 #            in `axolotl train`: float32 embeddings / head / norms under bf16 autocast; beside `decode`)
 #   decode360  benchmarks/profile_decode.py --only-compile at SmolLM2-360M's shape
@@ -59,6 +62,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_bench_out}
 mkdir -p "$OUT" /tmp/clean
+SRC=$PWD
 tar -xf .clean/head.tar -C /tmp/clean && cp -r .assets .axsite /tmp/clean/ && cd /tmp/clean
 bash scripts/device_bin.sh > /dev/null 2>&1
 export PYTHONPATH=/tmp/axsite:$PWD
@@ -102,7 +106,7 @@ if [[ $want == *,cli-sync,* ]]; then  # `axolotl train`, graphed student: HF's N
   done
 fi
 if [[ $want == *,cli-fused,* ]]; then  # `axolotl train`, graphed student: the decode's projections unfused, then fused
-  for fused in off on; do
+  for fused in ${GOLD_CLI_FUSED:-off on}; do
     timeout "${GOLD_CLI_S:-270}" python3 benchmarks/bench_cli.py --compile --warmup 1 --steps "${GOLD_CLI_STEPS:-2}" --skip-plain \
       --student-compile reduce-overhead --fuse-projections $fused \
       --json "$OUT/bench_cli_fused_$fused.json" > "$OUT/bench_cli_fused_$fused.txt" 2>&1
@@ -122,6 +126,12 @@ if [[ $want == *,cli-memory,* ]]; then
       --chunk-size $chunk --json "$OUT/bench_cli_memory_$chunk.json" > "$OUT/bench_cli_memory_$chunk.txt" 2>&1
     grep -E "^\||^device|^step peak|failed" "$OUT/bench_cli_memory_$chunk.txt" || tail -30 "$OUT/bench_cli_memory_$chunk.txt"
   done
+fi
+if [[ $want == *,decode-base,* ]]; then  # `decode` from an earlier commit's tree (.clean/base.tar), its before
+  mkdir -p /tmp/base && tar -xf "$SRC/.clean/base.tar" -C /tmp/base
+  (cd /tmp/base && PYTHONPATH=/tmp/axsite:/tmp/base timeout "${GOLD_DECODE_S:-240}" python3 benchmarks/profile_decode.py \
+    --only-compile ${GOLD_DECODE_ARGS:-} --json "$OUT/profile_decode_base.json" > "$OUT/profile_decode_base.txt" 2>&1)
+  grep "^|" "$OUT/profile_decode_base.txt" || tail -20 "$OUT/profile_decode_base.txt"
 fi
 if [[ $want == *,decode,* ]]; then
   timeout "${GOLD_DECODE_S:-240}" python3 benchmarks/profile_decode.py --only-compile ${GOLD_DECODE_ARGS:-} \

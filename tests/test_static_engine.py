@@ -453,3 +453,44 @@ def test_cuda_graph_with_many_stop_ids_samples_as_the_cpu():
     assert all(c[-1] in stops or len(c) == 40 for c in samples["cuda"])
     same = sum(a == b for a, b in zip(samples["cpu"], samples["cuda"]))
     assert same >= len(prompts) - 2, samples  # float rounding may flip a row or two
+
+
+def test_the_compiled_decode_step_writes_the_cache_in_place(monkeypatch):
+    """Inductor keeps each layer's per-row key / value write in place: after its reinplacing
+    pass the step's graph copies no whole cache layer back into its buffer. (A ``scatter_``
+    write was functionalized to an out-of-place scatter plus such a copy: every layer's
+    whole cache read and written twice a token step.) The step still equals the eager one."""
+    import torch._inductor.config as inductor_config
+    import torch._inductor.fx_passes.post_grad as post_grad
+
+    from axolotl_gold.rollouts.engines.decode_step import CompiledStep, DecodeStep
+
+    graphs = []
+    reinplace = post_grad.reinplace_inplaceable_ops
+
+    def recorded(*args, **kwargs):
+        out = reinplace(*args, **kwargs)
+        graphs.append(next(a for a in args if isinstance(a, torch.fx.Graph)))
+        return out
+
+    monkeypatch.setattr(post_grad, "reinplace_inplaceable_ops", recorded)
+    model = _model()
+    ids = torch.randint(3, VOCAB, (4, 5), generator=torch.Generator().manual_seed(0))
+    decode = DecodeStep(model, 4, 64, "cpu")
+    decode.reset()
+    torch._dynamo.reset()
+    with torch.no_grad(), inductor_config.patch(force_disable_caches=True):
+        decode.prefill(ids, torch.ones_like(ids))
+        compiled = CompiledStep(decode)()
+        decode.steps.zero_()
+        eager = decode()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    (graph,) = graphs
+    layer_shape = tuple(decode.cache.layers[0].keys.shape)
+
+    def targets(op):
+        return [tuple(n.args[0].meta["val"].shape) for n in graph.nodes if n.target is op]
+
+    assert layer_shape not in targets(torch.ops.aten.copy_.default)
+    # keys and values of each layer, written in place
+    assert targets(torch.ops.aten.index_put_.default).count(layer_shape) == 2 * len(decode.cache.layers)

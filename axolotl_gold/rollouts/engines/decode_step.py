@@ -57,8 +57,9 @@ class DecodeStep:
         self._layers_write_at(columns)
 
     def _layers_write_at(self, columns: torch.Tensor | None) -> None:
+        rows = None if columns is None else torch.arange(columns.numel(), device=columns.device)
         for layer in self.cache.layers:
-            layer.write_at = columns
+            layer.write_at, layer.write_rows = columns, rows
 
     def reset(self, max_new: int | None = None) -> None:
         """A new call (of ``max_new`` tokens a prompt; default: as many as the cache
