@@ -2,7 +2,8 @@
 # On the GPU machine, from a clean export of HEAD (carry .clean/head.tar made by
 # `git archive HEAD -o .clean/head.tar`, .assets and .axsite): the benchmarks named in
 # GOLD_BENCH (comma-separated; default all) one after another, outputs in $OUT.
-#   nucleus  benchmarks/bench_nucleus.py (the sort-free top-p kernels per setting)
+#   nucleus  benchmarks/bench_nucleus.py (the sort-free top-p kernels per setting; GOLD_NUCLEUS_ARGS, e.g.
+#            "--profile --search-blocks 64,128,256")
 #   student  benchmarks/profile_student_step.py --variants --torch-profile
 #   ragged   benchmarks/bench_vs_reference.py --ragged --skip-reference --variants ours-fast
 #   cli      benchmarks/bench_cli.py --compile --warmup 1 --steps 2 (plain loop and `axolotl train`)
@@ -144,7 +145,7 @@ if [[ $want == *,decode-axolotl,* ]]; then  # the same with Axolotl's float32 em
   grep "^|" "$OUT/profile_decode_axolotl.txt" || tail -20 "$OUT/profile_decode_axolotl.txt"
 fi
 if [[ $want == *,nucleus,* ]]; then
-  python3 benchmarks/bench_nucleus.py --json "$OUT/bench_nucleus.json" 2>&1 | grep "^|"
+  python3 benchmarks/bench_nucleus.py ${GOLD_NUCLEUS_ARGS:-} --json "$OUT/bench_nucleus.json" 2>&1 | grep "^|\|^kernels"
 fi
 if [[ $want == *,student,* ]]; then
   timeout 200 python3 benchmarks/profile_student_step.py --variants --torch-profile \

@@ -221,7 +221,7 @@ if triton is not None:
 
 
 def nucleus_sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float,
-                   chunk: int = CHUNK, warps: int = WARPS) -> torch.Tensor:
+                   chunk: int = CHUNK, warps: int = WARPS, search_block: int = SEARCH_BLOCK) -> torch.Tensor:
     """``[B]`` tokens: ``softmax(logits / temperature)`` restricted to its top-p nucleus,
     drawn by inverse CDF in vocabulary order at ``uniforms`` (``[B]`` in ``(0, 1)``).
 
@@ -252,7 +252,7 @@ def nucleus_sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature: fl
     _stats[grid](logits, stride, vocab, inv_t, pmax, psum, pkeys, **common)
     for j in range(passes):
         _search[grid](logits, stride, vocab, inv_t, top_p, pmax, psum, pkeys, bounds, masses, j, batch,
-                      NT=NT, FIRST=j == 0, SEARCH_BLOCK=SEARCH_BLOCK, **common)
+                      NT=NT, FIRST=j == 0, SEARCH_BLOCK=search_block, **common)
     _kept[grid](logits, stride, vocab, inv_t, top_p, pmax, psum, pkeys, bounds, masses, passes, batch,
                 pkept, NT=NT, SEARCHED=searched, **common)
     _draw[grid](logits, stride, vocab, inv_t, pmax, psum, bounds, passes, batch, pkept,
