@@ -52,12 +52,14 @@ class DecodeStep:
         self._write_at(torch.zeros(batch, dtype=torch.long, device=device))
 
     def _write_at(self, columns: torch.Tensor) -> None:
-        """The ``[B]`` cache column each slot's token is written to (filled by the step)."""
+        """The ``[B]`` cache column each slot's token is written to (filled by the step),
+        and its row index, made once: a captured step keeps reading both addresses."""
         self.write_at = columns
+        self.write_rows = torch.arange(columns.numel(), device=columns.device)
         self._layers_write_at(columns)
 
     def _layers_write_at(self, columns: torch.Tensor | None) -> None:
-        rows = None if columns is None else torch.arange(columns.numel(), device=columns.device)
+        rows = None if columns is None else self.write_rows
         for layer in self.cache.layers:
             layer.write_at, layer.write_rows = columns, rows
 
