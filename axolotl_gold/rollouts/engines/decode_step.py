@@ -52,16 +52,13 @@ class DecodeStep:
         self._write_at(torch.zeros(batch, dtype=torch.long, device=device))
 
     def _write_at(self, columns: torch.Tensor) -> None:
-        """The ``[B]`` cache column each slot's token is written to (filled by the step),
-        and its row index, made once: a captured step keeps reading both addresses."""
+        """The ``[B]`` cache column each slot's token is written to (filled by the step)."""
         self.write_at = columns
-        self.write_rows = torch.arange(columns.numel(), device=columns.device)
         self._layers_write_at(columns)
 
     def _layers_write_at(self, columns: torch.Tensor | None) -> None:
-        rows = None if columns is None else self.write_rows
         for layer in self.cache.layers:
-            layer.write_at, layer.write_rows = columns, rows
+            layer.write_at = columns
 
     def reset(self, max_new: int | None = None) -> None:
         """A new call (of ``max_new`` tokens a prompt; default: as many as the cache

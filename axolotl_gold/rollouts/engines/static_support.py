@@ -10,11 +10,12 @@ Facts about HF models the engine must respect:
   casts its inputs), so the cache stores keys and values in the values' dtype.
 - ``StaticLayer`` writes every row at one shared position; the engine's slots each write
   at their own column (a slot may start a new prompt while others go on), so a decode
-  step's cache layer writes each row's key and value at ``write_at[row]``. The write is
-  an indexed assignment (``index_put_``), which inductor keeps in place; a ``scatter_``
-  is functionalized to an out-of-place scatter plus a copy back, which rewrote every
-  layer's whole key and value cache each compiled step (about 0.45 ms of a 1.8 ms step
-  at the 0.5B shape, batch 16 and 1,024 columns, measured on an H100).
+  step's cache layer writes each row's key and value at ``write_at[row]``. Under
+  ``torch.compile`` the write is an indexed assignment (``index_put_``, rows by an
+  ``arange`` made inside the graph), which inductor keeps in place; a ``scatter_`` is
+  functionalized to an out-of-place scatter plus a copy back, which rewrote every layer's
+  whole key and value cache each compiled step. Eagerly ``scatter_`` writes in place.
+  (A row-index tensor kept on the step instead went stale in a captured graph.)
 - A 4-D mask is handed to attention unchanged: ``sdpa`` reads a boolean mask, ``eager``
   *adds* the mask to its scores, so it needs ``0`` / ``-inf``-like floats.
 - Axolotl keeps a full fine-tune's ``embed_tokens`` / ``lm_head`` in float32 under bf16
@@ -42,11 +43,9 @@ SERVED_ATTENTION = ("sdpa", "eager")
 class ComputeDtypeLayer:
     """Mixin for HF's ``StaticLayer``: keys stored in the values' dtype (see above), and,
     once ``write_at`` is set (a decode step's cache), one token per row written at that
-    row's own column (``write_at[row]``; ``write_rows`` is ``arange(rows)``) instead of
-    HF's one shared write position."""
+    row's own column (``write_at[row]``) instead of HF's one shared write position."""
 
     write_at: torch.Tensor | None = None
-    write_rows: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states.to(value_states.dtype), value_states)
@@ -55,8 +54,14 @@ class ComputeDtypeLayer:
         dtype = self.dtype if self.is_initialized else value_states.dtype
         if self.write_at is None:
             return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
+        compiling = torch.compiler.is_compiling()
         for store, new in ((self.keys, key_states), (self.values, value_states)):
-            store[self.write_rows, :, self.write_at] = new[:, :, 0].to(dtype)
+            if compiling:  # kept in place by inductor; the row index a constant of the graph
+                rows = torch.arange(store.shape[0], device=store.device)
+                store[rows, :, self.write_at] = new[:, :, 0].to(dtype)
+            else:
+                index = self.write_at.view(-1, 1, 1, 1).expand(-1, store.shape[1], 1, store.shape[3])
+                store.scatter_(2, index, new.to(dtype))
         return self.keys, self.values
 
 
