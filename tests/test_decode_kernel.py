@@ -73,14 +73,17 @@ def test_matches_the_tensor_version(device, batch, heads, kv_heads, length, dim,
     if dtype == torch.float32:
         torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-5)
     else:
-        # both round the output to the values' dtype; the tensor version also rounds its
-        # probabilities, so the kernel is at least as close to the exact value (Triton's
-        # interpreter truncates float32 to bf16 where the GPU rounds to nearest: there
-        # only the bound of one unit in the last place holds)
+        # both round the output to the values' dtype. The tensor version also rounds its
+        # probabilities to the values' dtype; on CUDA the kernel rounds them to TF32's 10
+        # bits: closer than bf16's 8 (so at least as close to the exact value), as close as
+        # fp16's 10 (the same error class, other roundings). Triton's interpreter truncates
+        # float32 to bf16 where the GPU rounds to nearest: there only the bound of one unit
+        # in the last place holds.
         ulp = torch.finfo(dtype).eps
         assert (ours.double() - exact).abs().max() <= 2 * ulp * exact.abs().max()
         if not (INTERPRETING and dtype == torch.bfloat16):
-            assert (ours.double() - exact).abs().mean() <= (tensor.double() - exact).abs().mean() * 1.05
+            slack = 1.05 if dtype == torch.bfloat16 else 1.25
+            assert (ours.double() - exact).abs().mean() <= (tensor.double() - exact).abs().mean() * slack
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -494,3 +494,36 @@ def test_the_compiled_decode_step_writes_the_cache_in_place(monkeypatch):
     assert layer_shape not in targets(torch.ops.aten.copy_.default)
     # keys and values of each layer, written in place
     assert targets(torch.ops.aten.index_put_.default).count(layer_shape) == 2 * len(decode.cache.layers)
+
+
+def test_compiled_step_with_fused_projections_and_a_refill_equals_the_eager_step():
+    """The compiled step's in-place cache writes (rows indexed inside the graph) with each
+    layer's projections fused, a slot refilled between two steps: the same logits as the
+    eager step at every step."""
+    from axolotl_gold.rollouts.engines.decode_step import CompiledStep, DecodeStep
+    from axolotl_gold.rollouts.engines.fused_projections import fused_projections
+
+    def run(compiled: bool) -> torch.Tensor:
+        model = _model()
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, VOCAB, (3, 5), generator=g)
+        decode = DecodeStep(model, 3, 64, "cpu")
+        decode.reset(30)
+        out = []
+        with torch.no_grad():
+            decode.prefill(ids, torch.ones_like(ids))
+            with fused_projections(model, True):
+                step = CompiledStep(decode) if compiled else decode
+                for t in range(10):
+                    if t == 4:
+                        new = torch.randint(3, VOCAB, (1, 7), generator=g)
+                        decode.prefill(new, torch.ones_like(new), slots=torch.tensor([1]))
+                    logits = step()
+                    out.append(logits.clone())
+                    decode.tokens.copy_(logits.argmax(-1, keepdim=True))
+        return torch.stack(out)
+
+    torch._dynamo.reset()
+    eager, compiled = run(False), run(True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(eager[4, 1], eager[3, 1])  # the refilled slot decodes another prompt
