@@ -15,7 +15,8 @@ Facts about HF models the engine must respect:
   ``arange`` made inside the graph), which inductor keeps in place; a ``scatter_`` is
   functionalized to an out-of-place scatter plus a copy back, which rewrote every layer's
   whole key and value cache each compiled step. Eagerly ``scatter_`` writes in place.
-  (A row-index tensor kept on the step instead went stale in a captured graph.)
+  (A row-index tensor read by the captured graph instead gave wrong rows on CUDA after a
+  refill: ``tests/gpu/cuda_tests_h100_run23.md``.)
 - A 4-D mask is handed to attention unchanged: ``sdpa`` reads a boolean mask, ``eager``
   *adds* the mask to its scores, so it needs ``0`` / ``-inf``-like floats.
 - Axolotl keeps a full fine-tune's ``embed_tokens`` / ``lm_head`` in float32 under bf16
