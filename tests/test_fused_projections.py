@@ -135,3 +135,21 @@ def test_groups_are_made_anew_when_the_projections_are_replaced_or_cast():
             fused = peft_model(ids.clone()).logits
     assert {tuple(names) for _, names, _ in fused_groups(model)} == {("gate_proj", "up_proj")}
     torch.testing.assert_close(fused, expected)
+
+
+def test_compiled_path_with_fused_projections_and_refills_matches_generate_on_the_cpu(monkeypatch):
+    """The engine's compiled path (row buckets, refilled slots, the compiled step's in-place
+    cache writes) with fused projections, run through torch.compile on the CPU (no graph
+    capture there): greedy completions equal HF generate's."""
+    import axolotl_gold.rollouts.engines.static as static
+
+    monkeypatch.setattr(static.StaticCacheEngine, "_compiling", lambda self, device: True)
+    torch._dynamo.reset()
+    model = _model()
+    greedy = SamplingSettings(max_new_tokens=24, temperature=0.0)
+    hf = HFGenerateEngine(lambda: model, greedy, PAD, {EOS})
+    fast = StaticCacheEngine(lambda: model, greedy, PAD, {EOS}, fuse_projections=True, batch_size=3,
+                             eos_check_every=4)
+    prompts = _prompts() + _prompts(1)
+    assert fast.generate(prompts, seed=0) == hf.generate(prompts, seed=0)
+    assert fast.refills > 0
