@@ -80,7 +80,7 @@ fi
 if [[ $want == *,kernels,* ]]; then
   timeout "${GOLD_KERNELS_S:-360}" python3 -m pytest -q -rs -p no:cacheprovider ${GOLD_KERNEL_TESTS:-tests/test_decode_kernel.py \
     tests/test_static_engine.py tests/test_slot_refill.py tests/test_static_vision.py tests/test_decode_attention.py \
-    tests/test_nucleus_sampling.py tests/losses/test_chunked_jsd.py tests/test_head_compute_dtype.py \
+    tests/test_nucleus_sampling.py tests/losses/test_chunked_jsd.py tests/test_head_compute_dtype.py tests/test_fused_projections.py \
     tests/test_fsdp2.py::test_static_engine_graphs_under_fsdp2_on_cuda} -s \
     -k "${GOLD_KERNEL_TESTS_K:-not interpreter}" > "$OUT/cuda_tests.txt" 2>&1
   tail -8 "$OUT/cuda_tests.txt"
