@@ -28,7 +28,8 @@
 #            tree's decode, before `decode`'s after, on one machine
 #   decode-axolotl  profile_decode.py --only-compile --attention kernel --axolotl-dtypes (the student's dtypes
 #            in `axolotl train`: float32 embeddings / head / norms under bf16 autocast; beside `decode`)
-#   decode360  benchmarks/profile_decode.py --only-compile at SmolLM2-360M's shape
+#   decode360  benchmarks/profile_decode.py --only-compile at SmolLM2-360M's shape (GOLD_DECODE360_ATTENTION,
+#            both; GOLD_DECODE360_ARGS adds arguments, e.g. "--fuse-projections on")
 #   student-ragged  profile_student_step.py --ragged, default allocator then expandable segments
 #            (why the ragged windows' student and teacher sides ran ~2x slower than forced; the
 #            first run also times the rows as drawn, before group_by_length, and the compile rows)
@@ -160,7 +161,7 @@ fi
 if [[ $want == *,decode360,* ]]; then
   timeout 240 python3 benchmarks/profile_decode.py --only-compile --attention "${GOLD_DECODE360_ATTENTION:-both}" \
     --layers 32 --hidden 960 --heads 15 \
-    --kv-heads 5 --intermediate 2560 --vocab 49152 --json "$OUT/profile_decode_360m.json" \
+    --kv-heads 5 --intermediate 2560 --vocab 49152 ${GOLD_DECODE360_ARGS:-} --json "$OUT/profile_decode_360m.json" \
     > "$OUT/profile_decode_360m.txt" 2>&1
   grep "^|" "$OUT/profile_decode_360m.txt" || tail -20 "$OUT/profile_decode_360m.txt"
 fi

@@ -226,6 +226,9 @@ def test_bf16_full_finetune_head_gradient_through_the_cli(tiny_pair, tmp_path, m
     from axolotl_run import sgd_delta
 
     tests = str(Path(__file__).resolve().parent)  # for the `cpu_bf16_plugin.UseCpu` plugin
+    # the CPU on any host: on a GPU machine Axolotl's loader would put the model on cuda:0
+    # while `use_cpu` keeps the batches on the CPU (index_select across devices, seen on an H100)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
     extra = dict(bf16=True, plugins=["axolotl_gold.GoldPlugin", "cpu_bf16_plugin.UseCpu"])
     fused, _ = sgd_delta(tiny_pair, tmp_path, "fused", 4, 1, 1, **extra)
