@@ -13,6 +13,9 @@
 #   cli-fused  bench_cli.py --compile --skip-plain --student-compile reduce-overhead with --fuse-projections off,
 #            then on (gold_rollout_fuse_projections; on is the default with --compile; GOLD_CLI_S s each, 270;
 #            GOLD_CLI_FUSED: which of them, "off on")
+#   cli-reference  bench_cli.py --compile --with-reference --skip-plain --student-compile reduce-overhead
+#            --warmup 1 --steps 1: `axolotl train` (graphed student, fused projections) and TRL's GOLDTrainer
+#            in one run, issue #16's step ratio (GOLD_CLI_S, 480; the reference takes ~110 s a step)
 #   cli-profile  bench_cli.py --compile --skip-plain --student-compile reduce-overhead (GOLD_CLI_MODE) --profile-step:
 #            one more `axolotl train` step under torch.profiler, its idle gaps and host waits (step_profile.py)
 #   cli-memory  bench_cli.py --compile --memory-at-peak --skip-plain at loss chunk 2048, 1024 (the
@@ -115,6 +118,12 @@ if [[ $want == *,cli-fused,* ]]; then  # `axolotl train`, graphed student: the d
     echo "fused projections: $fused"; grep -E "^\||failed" "$OUT/bench_cli_fused_$fused.txt" | head -4 || tail -30 "$OUT/bench_cli_fused_$fused.txt"
     python3 -c "import json,sys; print({k: v for k, v in json.load(open(sys.argv[1]))['axolotl train'].items() if k.endswith('_s')})" "$OUT/bench_cli_fused_$fused.json"
   done
+fi
+if [[ $want == *,cli-reference,* ]]; then  # ours and the reference in one run: the ratio issue #16 names
+  timeout "${GOLD_CLI_S:-480}" python3 benchmarks/bench_cli.py --compile --with-reference --skip-plain \
+    --student-compile reduce-overhead --warmup 1 --steps 1 \
+    --json "$OUT/bench_cli_reference.json" > "$OUT/bench_cli_reference.txt" 2>&1
+  grep -E "^\||^device|failed|x the" "$OUT/bench_cli_reference.txt" || tail -30 "$OUT/bench_cli_reference.txt"
 fi
 if [[ $want == *,cli-profile,* ]]; then  # `axolotl train`, graphed student: one step more, profiled
   timeout "${GOLD_CLI_S:-300}" python3 benchmarks/bench_cli.py --compile --warmup 1 --steps 1 --skip-plain \
