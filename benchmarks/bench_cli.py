@@ -94,6 +94,10 @@ def parse_args(argv):
     p.add_argument("--fuse-projections", choices=("default", "on", "off"), default="default",
                    help="`axolotl train` with `gold_rollout_fuse_projections` true / false (the decode step's q/k/v "
                         "and gate/up projections as one GEMM each); default: unset (as `gold_rollout_compile`)")
+    p.add_argument("--lora-r", type=int, default=0,
+                   help="`axolotl train` with a LoRA student of this rank (`lora_target_linear`, dropout 0; Axolotl's "
+                        "LoRA kernels as Axolotl sets them on CUDA, off on the CPU); needs --skip-plain (the plain "
+                        "loop and the reference train the whole student). 0: a full fine-tune")
     p.add_argument("--memory-at-peak", action="store_true",
                    help="CUDA: record the allocator during `axolotl train`'s first measured step; print what is alive at its peak")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "gold_bench_models"))
@@ -103,6 +107,8 @@ def parse_args(argv):
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     own, rest = p.parse_known_args(argv)
+    if own.lora_r and (not own.skip_plain or own.with_reference):
+        p.error("--lora-r needs --skip-plain and no --with-reference: those rows train the whole student")
     sys.path.insert(0, str(HERE))
     import bench_vs_reference as bvr
 
@@ -227,9 +233,19 @@ def write_config(own, args, bvr, models: Path, work: Path) -> Path:
             cfg["torch_compile_mode"] = own.student_compile
     if args.generation_rows:
         cfg["gold_generation_rows"] = args.generation_rows
+    if own.lora_r:
+        cfg.update(adapter="lora", lora_r=own.lora_r, lora_alpha=2 * own.lora_r, lora_dropout=0.0,
+                   lora_target_linear=True, learning_rate=1e-5)
+        if not cuda:
+            cfg.update(lora_kernels_off())
     path = work / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def lora_kernels_off() -> dict:
+    """Axolotl's LoRA kernels are CUDA-only and on by default."""
+    return {"lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False}
 
 
 def parse_log_line(line: str) -> dict | None:

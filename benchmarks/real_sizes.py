@@ -126,15 +126,10 @@ def write_config(args, models: Path, work: Path) -> Path:
         "seed": 0, "dataloader_num_workers": 0,
     }
     if not cuda:
-        cfg.update(bench_cli_lora_kernels_off())
+        cfg.update(bench_cli.lora_kernels_off())
     path = work / "cfg.yaml"
     path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if v is not None}))
     return path
-
-
-def bench_cli_lora_kernels_off() -> dict:
-    """Axolotl's LoRA kernels are CUDA-only and on by default."""
-    return {"lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False}
 
 
 def predicted(args) -> dict:

@@ -16,6 +16,9 @@
 #   cli-reference  bench_cli.py --compile --with-reference --skip-plain --student-compile reduce-overhead
 #            --warmup 1 --steps 1: `axolotl train` (graphed student, fused projections) and TRL's GOLDTrainer
 #            in one run, issue #16's step ratio (GOLD_CLI_S, 480; the reference takes ~110 s a step)
+#   cli-lora  bench_cli.py --compile --skip-plain --student-compile reduce-overhead --lora-r 16: `axolotl train`
+#            with a LoRA student (all linear layers; Axolotl's LoRA kernels as it sets them), fused projections
+#            off, then on (GOLD_CLI_FUSED; GOLD_CLI_S s each, 300): the LoRA decode beside the full fine-tune's
 #   cli-profile  bench_cli.py --compile --skip-plain --student-compile reduce-overhead (GOLD_CLI_MODE) --profile-step:
 #            one more `axolotl train` step under torch.profiler, its idle gaps and host waits (step_profile.py)
 #   cli-memory  bench_cli.py --compile --memory-at-peak --skip-plain at loss chunk 2048, 1024 (the
@@ -124,6 +127,14 @@ if [[ $want == *,cli-reference,* ]]; then  # ours and the reference in one run: 
     --student-compile reduce-overhead --warmup 1 --steps 1 \
     --json "$OUT/bench_cli_reference.json" > "$OUT/bench_cli_reference.txt" 2>&1
   grep -E "^\||^device|failed|x the" "$OUT/bench_cli_reference.txt" || tail -30 "$OUT/bench_cli_reference.txt"
+fi
+if [[ $want == *,cli-lora,* ]]; then  # `axolotl train`, LoRA student, graphed: its decode unfused, then fused
+  for fused in ${GOLD_CLI_FUSED:-off on}; do
+    timeout "${GOLD_CLI_S:-300}" python3 benchmarks/bench_cli.py --compile --warmup 1 --steps "${GOLD_CLI_STEPS:-2}" --skip-plain \
+      --student-compile reduce-overhead --lora-r 16 --fuse-projections $fused \
+      --json "$OUT/bench_cli_lora_$fused.json" > "$OUT/bench_cli_lora_$fused.txt" 2>&1
+    echo "LoRA, fused projections: $fused"; grep -E "^\||failed" "$OUT/bench_cli_lora_$fused.txt" | head -4 || tail -30 "$OUT/bench_cli_lora_$fused.txt"
+  done
 fi
 if [[ $want == *,cli-profile,* ]]; then  # `axolotl train`, graphed student: one step more, profiled
   timeout "${GOLD_CLI_S:-300}" python3 benchmarks/bench_cli.py --compile --warmup 1 --steps 1 --skip-plain \

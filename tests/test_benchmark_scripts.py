@@ -48,6 +48,26 @@ def test_bench_cli_runs_the_plain_loop_and_axolotl_train(tmp_path):
     assert "gold_rollout_compile: true" in config and "gold_rollout_fuse_projections: false" in config
 
 
+def test_bench_cli_trains_a_lora_student_through_axolotl_train(tmp_path):
+    """--lora-r: `axolotl train` with a LoRA student (Axolotl's CUDA-only LoRA kernels off on the
+    CPU); the plain loop trains the whole student, so the flag refuses to run beside it."""
+    out = tmp_path / "bench_cli.json"
+    common = ["benchmarks/bench_cli.py", "--tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--lora-r", "4",
+              "--cache-dir", str(tmp_path / "models"), "--workdir", str(tmp_path / "work")]
+    _run([*common, "--skip-plain", "--json", str(out)], tmp_path)
+    rows = json.loads(out.read_text())
+    assert list(rows) == ["axolotl train"]
+    assert "error" not in rows["axolotl train"], rows["axolotl train"]
+    assert rows["axolotl train"]["tokens_per_s"] > 0
+    config = (tmp_path / "work" / "cfg.yaml").read_text()
+    assert "adapter: lora" in config and "lora_r: 4" in config and "lora_qkv_kernel: false" in config
+    log = Path(rows["axolotl train"]["log"]).read_text()
+    assert "trainable params" in log.lower() or "trainable%" in log.lower(), log[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    refused = subprocess.run([sys.executable, *common], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "--skip-plain" in refused.stderr
+
+
 def _table_rows(stdout: str, first_cell: str) -> list[list[str]]:
     """The markdown rows of ``stdout`` whose first cell starts with ``first_cell``."""
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in stdout.splitlines()
