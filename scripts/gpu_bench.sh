@@ -19,6 +19,9 @@
 #   cli-lora  bench_cli.py --compile --skip-plain --student-compile reduce-overhead --lora-r 16: `axolotl train`
 #            with a LoRA student (all linear layers; Axolotl's LoRA kernels as it sets them), fused projections
 #            off, then on (GOLD_CLI_FUSED; GOLD_CLI_S s each, 300): the LoRA decode beside the full fine-tune's
+#   fused-lora  benchmarks/bench_fused_lora.py --compile (a LoRA student's decode, 0.5B shape, rank 16 on every
+#            linear layer: the static engine with its projections grouped against peft's own layers;
+#            GOLD_FUSED_LORA_ARGS adds arguments)
 #   cli-profile  bench_cli.py --compile --skip-plain --student-compile reduce-overhead (GOLD_CLI_MODE) --profile-step:
 #            one more `axolotl train` step under torch.profiler, its idle gaps and host waits (step_profile.py)
 #   cli-memory  bench_cli.py --compile --memory-at-peak --skip-plain at loss chunk 2048, 1024 (the
@@ -135,6 +138,11 @@ if [[ $want == *,cli-lora,* ]]; then  # `axolotl train`, LoRA student, graphed: 
       --json "$OUT/bench_cli_lora_$fused.json" > "$OUT/bench_cli_lora_$fused.txt" 2>&1
     echo "LoRA, fused projections: $fused"; grep -E "^\||failed" "$OUT/bench_cli_lora_$fused.txt" | head -4 || tail -30 "$OUT/bench_cli_lora_$fused.txt"
   done
+fi
+if [[ $want == *,fused-lora,* ]]; then
+  timeout "${GOLD_FUSED_LORA_S:-300}" python3 benchmarks/bench_fused_lora.py --compile ${GOLD_FUSED_LORA_ARGS:-} \
+    --json "$OUT/bench_fused_lora.json" > "$OUT/bench_fused_lora.txt" 2>&1
+  grep -E "^\||^device" "$OUT/bench_fused_lora.txt" || tail -30 "$OUT/bench_fused_lora.txt"
 fi
 if [[ $want == *,cli-profile,* ]]; then  # `axolotl train`, graphed student: one step more, profiled
   timeout "${GOLD_CLI_S:-300}" python3 benchmarks/bench_cli.py --compile --warmup 1 --steps 1 --skip-plain \

@@ -68,6 +68,20 @@ def test_bench_cli_trains_a_lora_student_through_axolotl_train(tmp_path):
     assert refused.returncode != 0 and "--skip-plain" in refused.stderr
 
 
+def test_bench_fused_lora_compares_the_grouped_lora_decode_with_peft(tmp_path):
+    """bench_fused_lora: the same greedy completions with and without the groups, and fewer GEMM
+    calls a token step with them (each LoRA layer's three become three a group)."""
+    out = tmp_path / "fused_lora.json"
+    stdout = _run(["benchmarks/bench_fused_lora.py", "--tiny", "--device", "cpu", "--rounds", "1", "--json", str(out)],
+                  tmp_path)
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["equal_completions"] == "4 of 4"
+    # 2 layers: peft's 7 x 3 GEMMs a layer against 3 + 3 (the groups) + 3 + 3 (o, down), the head once
+    assert rows["unfused"]["gemms_per_token_step"] - rows["fused"]["gemms_per_token_step"] == pytest.approx(2 * 9, abs=1)
+    assert rows["fused"]["s_per_call"] > 0 and "| fused |" in stdout
+
+
 def _table_rows(stdout: str, first_cell: str) -> list[list[str]]:
     """The markdown rows of ``stdout`` whose first cell starts with ``first_cell``."""
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in stdout.splitlines()

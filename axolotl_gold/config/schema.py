@@ -122,8 +122,9 @@ class GoldArgs(BaseModel):
     # compile per batch and cache-length bucket, about a minute each on a 0.5B model)
     gold_rollout_compile: bool = False
     # the static engine's decode steps run each layer's q/k/v and gate/up projections as one
-    # GEMM each, on a copy of those weights refreshed per call (plain nn.Linear only: not
-    # LoRA-wrapped projections); memory for the copies. Default: as gold_rollout_compile
+    # GEMM each, on a copy of those weights refreshed per call (plain nn.Linear, and peft's
+    # plain LoRA layers: their A matrices as one more GEMM a group); memory for the copies.
+    # Default: as gold_rollout_compile
     gold_rollout_fuse_projections: bool | None = None
     # rows the local engines (static, hf) decode at once; default: as many as fit in half
     # the free device memory. With more prompts, the static engine refills stopped rows' slots
