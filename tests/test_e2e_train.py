@@ -64,6 +64,7 @@ def test_lora_mixed_policy_seq_kd(tiny_pair, tmp_path):
         learning_rate=1e-2,
         gold_generation_engine="static",  # the static-cache engine, eager on the CPU
         gold_generation_rows=2,  # 2 rows at once: a window's other prompts start in refilled slots
+        gold_rollout_fuse_projections=True,  # the LoRA layers' groups (fused_projections.py) in the decode steps
         # Axolotl's fused LoRA kernels are CUDA-only
         lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False,
     )
