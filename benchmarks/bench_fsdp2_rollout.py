@@ -43,17 +43,13 @@ from bench_refill import sync  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     profile_decode.add_shape_args(p)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt", type=int, default=256)
-    p.add_argument("--new", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=3)
+    profile_decode.add_call_args(p)
     p.add_argument("--compile", action="store_true", help="also the static engine with compile_decode (CUDA)")
     p.add_argument("--tiny", action="store_true", help="a 4-layer model, 4 prompts of 16 + 32 tokens")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.tiny:
-        args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate = 4, 64, 4, 2, 128
-        args.vocab, args.batch, args.prompt, args.new = 4096, 4, 16, 32
+        profile_decode.tiny_shape(args, layers=4)
     return args
 
 

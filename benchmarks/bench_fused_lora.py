@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_decode  # noqa: E402
+from bench_refill import sync  # noqa: E402
 
 VARIANTS = ("unfused", "fused")
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm")
@@ -42,25 +43,17 @@ GEMMS = ("aten::mm", "aten::addmm", "aten::bmm")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     profile_decode.add_shape_args(p)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt", type=int, default=256)
-    p.add_argument("--new", type=int, default=256)
+    profile_decode.add_call_args(p)
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="compile_decode (torch.compile of the decode step)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model, 4 prompts of 16 + 32 tokens")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.tiny:
-        args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate = 2, 64, 4, 2, 128
-        args.vocab, args.batch, args.prompt, args.new, args.lora_r = 4096, 4, 16, 32, 4
+        profile_decode.tiny_shape(args, layers=2)
+        args.lora_r = 4
     return args
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def lora_model(args):

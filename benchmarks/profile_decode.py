@@ -44,6 +44,20 @@ def add_shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", type=int, default=151936)
 
 
+def add_call_args(p: argparse.ArgumentParser, new: int = 256) -> None:
+    """One engine call's prompts (the engine benchmarks that time calls in rounds)."""
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--prompt", type=int, default=256)
+    p.add_argument("--new", type=int, default=new)
+    p.add_argument("--rounds", type=int, default=3)
+
+
+def tiny_shape(args, layers: int) -> None:
+    """``--tiny``: a ``layers``-layer model of width 64, 4 prompts of 16 + 32 tokens."""
+    args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate = layers, 64, 4, 2, 128
+    args.vocab, args.batch, args.prompt, args.new = 4096, 4, 16, 32
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shape_args(p)
