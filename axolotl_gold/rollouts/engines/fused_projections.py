@@ -77,8 +77,8 @@ def _base(module) -> nn.Module:
 
 
 class _First(nn.Module):
-    """The group's first projection: the group's GEMM (and its LoRA members' ``A`` GEMM),
-    its own slice returned."""
+    """The group's first projection: the group's GEMM (and, with LoRA members, the stacked
+    ``A`` and block-diagonal ``B`` GEMMs), its own slice returned."""
 
     def __init__(self, linears: list[nn.Module], shared: _Shared):
         super().__init__()
