@@ -83,7 +83,7 @@ def parse_args(argv):
     p.add_argument("--free-length", action="store_true", help="do not force fixed-length rollouts in `axolotl train`")
     p.add_argument("--student-compile", choices=("default", "reduce-overhead", "max-autotune"), default=None,
                    help="`axolotl train` with `torch_compile: true` and this `torch_compile_mode` (the plain loop stays eager; "
-                        "the plugin refuses the CUDA-graph modes, config/validation.py: the row shows the refusal)")
+                        "reduce-overhead / max-autotune record CUDA graphs of the student)")
     p.add_argument("--skip-plain", action="store_true", help="`axolotl train` (and --with-reference) only")
     p.add_argument("--profile-step", action="store_true",
                    help="one more step after the measured ones, under torch.profiler: its idle gaps and host "
