@@ -92,7 +92,8 @@ class _First(nn.Module):
                              if has_bias else None, persistent=False)
         # plain lists: the originals are not submodules here (the model's parameters keep their names)
         self.linears, self.bases, self.sizes, self.shared = list(linears), bases, [m.out_features for m in bases], shared
-        self.loras = [(i, m, _lora_adapter(m)) for i, m in enumerate(linears) if _lora_adapter(m) is not None]
+        adapters = [_lora_adapter(m) for m in linears]
+        self.loras = [(i, m, name) for i, (m, name) in enumerate(zip(linears, adapters)) if name is not None]
         a_weights = [m.lora_A[name].weight for _, m, name in self.loras]
         self.ranks = [w.shape[0] for w in a_weights]
         a = dict(dtype=a_weights[0].dtype, device=a_weights[0].device) if self.loras else None
@@ -101,6 +102,10 @@ class _First(nn.Module):
         self.register_buffer("lora_a", torch.empty(sum(self.ranks), weight.shape[1], **a) if a else None,
                              persistent=False)
         self.register_buffer("lora_b", torch.zeros(rows, sum(self.ranks), **a) if a else None, persistent=False)
+        starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        columns = [sum(self.ranks[:k]) for k in range(len(self.ranks))]
+        self.b_blocks = [(slice(starts[i], starts[i] + self.sizes[i]), slice(c, c + r))
+                         for (i, _, _), c, r in zip(self.loras, columns, self.ranks)]
         self.signature = _signature(linears)
 
     @torch.no_grad()
@@ -110,11 +115,8 @@ class _First(nn.Module):
             torch.cat([m.bias for m in self.bases], out=self.bias)
         if self.loras:
             torch.cat([m.lora_A[name].weight for _, m, name in self.loras], out=self.lora_a)
-            starts, column = [sum(self.sizes[:i]) for i in range(len(self.sizes))], 0
-            for (i, m, name), rank in zip(self.loras, self.ranks):
-                block = self.lora_b[starts[i]: starts[i] + self.sizes[i], column: column + rank]
-                torch.mul(m.lora_B[name].weight, m.scaling[name], out=block)
-                column += rank
+            for (_, m, name), (rows, columns) in zip(self.loras, self.b_blocks):
+                torch.mul(m.lora_B[name].weight, m.scaling[name], out=self.lora_b[rows, columns])
 
     def _dropping(self) -> bool:
         """Whether a LoRA member's dropout is on (training mode, p > 0): it draws per projection."""
